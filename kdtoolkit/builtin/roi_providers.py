@@ -1,0 +1,30 @@
+"""Built-in ROI providers: ``manual`` (the manifest's expert boxes) and ``yolo``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kdtoolkit.hookspec import hookimpl
+from kdtoolkit.roi import RoiProvider, RoiRequest, RoiResult
+
+
+class ManualProvider(RoiProvider):
+    """The expert boxes from the manifest (``x0,y0,x1,y1`` and ``angle``), for every image."""
+
+    def provide(self, request: RoiRequest) -> RoiResult:
+        rows = [request.samples[i] for i in request.predict]
+        return RoiResult(
+            boxes=np.array([s.box for s in rows], dtype=np.float64).reshape(-1, 4),
+            angles=np.array([s.angle for s in rows], dtype=np.float64),
+            found=np.ones(len(rows), dtype=bool),
+        )
+
+
+@hookimpl
+def kd_register_roi_providers(registry):
+    registry.register("manual", ManualProvider)
+    try:
+        from kdtoolkit.yolo import YoloProvider
+    except ImportError:  # the yolo module is optional until it lands
+        return
+    registry.register("yolo", YoloProvider)

@@ -1,0 +1,32 @@
+"""ROI geometry shared by data views, masks and detectors.
+
+Convention (image pixels, x to the right, y down): an ROI is the box ``x0, y0, x1, y1``
+rotated by ``angle`` degrees about its centre, counter-clockwise as seen on screen. A corner
+offset ``(dx, dy)`` from the centre maps to ``(dx·cos a + dy·sin a, −dx·sin a + dy·cos a)``.
+With ``angle = 0`` the ROI is the plain axis-aligned box.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def roi_corners(box: tuple[float, float, float, float], angle: float = 0.0) -> np.ndarray:
+    """The ROI's 4 corners, shape (4, 2) as (x, y): top-left, top-right, bottom-right,
+    bottom-left of the unrotated box, after rotation."""
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    hw, hh = (x1 - x0) / 2, (y1 - y0) / 2
+    a = math.radians(angle)
+    c, s = math.cos(a), math.sin(a)
+    offsets = np.array([[-hw, -hh], [hw, -hh], [hw, hh], [-hw, hh]], dtype=np.float64)
+    dx, dy = offsets[:, 0], offsets[:, 1]
+    return np.stack([cx + dx * c + dy * s, cy - dx * s + dy * c], axis=1)
+
+
+def enclosing_box(box: tuple[float, float, float, float], angle: float = 0.0) -> np.ndarray:
+    """Axis-aligned box ``[x0, y0, x1, y1]`` around the rotated ROI."""
+    corners = roi_corners(box, angle)
+    return np.array([*corners.min(axis=0), *corners.max(axis=0)])

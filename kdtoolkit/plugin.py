@@ -1,0 +1,130 @@
+"""Plugin discovery (pluggy, entry-point group ``kdtoolkit``) and the component registries."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from types import ModuleType
+
+import pluggy
+
+from kdtoolkit import hookspec
+from kdtoolkit.errors import KdError
+from kdtoolkit.registry import Registry
+
+GROUP = "kdtoolkit"
+BUILTIN_PLUGINS = (
+    "kdtoolkit.builtin.backbones",
+    "kdtoolkit.builtin.losses",
+    "kdtoolkit.builtin.roi_providers",
+)
+
+
+@dataclass
+class Registries:
+    """One registry per component kind."""
+
+    backbones: Registry
+    roi_providers: Registry
+    losses: Registry
+    tasks: Registry
+
+    def kinds(self) -> dict[str, Registry]:
+        return {
+            "backbone": self.backbones,
+            "roi_provider": self.roi_providers,
+            "loss": self.losses,
+            "task": self.tasks,
+        }
+
+
+def disabled_plugins() -> set[str]:
+    """Plugin names listed in ``KD_DISABLE_PLUGINS`` (comma separated)."""
+    return {p.strip() for p in os.environ.get("KD_DISABLE_PLUGINS", "").split(",") if p.strip()}
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A plugin manager with the hookspecs, the built-in plugins and (optionally) every
+    installed plugin of the ``kdtoolkit`` entry-point group, minus the disabled ones."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspec)
+    blocked = disabled_plugins()
+    for name in blocked:
+        pm.set_blocked(name)
+    for module_name in BUILTIN_PLUGINS:
+        if module_name not in blocked:
+            pm.register(_import(module_name), name=module_name)
+    if load_entry_points:
+        try:
+            pm.load_setuptools_entrypoints(GROUP)
+        except pluggy.PluginValidationError as e:
+            raise KdError(f"plugin {e.plugin!r} is invalid: {e}") from None
+    check_plugins(pm)
+    return pm
+
+
+def check_plugins(pm: pluggy.PluginManager) -> None:
+    """Reject hook implementations that match no hook (a misspelt ``kd_register_*``)."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        raise KdError(f"plugin {pm.get_name(e.plugin)!r}: {e}") from None
+
+
+def _import(module_name: str) -> ModuleType:
+    import importlib
+
+    return importlib.import_module(module_name)
+
+
+def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
+    """'name version' of a plugin: its distribution's version, or kdtoolkit's for built-ins."""
+    name = pm.get_name(plugin) or repr(plugin)
+    for p, dist in pm.list_plugin_distinfo():
+        if p is plugin:
+            return f"{dist.project_name} {dist.version}"
+    if name.startswith("kdtoolkit."):
+        return f"kdtoolkit {metadata.version('kdtoolkit')}"
+    return name
+
+
+def collect_registries(pm: pluggy.PluginManager) -> Registries:
+    """Call every ``kd_register_*`` hook, one plugin at a time, so each component knows its
+    plugin."""
+    regs = Registries(
+        backbones=Registry("backbone"),
+        roi_providers=Registry("roi_provider"),
+        losses=Registry("loss"),
+        tasks=Registry("task"),
+    )
+    hooks = {
+        "kd_register_backbones": regs.backbones,
+        "kd_register_roi_providers": regs.roi_providers,
+        "kd_register_losses": regs.losses,
+        "kd_register_tasks": regs.tasks,
+    }
+    for hook_name, registry in hooks.items():
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            with registry.owned_by(plugin_label(pm, impl.plugin)):
+                impl.function(registry=registry)
+    return regs
+
+
+@cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager (built on first use)."""
+    return make_plugin_manager()
+
+
+@cache
+def registries() -> Registries:
+    """The process-wide registries, filled by every plugin on first use."""
+    return collect_registries(plugin_manager())
+
+
+def reset() -> None:
+    """Forget the cached plugin manager and registries (tests, or after installing plugins)."""
+    plugin_manager.cache_clear()
+    registries.cache_clear()
