@@ -1,1 +1,59 @@
-"""Hook implementations of the kd-sos plugin."""
+"""Hook implementations of the kd-sos plugin: the ``sos`` task and the ``kd sos`` commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kdtoolkit import hookimpl
+
+
+@hookimpl
+def kd_register_tasks(registry: Any) -> None:
+    from kd_sos.task import SOS_TASK
+
+    registry.register("sos", SOS_TASK)
+
+
+def phantom_command(
+    out: Annotated[
+        Path, typer.Argument(metavar="OUT", help="Folder for images/ and manifest.csv.")
+    ],
+    n: Annotated[int, typer.Option(help="Number of slices (>= 1).")] = 723,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
+    size: Annotated[int, typer.Option(help="Image side in pixels (64-4096).")] = 256,
+    crops: Annotated[bool, typer.Option(help="Also write the expert ROI crops.")] = False,
+) -> None:
+    """Generate the synthetic SOS phantom (reused when OUT already holds the same one)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from kd_sos.phantom import ensure_phantom
+
+    console = Console(stderr=True)
+    with Progress(
+        "[bold]phantom",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("phantom", total=n)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        manifest = ensure_phantom(out, n=n, seed=seed, size=size, crops=crops, progress=advance)
+    generated = bar.tasks[task].completed > 0
+    verb = "wrote" if generated else "reused"
+    typer.echo(f"{verb} {n} slices; manifest: {manifest}")
+
+
+@hookimpl
+def kd_register_commands(app: Any) -> None:
+    sos = typer.Typer(help="SOS fusion staging: the synthetic phantom.", no_args_is_help=True)
+    sos.command("phantom")(phantom_command)
+    app.add_typer(sos, name="sos")

@@ -1,0 +1,70 @@
+"""The ``sos`` task: spheno-occipital synchondrosis fusion staging (Bassed et al., five stages)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+from kd_sos.phantom import STAGES, Difficulty, ensure_phantom, phantom_params
+from kdtoolkit.option import Range
+from kdtoolkit.task import Task
+
+DESCRIPTIONS = (
+    "open: a radiolucent cleft separates the sphenoid and the basi-occiput",
+    "endocranial border fused, the rest still open",
+    "about half fused, open towards the exocranial border",
+    "fully fused, a radiopaque scar line remains",
+    "fully fused, the scar obliterated: even trabecular bone",
+)
+
+DEFAULTS = {
+    "cv": {"folds": 5},
+    "loss": [
+        {"name": "ce", "weight": 0.2},
+        {"name": "kl", "weight": 0.8, "temperature": 3.0},
+        {"name": "attention_mse", "weight": 0.01},
+    ],
+    "teacher": {"backbone": "convnext_attn"},
+    "student": {"backbone": "convnext_attn"},
+}
+"""The paper's settings (Halimi Milani et al. 2025): 5-fold CV, θ·CE + β·T²·KL + α·Grad-CAM MSE."""
+
+_D = Difficulty()
+
+
+def phantom_data(
+    out_dir: Path,
+    n: Annotated[int, Range(ge=1)] = 723,
+    seed: int = 0,
+    size: Annotated[int, Range(ge=64, le=4096)] = 256,
+    band_width: Annotated[float, Range(ge=0.05, le=0.2)] = _D.band_width,
+    min_decoys: Annotated[int, Range(ge=0, le=8)] = _D.min_decoys,
+    max_decoys: Annotated[int, Range(ge=0, le=8)] = _D.max_decoys,
+    noise: Annotated[float, Range(ge=0, le=0.5)] = _D.noise,
+) -> Path:
+    """The synthetic SOS phantom under ``out_dir`` (generated once, then reused); its manifest.
+
+    Options (the recipe's ``[task]`` table): ``n`` slices, ``seed``, image ``size`` in pixels,
+    and the difficulty knobs of :class:`kd_sos.phantom.Difficulty`. Each set of options gets its
+    own subfolder, so runs with different options never overwrite each other's data.
+    """
+    difficulty = Difficulty(
+        band_width=band_width, min_decoys=min_decoys, max_decoys=max_decoys, noise=noise
+    )
+    params = phantom_params(n, seed, size, False, difficulty)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    folder = Path(out_dir) / f"phantom-n{n}-seed{seed}-{size}px-{digest}"
+    return ensure_phantom(folder, n=n, seed=seed, size=size, difficulty=difficulty)
+
+
+SOS_TASK = Task(
+    name="sos",
+    classes=STAGES,
+    descriptions=DESCRIPTIONS,
+    ordinal=True,
+    crop_aspect=2.0,
+    defaults=DEFAULTS,
+    make_data=phantom_data,
+)

@@ -1,0 +1,307 @@
+"""The SOS phantom, the ``sos`` task and the ``kd sos`` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import kd_sos.plugin
+import numpy as np
+import pluggy
+import pytest
+import typer
+from kd_sos.phantom import (
+    PAPER_COUNTS,
+    STAGES,
+    Difficulty,
+    ensure_phantom,
+    stage_counts,
+    stage_order,
+    write_phantom,
+)
+from PIL import Image
+from typer.testing import CliRunner
+
+import kdtoolkit.hookspec
+from kdtoolkit.errors import KdError
+from kdtoolkit.geometry import roi_corners
+from kdtoolkit.option import check_options
+from kdtoolkit.registry import Registry
+
+
+def read_manifest(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def box_of(row: dict) -> tuple[tuple[float, float, float, float], float]:
+    return tuple(float(row[k]) for k in ("x0", "y0", "x1", "y1")), float(row["angle"])
+
+
+def nn_crop(img: np.ndarray, corners: np.ndarray, w: int = 64, h: int = 32) -> np.ndarray:
+    """Nearest-neighbour samples of the quadrilateral ``corners`` (TL, TR, BR, BL)."""
+    tl, tr, _, bl = corners
+    jj, ii = np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h)
+    pts = tl + jj[..., None] * (tr - tl) + ii[..., None] * (bl - tl)
+    xs = np.clip(np.floor(pts[..., 0]).astype(int), 0, img.shape[1] - 1)
+    ys = np.clip(np.floor(pts[..., 1]).astype(int), 0, img.shape[0] - 1)
+    return img[ys, xs].astype(np.float64)
+
+
+def rows_between(crop: np.ndarray, v0: float, v1: float) -> np.ndarray:
+    """Rows whose centre lies in ``[v0, v1]`` (ROI heights from the centre, down positive)."""
+    v = (np.arange(crop.shape[0]) + 0.5) / crop.shape[0] - 0.5
+    return crop[(v >= v0) & (v <= v1)]
+
+
+def dip_and_peak(rows: np.ndarray) -> tuple[float, float]:
+    """How far the darkest / brightest central column departs from the median column
+    (column means over ``rows``, smoothed over 3 columns)."""
+    profile = np.convolve(rows.mean(axis=0), np.ones(3) / 3, mode="same")
+    w = len(profile)
+    centre = profile[w // 4 : 3 * w // 4]
+    med = float(np.median(profile[2:-2]))
+    return med - float(centre.min()), float(centre.max()) - med
+
+
+def band_score(crop: np.ndarray) -> float:
+    """Bone across the middle of the crop, soft tissue at its top and bottom edges."""
+    return float(rows_between(crop, -0.3, 0.3).mean() - np.r_[crop[:2], crop[-2:]].mean())
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantom")
+    return write_phantom(out, n=30, seed=3, size=256, crops=True, workers=1)
+
+
+# ------------------------------------------------------------------------------ stage mix
+
+
+@pytest.mark.parametrize("n", [1, 4, 5, 13, 37, 100, 714, 723, 2000])
+def test_stage_counts_follow_the_paper_proportions(n):
+    counts = stage_counts(n)
+    assert sum(counts) == n
+    total = sum(PAPER_COUNTS)
+    for c, p in zip(counts, PAPER_COUNTS, strict=True):
+        assert abs(c - n * p / total) < 1
+    order = stage_order(n, seed=0)
+    assert np.bincount(order, minlength=5).tolist() == counts
+
+
+def test_stage_counts_at_the_paper_size():
+    assert stage_counts(714) == list(PAPER_COUNTS)
+    assert stage_counts(723) == [160, 89, 93, 126, 255]
+
+
+def test_stage_order_is_shuffled_by_seed():
+    a, b = stage_order(100, seed=0), stage_order(100, seed=1)
+    assert not np.array_equal(a, np.sort(a))
+    assert not np.array_equal(a, b)
+    assert np.array_equal(a, stage_order(100, seed=0))
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
+    a = files(write_phantom(tmp_path / "a", n=6, seed=1, size=96, workers=1).parent)
+    b = files(write_phantom(tmp_path / "b", n=6, seed=1, size=96, workers=2).parent)
+    c = files(write_phantom(tmp_path / "c", n=6, seed=2, size=96, workers=1).parent)
+    assert a == b
+    assert a.keys() == c.keys()
+    assert all(a[k] != c[k] for k in a if k.startswith("images/"))
+
+
+def test_manifest_format(dataset):
+    columns, rows = read_manifest(dataset)
+    assert columns == ["image", "label", "x0", "y0", "x1", "y1", "angle", "group", "crop"]
+    assert len(rows) == 30
+    assert len({r["group"] for r in rows}) == 30
+    assert {r["label"] for r in rows} <= set(STAGES)
+    counts = [sum(r["label"] == s for r in rows) for s in STAGES]
+    assert counts == stage_counts(30)
+    for row in rows:
+        img = Image.open(dataset.parent / row["image"])
+        assert img.mode == "L" and img.size == (256, 256)
+        (x0, y0, x1, y1), _ = box_of(row)
+        assert math.isclose(x1 - x0, 2 * (y1 - y0), rel_tol=1e-3)
+        assert 0.10 < (x1 - x0) / 256 < 0.15  # the default band is ~12.5% of the width
+        cw, ch = Image.open(dataset.parent / row["crop"]).size
+        assert abs(cw - 2 * ch) <= 1 and abs(cw - (x1 - x0)) <= 1
+
+
+def test_manifest_without_crops(tmp_path):
+    manifest = write_phantom(tmp_path, n=3, seed=0, size=64, workers=1)
+    columns, _ = read_manifest(manifest)
+    assert columns == ["image", "label", "x0", "y0", "x1", "y1", "angle", "group"]
+    assert not (tmp_path / "crops").exists()
+
+
+def test_roi_corners_inside_the_image(dataset):
+    _, rows = read_manifest(dataset)
+    for row in rows:
+        box, angle = box_of(row)
+        corners = roi_corners(box, angle)
+        assert corners.min() >= 0 and corners.max() <= 256
+        assert min(box) >= 0 and max(box) <= 256
+
+
+# ------------------------------------------------------------------------------ what is drawn
+
+
+def test_crop_shows_the_stage(dataset):
+    """Cut independently along roi_corners, each crop shows its stage's pattern."""
+    _, rows = read_manifest(dataset)
+    for row in rows:
+        img = np.asarray(Image.open(dataset.parent / row["image"]))
+        box, angle = box_of(row)
+        crop = nn_crop(img, roi_corners(box, angle))
+        whole = dip_and_peak(rows_between(crop, -0.3, 0.3))
+        top = dip_and_peak(rows_between(crop, -0.36, -0.2))
+        middle = dip_and_peak(rows_between(crop, -0.12, 0.04))
+        bottom = dip_and_peak(rows_between(crop, 0.2, 0.36))
+        stage = STAGES.index(row["label"]) + 1
+        msg = f"{row['image']} stage {stage}: whole {whole} top {top} mid {middle} bot {bottom}"
+        # grey levels: a cleft dips > 40 below the median column, noise and texture < 35
+        if stage == 1:  # open cleft across the band
+            assert top[0] > 40 and middle[0] > 40 and bottom[0] > 40, msg
+        elif stage == 2:  # fused at the top only
+            assert top[0] < 35 and middle[0] > 40 and bottom[0] > 40, msg
+        elif stage == 3:  # top half fused
+            assert top[0] < 35 and middle[0] < 35 and bottom[0] > 40, msg
+        elif stage == 4:  # bright scar, no cleft
+            assert whole[1] > 25 and whole[0] < 20, msg
+        else:  # even bone
+            assert whole[0] < 20 and whole[1] < 20, msg
+
+
+def test_crop_off_the_roi_does_not_show_the_band(dataset):
+    """Crops shifted across the band, or cut at the wrong angle, miss the bone band."""
+    _, rows = read_manifest(dataset)
+    for row in rows:
+        img = np.asarray(Image.open(dataset.parent / row["image"]))
+        box, angle = box_of(row)
+        true = band_score(nn_crop(img, roi_corners(box, angle)))
+        assert true > 40, row["image"]
+        h = box[3] - box[1]
+        a = math.radians(angle)
+        across = np.array([math.sin(a), math.cos(a)])  # the ROI's "down" in the image
+        for k in (-1.5, 1.5):
+            shifted = roi_corners(box, angle) + k * h * across
+            assert band_score(nn_crop(img, shifted)) < true - 30, row["image"]
+        assert band_score(nn_crop(img, roi_corners(box, 0.0))) < true - 30, row["image"]
+
+
+def test_expert_crop_matches_the_roi(dataset):
+    _, rows = read_manifest(dataset)
+    for row in rows[:10]:
+        img = np.asarray(Image.open(dataset.parent / row["image"]))
+        expert = np.asarray(Image.open(dataset.parent / row["crop"])).astype(np.float64)
+        box, angle = box_of(row)
+        mine = nn_crop(img, roi_corners(box, angle), *expert.shape[::-1])
+        assert np.corrcoef(expert.ravel(), mine.ravel())[0, 1] > 0.8
+
+
+# ------------------------------------------------------------------------------ cache
+
+
+def test_ensure_phantom_reuses_and_regenerates(tmp_path):
+    calls = []
+    first = ensure_phantom(tmp_path, n=4, seed=0, size=64, progress=lambda d, t: calls.append(d))
+    assert calls == [1, 2, 3, 4]
+    params = json.loads((tmp_path / "phantom.json").read_text())
+    assert params["n"] == 4 and params["difficulty"]["band_width"] == 0.125
+    stamp = first.stat().st_mtime_ns
+    again = ensure_phantom(tmp_path, n=4, seed=0, size=64, progress=lambda d, t: calls.append(d))
+    assert again == first and first.stat().st_mtime_ns == stamp and len(calls) == 4
+    ensure_phantom(tmp_path, n=3, seed=1, size=64)
+    _, rows = read_manifest(first)
+    assert len(rows) == 3
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [
+        f"sos_{i:05d}.png" for i in range(3)
+    ]
+    first.unlink()  # an interrupted run leaves no manifest: generate again
+    assert ensure_phantom(tmp_path, n=3, seed=1, size=64).exists()
+
+
+def test_ensure_phantom_keeps_foreign_manifests(tmp_path):
+    (tmp_path / "manifest.csv").write_text("image,label\n")
+    with pytest.raises(KdError, match="not written by the phantom generator"):
+        ensure_phantom(tmp_path, n=2, size=64)
+    assert (tmp_path / "manifest.csv").read_text() == "image,label\n"
+
+
+def test_bad_parameters_are_one_line_errors(tmp_path):
+    with pytest.raises(KdError, match="band_width"):
+        write_phantom(tmp_path, n=2, difficulty=Difficulty(band_width=0.5))
+    with pytest.raises(KdError, match="min_decoys"):
+        write_phantom(tmp_path, n=2, difficulty=Difficulty(min_decoys=3, max_decoys=1))
+    with pytest.raises(KdError, match="size"):
+        write_phantom(tmp_path, n=2, size=16)
+
+
+# ------------------------------------------------------------------------------ plugin
+
+
+def fresh_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager("kdtoolkit")
+    pm.add_hookspecs(kdtoolkit.hookspec)
+    pm.register(kd_sos.plugin)
+    pm.check_pending()  # every hook implementation matches a hook
+    return pm
+
+
+def test_registers_the_sos_task(tmp_path):
+    registry = Registry("task")
+    fresh_manager().hook.kd_register_tasks(registry=registry)
+    task = registry.get("sos")
+    assert task.name == "sos" and task.classes == STAGES
+    assert len(task.descriptions) == 5 and task.ordinal and task.crop_aspect == 2.0
+    assert task.defaults["cv"] == {"folds": 5}
+    weights = {term["name"]: term["weight"] for term in task.defaults["loss"]}
+    assert weights == {"ce": 0.2, "kl": 0.8, "attention_mse": 0.01}
+    good = {"n": 5, "seed": 1, "size": 64, "band_width": 0.1, "noise": 0.02}
+    assert check_options(task.make_data, good, "task", ("out_dir",)) == []
+    problems = check_options(task.make_data, {"n": 0, "sise": 64}, "task", ("out_dir",))
+    assert len(problems) == 2
+    manifest = task.make_data(tmp_path, n=5, seed=1, size=64)
+    _, rows = read_manifest(manifest)
+    assert len(rows) == 5
+    assert task.make_data(tmp_path, n=5, seed=1, size=64) == manifest  # reused
+    other = task.make_data(tmp_path, n=5, seed=2, size=64)  # beside it, not over it
+    assert other.parent != manifest.parent and manifest.exists()
+
+
+def test_phantom_command(tmp_path):
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """kd"""
+
+    fresh_manager().hook.kd_register_commands(app=app)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    args = ["sos", "phantom", str(out), "--n", "4", "--seed", "2", "--size", "64"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert str(out / "manifest.csv") in result.output.replace("\n", "")
+    assert len(read_manifest(out / "manifest.csv")[1]) == 4
+    assert "reused" in runner.invoke(app, args).output
+    bad = runner.invoke(app, ["sos", "phantom", str(out), "--n", "0"])
+    assert isinstance(bad.exception, KdError) and "n must be >= 1" in str(bad.exception)
+    assert len(read_manifest(out / "manifest.csv")[1]) == 4  # the old phantom is untouched
+    bad = runner.invoke(app, ["sos", "phantom", str(out), "--n", "many"])
+    assert bad.exit_code == 2
