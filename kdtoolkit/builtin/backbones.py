@@ -1,0 +1,13 @@
+"""Built-in backbones. Any timm model name works without registration (``kdtoolkit.backbone``);
+this plugin adds ``convnext_attn``, ConvNeXt with a spatial-attention or attention-pooling
+head."""
+
+from __future__ import annotations
+
+from kdtoolkit.backbone import convnext_attn
+from kdtoolkit.hookspec import hookimpl
+
+
+@hookimpl
+def kd_register_backbones(registry):
+    registry.register("convnext_attn", convnext_attn)

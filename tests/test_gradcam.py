@@ -1,0 +1,154 @@
+"""Grad-CAM through the head, checked against the pytorch_grad_cam package."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+from kdtoolkit.backbone import timm_backbone
+from kdtoolkit.gradcam import cam_for_images, gradcam, unwrap
+
+
+def _model(name, in_chans):
+    torch.manual_seed(0)
+    return timm_backbone(name, 4, in_chans).eval()
+
+
+def _last_stage(model):
+    timm_model = model.model
+    return timm_model.layer4 if hasattr(timm_model, "layer4") else timm_model.stages[-1]
+
+
+def _reference_raw_cam(model, x, target):
+    """pytorch_grad_cam's GradCAM on the plain timm model (full backward through the
+    whole network, hooks on the last stage): ReLU(Σ_c mean(∂s/∂A^c) A^c), before its resize."""
+    layer = _last_stage(model)
+    cam = GradCAM(model=model.model, target_layers=[layer])
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    full = cam(input_tensor=x, targets=targets)
+    acts = cam.activations_and_grads.activations[0].numpy()
+    grads = cam.activations_and_grads.gradients[0].numpy()
+    raw = np.maximum(cam.get_cam_image(x, layer, targets, acts, grads), 0)
+    cam.activations_and_grads.release()
+    return torch.from_numpy(raw), torch.from_numpy(full)
+
+
+@pytest.mark.parametrize(
+    ("name", "in_chans"), [("resnet18", 1), ("resnet18", 3), ("convnext_atto", 1)]
+)
+def test_matches_pytorch_grad_cam(name, in_chans):
+    model = _model(name, in_chans)
+    x = torch.randn(3, in_chans, 128, 96)
+    target = torch.tensor([0, 2, 3])
+    reference, full = _reference_raw_cam(model, x, target)
+
+    features = model.forward_features(x)
+    raw = gradcam(model.forward_head, features, target, create_graph=False, normalize=False)
+    assert raw.shape == reference.shape == (3, 4, 3)
+    assert reference.amax() > 0
+    torch.testing.assert_close(raw, reference, rtol=1e-4, atol=1e-6)
+
+    cam = gradcam(model.forward_head, features, target)
+    peak = reference.amax(dim=(1, 2), keepdim=True)
+    torch.testing.assert_close(cam, reference / peak.clamp_min(1e-12), rtol=1e-4, atol=1e-5)
+    assert torch.equal(cam.amax(dim=(1, 2)) == 1, peak.flatten() > 0)
+
+    # The package's own output: min-max scaled, bilinear resize to the input, scaled again.
+    def rescale(m):
+        m = m - m.amin(dim=(-2, -1), keepdim=True)
+        return m / (1e-7 + m.amax(dim=(-2, -1), keepdim=True))
+
+    resized = F.interpolate(rescale(raw)[:, None], size=x.shape[-2:], mode="bilinear")
+    torch.testing.assert_close(rescale(resized[:, 0]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_no_grad_features_give_the_same_inference_cam():
+    model = _model("convnext_atto", 3)
+    x = torch.randn(2, 3, 96, 96)
+    target = torch.tensor([1, 3])
+    with_graph = gradcam(model.forward_head, model.forward_features(x), target)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        cam = gradcam(model.forward_head, features, target)
+    assert not cam.requires_grad and not features.requires_grad
+    torch.testing.assert_close(cam, with_graph.detach())
+
+
+class _CountingIdentity(torch.autograd.Function):
+    """Identity whose backward counts calls and refuses to be differentiated again."""
+
+    calls = 0
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        _CountingIdentity.calls += 1
+        return grad
+
+
+def test_gradient_goes_through_the_head_only():
+    """No backward through the backbone while computing the CAM, and never a double one: the
+    loss's own backward passes the backbone exactly once."""
+    model = _model("resnet18", 1).train()
+    x = torch.randn(2, 1, 64, 64)
+    _CountingIdentity.calls = 0
+    features = _CountingIdentity.apply(model.forward_features(x))
+    cam = gradcam(model.forward_head, features, torch.tensor([0, 1]), create_graph=True)
+    assert _CountingIdentity.calls == 0
+    cam.pow(2).mean().backward()
+    assert _CountingIdentity.calls == 1
+    assert model.model.conv1.weight.grad.abs().sum() > 0
+
+
+def test_create_graph_keeps_weights_differentiable():
+    """For a GAP → linear head the weights are W_y / (hw): with create_graph the CAM depends
+    on the classifier, without it the classifier gets no gradient."""
+    model = _model("resnet18", 1)
+    x = torch.randn(2, 1, 64, 64)
+    target = torch.tensor([0, 1])
+    fc = model.model.fc.weight
+    cam = gradcam(model.forward_head, model.forward_features(x), target, create_graph=True)
+    (g,) = torch.autograd.grad(cam.sum(), fc, allow_unused=True)
+    assert g is not None and g.abs().sum() > 0
+    cam = gradcam(model.forward_head, model.forward_features(x), target, create_graph=False)
+    (g,) = torch.autograd.grad(cam.sum(), fc, allow_unused=True)
+    assert g is None
+
+
+def test_normalisation_is_eps_safe():
+    head = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
+    features = torch.zeros(2, 4, 3, 3, requires_grad=True)
+    cam = gradcam(head, features, torch.tensor([0, 1]))
+    assert torch.equal(cam, torch.zeros(2, 3, 3))
+    cam.sum().backward()
+    assert torch.isfinite(features.grad).all()
+
+
+def test_cam_for_images():
+    model = _model("convnext_atto", 1)
+    x = torch.randn(2, 1, 96, 64)
+    maps = cam_for_images(model, x)
+    assert maps.shape == (2, 96, 64) and not maps.requires_grad
+    assert maps.min() >= 0 and maps.max() <= 1 and maps.amax(dim=(1, 2)).min() > 0.9
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    torch.testing.assert_close(maps, cam_for_images(model, x, predicted))
+    other = (predicted + 1) % 4
+    assert not torch.allclose(maps, cam_for_images(model, x, other))
+    small = gradcam(model.forward_head, model.forward_features(x), predicted).detach()
+    expected = F.interpolate(small[:, None], size=(96, 64), mode="bilinear")[:, 0]
+    torch.testing.assert_close(maps, expected)
+
+
+def test_unwrap_compiled_and_parallel():
+    model = _model("resnet18", 1)
+    assert unwrap(torch.nn.DataParallel(model)) is model
+    assert unwrap(model) is model

@@ -1,0 +1,395 @@
+"""Built-in loss terms against hand computations and independent references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdtoolkit.backbone import convnext_attn, timm_backbone
+from kdtoolkit.builtin.losses import (
+    AttentionKLLoss,
+    AttentionMSELoss,
+    AttentionPoolLoss,
+    CELoss,
+    KLLoss,
+    RoiFeatureLoss,
+)
+from kdtoolkit.errors import KdError
+from kdtoolkit.loss import CompositeLoss, LossContext
+from kdtoolkit.option import check_options
+from kdtoolkit.plugin import registries
+
+
+def _ctx(**kw):
+    base = {
+        "student": None,
+        "images": torch.zeros(2, 1, 8, 8),
+        "features": torch.zeros(2, 1, 2, 2),
+        "logits": torch.zeros(2, 3),
+        "labels": torch.zeros(2, dtype=torch.long),
+        "boxes": torch.zeros(2, 4),
+        "masks": torch.zeros(2, 1, 8, 8),
+    }
+    return LossContext(**{**base, **kw})
+
+
+def test_kd_register_losses_registers_every_builtin_term():
+    losses = registries().losses
+    expected = {
+        "ce": CELoss,
+        "kl": KLLoss,
+        "attention_mse": AttentionMSELoss,
+        "attention_kl": AttentionKLLoss,
+        "roi_feature": RoiFeatureLoss,
+        "attention_pool": AttentionPoolLoss,
+    }
+    for name, cls in expected.items():
+        assert losses.get(name) is cls
+        assert losses.owner(name).startswith("kdtoolkit ")
+    assert [n for n in expected if losses.get(n).needs_teacher] == ["kl", "roi_feature"]
+
+
+def test_options_are_declared_with_bounds():
+    assert check_options(KLLoss, {"temperature": 0}, "loss[1]") == [
+        "loss[1].temperature: must be > 0, got 0"
+    ]
+    assert check_options(CELoss, {"label_smoothing": 0.1}, "loss[0]") == []
+    assert "must be one of 'kl', 'bce'" in check_options(AttentionKLLoss, {"mode": "l2"}, "x")[0]
+    assert "must be one of 'cosine'" in check_options(RoiFeatureLoss, {"metric": "l1"}, "x")[0]
+    assert check_options(RoiFeatureLoss, {"output_size": 0}, "x") == [
+        "x.output_size: must be >= 1, got 0"
+    ]
+
+
+# --------------------------------------------------------------------------- ce, kl
+
+
+def test_ce_by_hand_with_class_weights_and_smoothing():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 1])
+    weights = torch.tensor([1.0, 3.0, 1.0])
+    logp = logits.log_softmax(1)
+    nll = -logp[torch.arange(2), labels]
+    by_hand = (weights[labels] * nll).sum() / weights[labels].sum()
+    ctx = _ctx(logits=logits, labels=labels, class_weights=weights)
+    torch.testing.assert_close(CELoss()(ctx), by_hand)
+    eps = 0.1
+    smooth = -((1 - eps) * logp[torch.arange(2), labels] + eps / 3 * logp.sum(1)).mean()
+    torch.testing.assert_close(
+        CELoss(label_smoothing=eps)(_ctx(logits=logits, labels=labels)), smooth
+    )
+
+
+def test_kl_by_hand_and_against_torch():
+    torch.manual_seed(0)
+    z, t, T = torch.randn(4, 5), torch.randn(4, 5), 3.0
+    ctx = _ctx(logits=z, teacher_logits=t)
+    value = KLLoss(temperature=T)(ctx)
+    p = [[math.exp(v / T) for v in row] for row in t.tolist()]
+    q = [[math.exp(v / T) for v in row] for row in z.tolist()]
+    by_hand = 0.0
+    for pr, qr in zip(p, q, strict=True):
+        sp, sq = sum(pr), sum(qr)
+        by_hand += sum(a / sp * math.log((a / sp) / (b / sq)) for a, b in zip(pr, qr, strict=True))
+    by_hand *= T * T / 4
+    assert value.item() == pytest.approx(by_hand, rel=1e-5)
+    reference = F.kl_div(F.log_softmax(z / T, 1), F.softmax(t / T, 1), reduction="batchmean")
+    torch.testing.assert_close(value, T * T * reference)
+
+
+def test_kl_gradient_only_to_student_and_needs_teacher():
+    z = torch.randn(3, 4, requires_grad=True)
+    t = torch.randn(3, 4, requires_grad=True)
+    KLLoss()(_ctx(logits=z, teacher_logits=t)).backward()
+    assert z.grad.abs().sum() > 0 and t.grad is None
+    with pytest.raises(KdError, match="teacher logits"):
+        KLLoss()(_ctx(logits=z))
+
+
+# --------------------------------------------------------------------------- Grad-CAM terms
+
+
+class _LinearHead(nn.Module):
+    """GAP → linear: Grad-CAM weights are W_y / (hw), known by hand."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.fc.weight.data.copy_(weight)
+
+    def forward_head(self, features):
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def _hand_cam(weight, features, labels):
+    h, w = features.shape[-2:]
+    cam = F.relu(torch.einsum("bc,bchw->bhw", weight[labels] / (h * w), features))
+    return cam / cam.amax(dim=(1, 2), keepdim=True)
+
+
+def _block_mean(masks, h, w):
+    """Area downsampling by block averaging (independent of adaptive_avg_pool2d)."""
+    B, _, H, W = masks.shape
+    return masks.view(B, h, H // h, w, W // w).mean(dim=(2, 4))
+
+
+def _grad_cam_case():
+    torch.manual_seed(0)
+    weight = torch.randn(3, 4)
+    features = torch.randn(2, 4, 2, 3, requires_grad=True)
+    labels = torch.tensor([1, 2])
+    masks = torch.zeros(2, 1, 8, 12)
+    masks[0, :, :4, :8] = 1
+    masks[1, :, 2:6, 3:12] = 1
+    ctx = _ctx(
+        student=_LinearHead(weight),
+        images=torch.zeros(2, 1, 8, 12),
+        features=features,
+        labels=labels,
+        masks=masks,
+    )
+    return ctx, _hand_cam(weight, features.detach(), labels), _block_mean(masks, 2, 3)
+
+
+def test_attention_mse_by_hand():
+    ctx, cam, mask = _grad_cam_case()
+    assert mask.sum() > 0 and mask.max() == 1 and 0 < mask[1, 0, 0] < 1
+    value = AttentionMSELoss()(ctx)
+    torch.testing.assert_close(value, (cam - mask).pow(2).mean())
+    value.backward()
+    assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
+
+
+def _attention_mse_grads(model, create_graph):
+    torch.manual_seed(1)
+    x = torch.randn(2, 1, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 16:48, 8:40] = 1
+    model.zero_grad()
+    features = model.forward_features(x)
+    ctx = _ctx(
+        student=model,
+        images=x,
+        features=features,
+        logits=model.forward_head(features),
+        labels=torch.tensor([0, 2]),
+        masks=masks,
+    )
+    AttentionMSELoss(create_graph=create_graph)(ctx).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_attention_mse_second_order_through_head():
+    """create_graph=True differentiates the Grad-CAM weights (head only): ConvNeXt's
+    LayerNorm head makes them depend on the features, so backbone gradients change too."""
+    torch.manual_seed(0)
+    model = timm_backbone("convnext_atto", 3, 1)
+    full = _attention_mse_grads(model, create_graph=True)
+    detached = _attention_mse_grads(model, create_graph=False)
+    assert all(torch.isfinite(g).all() for g in [*full.values(), *detached.values()])
+    stem = "model.stem.0.weight"
+    assert full[stem].abs().sum() > 0 and detached[stem].abs().sum() > 0
+    assert not torch.allclose(full[stem], detached[stem])
+    assert "model.head.fc.weight" in full and "model.head.fc.weight" not in detached
+
+
+@pytest.mark.parametrize("mode", ["kl", "bce"])
+def test_attention_kl_by_hand(mode):
+    ctx, cam, mask = _grad_cam_case()
+    value = AttentionKLLoss(mode=mode)(ctx)
+    eps = 1e-8
+    if mode == "kl":
+        p = mask.flatten(1) / mask.flatten(1).sum(1, keepdim=True)
+        q = (cam.flatten(1) + eps) / (cam.flatten(1) + eps).sum(1, keepdim=True)
+        terms = torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p))
+        expected = terms.sum(1).mean()
+    else:
+        expected = -(mask * (cam + eps).log() + (1 - mask) * (1 - cam + eps).log()).mean()
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    grad = ctx.features.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_attention_kl_is_scale_free():
+    ctx, _, _ = _grad_cam_case()
+    scaled = _ctx(**{**ctx.__dict__, "masks": ctx.masks * 7})
+    torch.testing.assert_close(AttentionKLLoss()(ctx), AttentionKLLoss()(scaled))
+
+
+# --------------------------------------------------------------------------- attention_pool
+
+
+def test_attention_pool_by_hand():
+    student = nn.Module()
+    attention = torch.tensor([[0.1, 0.2], [0.3, 0.4]]).view(1, 1, 2, 2).requires_grad_(True)
+    student.last_attention = attention
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., :2, :] = 1  # top row of cells: p = (0.5, 0.5, 0, 0)
+    ctx = _ctx(student=student, masks=masks, labels=torch.zeros(1, dtype=torch.long))
+    value = AttentionPoolLoss()(ctx)
+    by_hand = 0.5 * math.log(0.5 / 0.1) + 0.5 * math.log(0.5 / 0.2)
+    assert value.item() == pytest.approx(by_hand, rel=1e-5)
+    value.backward()
+    assert torch.isfinite(attention.grad).all() and attention.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["spatial", "pool"])
+def test_attention_pool_trains_convnext_attn(mode):
+    torch.manual_seed(0)
+    model = convnext_attn(3, 1, variant="convnext_atto", attention=mode)
+    x = torch.randn(2, 1, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, :32, :32] = 1
+    features = model.forward_features(x)
+    ctx = _ctx(
+        student=model,
+        images=x,
+        features=features,
+        logits=model.forward_head(features),
+        labels=torch.tensor([0, 1]),
+        masks=masks,
+    )
+    value = AttentionPoolLoss()(ctx)
+    # Zero-initialised attention is uniform over the 2×2 cells; the mask is one cell.
+    assert value.item() == pytest.approx(math.log(4), rel=1e-4)
+    value.backward()
+    for p in model.attention.parameters():
+        assert torch.isfinite(p.grad).all()
+    assert model.attention.conv.weight.grad.abs().sum() > 0
+
+
+def test_attention_pool_needs_an_attention_student():
+    model = timm_backbone("resnet18", 3, 1)
+    with pytest.raises(KdError, match="convnext_attn"):
+        AttentionPoolLoss()(_ctx(student=model))
+
+
+# --------------------------------------------------------------------------- roi_feature
+
+
+def _roi_case(metric, margin=0):
+    """Student feature map 8×8 over a 32×64 (H×W) image, so a cell is 4 pixels high and 8
+    wide: constant c in cells rows 2:6, columns 1:5 (plus ``margin`` cells around), so the
+    box x 8–40, y 8–24 in image pixels (cells x 1–5, y 2–6) pools exactly c. Without a margin this holds for 1×1 output only, where roi_align's
+    samples fall on cell centres; finer bins interpolate across the box edge."""
+    c = torch.tensor([1.0, 2.0, -1.0])
+    features = torch.randn(1, 3, 8, 8)
+    features[0, :, 2 - margin : 6 + margin, 1 - margin : 5 + margin] = c[:, None, None]
+    features.requires_grad_(True)
+    teacher = torch.randn(1, 3, 5, 5)
+    term = RoiFeatureLoss(metric=metric)
+    term.setup(3, 3)
+    with torch.no_grad():
+        term.adapter.weight.copy_(torch.eye(3))
+        term.adapter.bias.zero_()
+    ctx = _ctx(
+        images=torch.zeros(1, 1, 32, 64),
+        features=features,
+        boxes=torch.tensor([[8.0, 8.0, 40.0, 24.0]]),
+        teacher_features=teacher,
+    )
+    return term, ctx, c, teacher.mean(dim=(2, 3))[0]
+
+
+@pytest.mark.parametrize(("output_size", "margin"), [(1, 0), (3, 1)])
+def test_roi_feature_pools_inside_the_box(output_size, margin):
+    term, ctx, c, _ = _roi_case("cosine", margin)
+    term.output_size = output_size
+    torch.testing.assert_close(term.pooled_student(ctx), c[None])
+    shifted = _ctx(**{**ctx.__dict__, "boxes": ctx.boxes + 8})
+    assert not torch.allclose(term.pooled_student(shifted), c[None])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "mse"])
+def test_roi_feature_by_hand(metric):
+    term, ctx, s, t = _roi_case(metric)
+    value = term(ctx)
+    if metric == "cosine":
+        expected = 1 - (s @ t) / (s.norm() * t.norm())
+    else:
+
+        def ln(v):
+            return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+
+        expected = (ln(s) - ln(t)).pow(2).mean()
+    torch.testing.assert_close(value, expected)
+    value.backward()
+    grad = ctx.features.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert grad[0, :, 0, 7].abs().sum() == 0  # a cell far outside the box
+
+
+def test_roi_feature_trains_student_and_adapter():
+    torch.manual_seed(0)
+    student = timm_backbone("resnet18", 3, 1)
+    teacher = timm_backbone("resnet18", 3, 1).eval()
+    term = RoiFeatureLoss()
+    assert term.needs_teacher
+    term.setup(student.num_features, teacher.num_features)
+    assert isinstance(term.adapter, nn.Linear) and term.adapter.weight.shape == (512, 512)
+    x = torch.randn(2, 1, 64, 64)
+    crops = torch.randn(2, 1, 32, 64)
+    with torch.no_grad():
+        teacher_features = teacher.forward_features(crops)
+    features = student.forward_features(x)
+    ctx = _ctx(
+        student=student,
+        images=x,
+        features=features,
+        logits=student.forward_head(features),
+        boxes=torch.tensor([[0.0, 0.0, 40.0, 32.0], [10.0, 20.0, 60.0, 50.0]]),
+        teacher_features=teacher_features,
+    )
+    optimizer = torch.optim.SGD([*student.parameters(), *term.parameters()], lr=0.1)
+    before = term.adapter.weight.detach().clone()
+    value = term(ctx)
+    assert value.shape == () and 0 < value.item() < 2
+    value.backward()
+    conv1 = student.model.conv1.weight.grad
+    assert torch.isfinite(conv1).all() and conv1.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(term.adapter.weight, before)
+
+
+def test_roi_feature_needs_a_teacher():
+    with pytest.raises(KdError, match="teacher"):
+        RoiFeatureLoss().setup(8, None)
+    with pytest.raises(KdError, match="not set up"):
+        RoiFeatureLoss()(_ctx())
+
+
+# --------------------------------------------------------------------------- together
+
+
+def test_paper_loss_on_convnext_attn_student():
+    """L = 0.01·attention_mse + 0.8·kl + 0.2·ce, with a Grad-CAM through the attention head."""
+    torch.manual_seed(0)
+    student = convnext_attn(3, 1, variant="convnext_atto")
+    loss = CompositeLoss(
+        [("attention_mse", 0.01, AttentionMSELoss()), ("kl", 0.8, KLLoss()), ("ce", 0.2, CELoss())]
+    )
+    assert loss.needs_teacher
+    x = torch.randn(2, 1, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 20:40, 10:50] = 1
+    features = student.forward_features(x)
+    ctx = _ctx(
+        student=student,
+        images=x,
+        features=features,
+        logits=student.forward_head(features),
+        labels=torch.tensor([0, 2]),
+        masks=masks,
+        teacher_logits=torch.randn(2, 3),
+    )
+    total, parts = loss(ctx)
+    assert set(parts) == {"attention_mse", "kl", "ce"}
+    assert total.item() == pytest.approx(
+        0.01 * parts["attention_mse"] + 0.8 * parts["kl"] + 0.2 * parts["ce"], rel=1e-5
+    )
+    total.backward()
+    grads = [p.grad for p in student.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
