@@ -87,9 +87,13 @@ def check_value(value: Any, annotation: Any) -> str | None:
         problem = None
     elif origin is Literal:
         allowed = typing.get_args(base)
-        problem = None if value in allowed else (
-            f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
-            + suggestion(str(value), [str(a) for a in allowed])
+        problem = (
+            None
+            if value in allowed
+            else (
+                f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}"
+                + suggestion(str(value), [str(a) for a in allowed])
+            )
         )
     elif origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -109,8 +113,8 @@ def check_value(value: Any, annotation: Any) -> str | None:
         problem = None if ok else f"expected an integer, got {type(value).__name__} {value!r}"
     elif isinstance(base, type):
         ok = isinstance(value, base)
-        problem = None if ok else (
-            f"expected {base.__name__}, got {type(value).__name__} {value!r}"
+        problem = (
+            None if ok else (f"expected {base.__name__}, got {type(value).__name__} {value!r}")
         )
     else:
         problem = None

@@ -1,0 +1,174 @@
+"""The ``kd`` command: a thin typer layer over the library functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kdtoolkit import __version__
+from kdtoolkit.errors import KdError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    name="kd",
+    help="Knowledge distillation from ROI-crop teachers to full-image students.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe value: --set teacher.epochs=3 (repeatable)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"kdtoolkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """kdtoolkit: train crop teachers, distil them into full-image students, evaluate with CV."""
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    set_: SetOption = None,
+    output: Annotated[Path | None, typer.Option(help="Run folder (experiment.output).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    force: Annotated[bool, typer.Option(help="Reuse a run folder of another recipe.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
+) -> None:
+    """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
+    from kdtoolkit.pipeline import run as run_recipe
+    from kdtoolkit.recipe import load_recipe
+
+    overrides = list(set_ or [])
+    if output is not None:
+        overrides.append(f"experiment.output={json.dumps(str(output))}")
+    if device is not None:
+        overrides.append(f"experiment.device={json.dumps(device)}")
+    result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
+    console.print(f"[green]done[/]: {result.report}")
+
+
+@app.command()
+def validate(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    set_: SetOption = None,
+    show: Annotated[bool, typer.Option(help="Print the resolved recipe as JSON.")] = False,
+) -> None:
+    """Check a recipe without running it: every problem at once, exit 2 if any."""
+    from kdtoolkit.recipe import load_recipe
+
+    resolved = load_recipe(recipe, list(set_ or []))
+    if show:
+        print(resolved.to_json())
+    else:
+        console.print(f"[green]ok[/]: {recipe}")
+
+
+@app.command()
+def plugins() -> None:
+    """List every registered component by kind, with the plugin that provides it."""
+    from kdtoolkit.plugin import registries
+
+    table = Table(title="kdtoolkit components")
+    for column in ("kind", "name", "plugin"):
+        table.add_column(column)
+    for kind, registry in registries().kinds().items():
+        for name in registry.list():
+            table.add_row(kind, name, registry.owner(name))
+    table.add_row("backbone", "<any timm model>", "timm")
+    console.print(table)
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A student checkpoint (.safetensors).")],
+    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    cam: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlay PNGs here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Stage full images with a student alone: no crops, no detector."""
+    from kdtoolkit.predict import predict as predict_images
+
+    results = predict_images(checkpoint, paths, cam_dir=cam, device=device)
+    if as_json:
+        for r in results:
+            print(json.dumps(r))
+        return
+    table = Table(title=f"predictions of {checkpoint.name}")
+    table.add_column("image")
+    table.add_column("class")
+    table.add_column("p", justify="right")
+    for r in results:
+        table.add_row(r["image"], r["class"], f"{r['probabilities'][r['class']]:.3f}")
+    console.print(table)
+
+
+def _add_plugin_commands() -> None:
+    from kdtoolkit.plugin import plugin_manager
+
+    plugin_manager().hook.kd_register_commands(app=app)
+
+
+def _is_usage_error(e: Exception) -> bool:
+    """A typer/click usage error (typer may bundle its own copy of click)."""
+    return any(
+        cls.__name__ == "ClickException" and cls.__module__.endswith("exceptions")
+        for cls in type(e).__mro__
+    )
+
+
+def main() -> None:
+    """Entry point of ``kd``: one-line errors and exit 2 unless ``KD_DEBUG=1``."""
+    debug = os.environ.get("KD_DEBUG") == "1"
+    try:
+        if sys.argv[1:] != ["--version"]:  # plugins import torch/timm: seconds
+            _add_plugin_commands()
+        app(standalone_mode=False)
+    except KdError as e:
+        if debug:
+            raise
+        err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("interrupted: finished stages are kept; rerun to resume")
+        sys.exit(130)
+    except Exception as e:
+        if _is_usage_error(e):
+            e.show()
+            sys.exit(2)
+        if debug:
+            raise
+        err_console.print(
+            f"[red]internal error[/]: {type(e).__name__}: {e} (KD_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

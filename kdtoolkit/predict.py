@@ -1,0 +1,118 @@
+"""Serving a student: stage full images with no crop and no detector."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdtoolkit.backbone import build_backbone
+from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.errors import KdError
+from kdtoolkit.train import split_weights
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Image files among ``paths``; folders are searched (not recursively), sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise KdError(f"{p}: no such image or folder")
+    if not out:
+        raise KdError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
+    from kdtoolkit.pipeline import resolve_device
+
+    weights, meta = load_checkpoint(Path(checkpoint))
+    model_weights, _ = split_weights(weights)
+    options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
+    model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
+    model.load_state_dict(model_weights)
+    device = resolve_device(device) if isinstance(device, str) else device
+    return model.to(device).eval(), meta
+
+
+def predict(
+    checkpoint: str | Path,
+    paths: Sequence[str | Path],
+    cam_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+) -> list[dict[str, Any]]:
+    """Class and probabilities for every image; optional Grad-CAM overlays in ``cam_dir``.
+
+    Each result: ``{"image", "class", "index", "probabilities": {class: p}}``.
+    """
+    from kdtoolkit.view import ViewConfig, load_image, student_view
+
+    model, meta = load_model(checkpoint, device)
+    if meta.get("view") != "image":
+        raise KdError(
+            f"{checkpoint}: a {meta.get('role')} checkpoint that takes crops; "
+            f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
+        )
+    dev = next(model.parameters()).device
+    cfg = ViewConfig(
+        image_size=tuple(meta["input_size"]),
+        crop_size=tuple(meta["input_size"]),
+        channels=meta["channels"],
+        letterbox=meta["letterbox"],
+        mean=meta["normalisation"]["mean"],
+        std=meta["normalisation"]["std"],
+    )
+    classes = meta["classes"]
+    files = image_paths(paths)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        images = [load_image(f, cfg.channels) for f in chunk]
+        x = torch.stack([student_view(im, cfg) for im in images]).to(dev)
+        with torch.no_grad():
+            probs = torch.softmax(model(x).float(), 1).cpu().numpy()
+        for f, p in zip(chunk, probs, strict=False):
+            k = int(np.argmax(p))
+            results.append(
+                {
+                    "image": str(f),
+                    "class": classes[k],
+                    "index": k,
+                    "probabilities": {c: float(v) for c, v in zip(classes, p, strict=False)},
+                }
+            )
+        if cam_dir is not None:
+            _write_cams(Path(cam_dir), model, x, chunk)
+    return results
+
+
+def _write_cams(cam_dir: Path, model: torch.nn.Module, x: torch.Tensor, files: list[Path]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import cm
+    from PIL import Image
+
+    from kdtoolkit.gradcam import cam_for_images
+
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    cams = cam_for_images(model, x).cpu().numpy()
+    for f, image, cam in zip(files, x.cpu().numpy(), cams, strict=False):
+        grey = image.mean(0)
+        grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
+        heat = cm.jet(cam)[..., :3]
+        overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
+        Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8)).save(
+            cam_dir / f"{f.stem}_cam.png"
+        )

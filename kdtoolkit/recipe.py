@@ -1,0 +1,415 @@
+"""Recipes: TOML files validated into typed objects before anything runs.
+
+A recipe is data: it never executes code. Every problem is collected with its dotted key path
+and reported together (``RecipeError``). ``--set a.b=value`` overrides are applied before
+validation, the value read as a TOML value (a bare word is a string).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.option import Range, check_options, check_value
+
+
+class RecipeError(KdError):
+    """All problems of a recipe; ``problems`` holds one line each."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(
+            f"{source}: {len(problems)} problem(s) in the recipe:\n"
+            + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+Size = Annotated[int, Range(ge=8)] | list[Annotated[int, Range(ge=8)]]
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "kd"
+    output: str = ""
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    manifest: str = ""
+    classes: list[str] = field(default_factory=list)
+    image_size: Size = 224
+    crop_size: Size = field(default_factory=lambda: [112, 224])
+    channels: Literal[1, 3] = 1
+    letterbox: bool = True
+    limit: Annotated[int, Range(ge=0)] = 0
+    cache: str = ".kdcache"
+
+
+@dataclass
+class AugmentConfig:
+    flip_p: Annotated[float, Range(ge=0, le=1)] = 0.5
+    degrees: Annotated[float, Range(ge=0, le=180)] = 10.0
+    scale: Annotated[float, Range(ge=0, lt=1)] = 0.1
+    translate: Annotated[float, Range(ge=0, lt=1)] = 0.05
+    brightness: Annotated[float, Range(ge=0, le=1)] = 0.1
+    contrast: Annotated[float, Range(ge=0, le=1)] = 0.1
+
+
+@dataclass
+class CvConfig:
+    folds: Annotated[int, Range(ge=2)] = 5
+    val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.15
+    only: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    backbone_options: dict[str, Any] = field(default_factory=dict)
+    epochs: Annotated[int, Range(ge=1)] = 30
+    batch_size: Annotated[int, Range(ge=1)] = 32
+    lr: Annotated[float, Range(gt=0)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0)] = 0.05
+    warmup_epochs: Annotated[int, Range(ge=0)] = 1
+    schedule: Literal["cosine", "constant"] = "cosine"
+    class_weights: bool = False
+    select_by: Literal["accuracy", "f1", "loss"] = "accuracy"
+
+
+@dataclass
+class RoiConfig:
+    provider: str = "manual"
+    mask: Literal["box", "gaussian"] = "box"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str
+    weight: Annotated[float, Range(ge=0)] = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvaluateConfig:
+    baseline: bool = True
+    two_stage: bool = True
+    cam_examples: Annotated[int, Range(ge=0)] = 6
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. ``source`` is the file it came from (or ``<python>``)."""
+
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    cv: CvConfig = field(default_factory=CvConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    roi: RoiConfig = field(default_factory=RoiConfig)
+    loss: list[LossConfig] = field(default_factory=list)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    source: str = "<python>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (JSON-serialisable), options inlined as in TOML."""
+        raw = dataclasses.asdict(self)
+        raw.pop("source")
+        raw["task"] = {"name": self.task.name, **self.task.options} if self.task.name else {}
+        raw["roi"] = {"provider": self.roi.provider, "mask": self.roi.mask, **self.roi.options}
+        raw["loss"] = [{"name": lc.name, "weight": lc.weight, **lc.options} for lc in self.loss]
+        return raw
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def digest(self) -> str:
+        """A short hash of what the run computes (output folder and device excluded)."""
+        raw = self.to_dict()
+        raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
+        text = json.dumps(raw, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def size(self, which: Literal["image", "crop"]) -> tuple[int, int]:
+        """(height, width) of the student input or the teacher crop."""
+        value = self.data.image_size if which == "image" else self.data.crop_size
+        return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.experiment.output or f"runs/{self.experiment.name}")
+
+
+# Sections whose extra keys are component options (validated by the component).
+_OPTION_SECTIONS = {"task": "name", "roi": "provider"}
+_FREE_KEYS = {"roi": {"mask"}}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'a.b=value'`` -> (['a', 'b'], value); the value is read as TOML, else a string."""
+    if "=" not in text:
+        raise KdError(f"--set {text!r}: expected KEY=VALUE, e.g. --set cv.folds=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise KdError(f"--set {text!r}: the key must be dotted names, e.g. teacher.epochs")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b=value`` in a copy of ``raw``. ``loss.N.key`` indexes the loss list."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = out
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                try:
+                    node = node[int(part)]
+                except (ValueError, IndexError):
+                    raise KdError(
+                        f"--set {text!r}: {'.'.join(path[: i + 1])} is not an index of a "
+                        f"list of {len(node)}"
+                    ) from None
+                continue
+            if not isinstance(node, dict):
+                raise KdError(f"--set {text!r}: {'.'.join(path[:i])} is not a table")
+            node = node.setdefault(part, {})
+        if isinstance(node, list):
+            raise KdError(f"--set {text!r}: use an index, e.g. loss.0.weight")
+        node[path[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, tables merged recursively, lists and values replaced."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _build_section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from ``raw``, recording problems; returns an instance
+    (defaults where values were bad) so validation can go on."""
+    if not isinstance(raw, dict):
+        problems.append(f"{path}: expected a table, got {type(raw).__name__} {raw!r}")
+        raw = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    section = path.split(".")[-1].split("[")[0]
+    option_key = _OPTION_SECTIONS.get(section)
+    values: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}"
+        if option_key is not None and key not in fields:
+            options[key] = value
+            continue
+        if key not in fields or key == "options":
+            problems.append(f"{key_path}: unknown key{suggestion(key, fields)}")
+            continue
+        if dataclasses.is_dataclass(hints[key]):
+            values[key] = _build_section(hints[key], value, key_path, problems)
+            continue
+        problem = check_value(value, hints[key])
+        if problem:
+            problems.append(f"{key_path}: {problem}")
+            continue
+        values[key] = value
+    missing = [
+        f.name
+        for f in fields.values()
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in values
+    ]
+    for name in missing:
+        problems.append(f"{path}.{name}: required key is missing")
+        values[name] = ""
+    if option_key is not None:
+        values["options"] = options
+    return cls(**values)
+
+
+def _build_losses(raw: Any, problems: list[str]) -> list[LossConfig]:
+    if not isinstance(raw, list):
+        problems.append("loss: expected an array of tables ([[loss]])")
+        return []
+    out = []
+    for i, item in enumerate(raw):
+        path = f"loss[{i}]"
+        if not isinstance(item, dict):
+            problems.append(f"{path}: expected a table with name and weight")
+            continue
+        known = {k: v for k, v in item.items() if k in ("name", "weight")}
+        config = _build_section(LossConfig, known, path, problems)
+        config.options = {k: v for k, v in item.items() if k not in ("name", "weight")}
+        out.append(config)
+    return out
+
+
+def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
+    """Validate a recipe dict (task defaults already merged) into a ``Recipe``; raise
+    ``RecipeError`` listing every problem."""
+    problems: list[str] = []
+    sections = {f.name: f for f in dataclasses.fields(Recipe) if f.name != "source"}
+    hints = typing.get_type_hints(Recipe, include_extras=True)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in sections:
+            problems.append(f"{key}: unknown section{suggestion(key, sections)}")
+        elif key == "loss":
+            values["loss"] = _build_losses(value, problems)
+        else:
+            values[key] = _build_section(hints[key], value, key, problems)
+    recipe = Recipe(**values, source=source)
+    if not recipe.loss:
+        problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
+    problems += _check_components(recipe)
+    problems += _check_sizes(recipe)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def _check_sizes(recipe: Recipe) -> list[str]:
+    problems = []
+    for key in ("image_size", "crop_size"):
+        value = getattr(recipe.data, key)
+        if isinstance(value, list) and len(value) != 2:
+            problems.append(f"data.{key}: expected one size or [height, width], got {value!r}")
+    return problems
+
+
+def _check_components(recipe: Recipe) -> list[str]:
+    """Registry names and component options, with close matches."""
+    from kdtoolkit import backbone
+    from kdtoolkit.plugin import registries
+
+    regs = registries()
+    hint = "; run `kd plugins` to list the registered ones"
+    problems: list[str] = []
+    for role in ("teacher", "student"):
+        config: ModelConfig = getattr(recipe, role)
+        if not backbone.is_known_backbone(config.backbone):
+            problems.append(f"{role}.backbone: {backbone.unknown_message(config.backbone)}")
+        else:
+            problems += check_options(
+                backbone.backbone_options_factory(config.backbone),
+                config.backbone_options,
+                f"{role}.backbone_options",
+                reserved=("num_classes", "in_chans"),
+            )
+    if recipe.roi.provider not in regs.roi_providers:
+        problems.append(
+            f"roi.provider: unknown ROI provider {recipe.roi.provider!r}"
+            f"{suggestion(recipe.roi.provider, regs.roi_providers)}{hint}"
+        )
+    else:
+        problems += check_options(
+            regs.roi_providers.get(recipe.roi.provider), recipe.roi.options, "roi"
+        )
+    for i, lc in enumerate(recipe.loss):
+        if lc.name not in regs.losses:
+            problems.append(
+                f"loss[{i}].name: unknown loss {lc.name!r}{suggestion(lc.name, regs.losses)}{hint}"
+            )
+        else:
+            problems += check_options(regs.losses.get(lc.name), lc.options, f"loss[{i}]")
+    if recipe.task.name:
+        if recipe.task.name not in regs.tasks:
+            problems.append(
+                f"task.name: unknown task {recipe.task.name!r}"
+                f"{suggestion(recipe.task.name, regs.tasks)}{hint}"
+            )
+        else:
+            task = regs.tasks.get(recipe.task.name)
+            if task.make_data is not None:
+                problems += check_options(
+                    task.make_data, recipe.task.options, "task", reserved=("out_dir",)
+                )
+            elif recipe.task.options:
+                problems.append(f"task: task {task.name!r} takes no options")
+    if not recipe.data.manifest and not (recipe.task.name and _task_has_data(recipe)):
+        problems.append(
+            "data.manifest: no data: set data.manifest to a manifest.csv, or name a task with "
+            "a built-in data source (task.name)"
+        )
+    return problems
+
+
+def _task_has_data(recipe: Recipe) -> bool:
+    from kdtoolkit.plugin import registries
+
+    regs = registries()
+    return recipe.task.name in regs.tasks and regs.tasks.get(recipe.task.name).make_data is not None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Parse a TOML recipe file with a one-line error on failure."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise KdError(f"{path}: recipe not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise KdError(f"{path}: not valid TOML: {e}") from None
+
+
+def task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
+    """The recipe defaults of the task the raw recipe names (empty when none)."""
+    from kdtoolkit.plugin import registries
+
+    task = raw.get("task", {})
+    name = task.get("name") if isinstance(task, dict) else None
+    regs = registries()
+    if isinstance(name, str) and name in regs.tasks:
+        return regs.tasks.get(name).defaults
+    return {}
+
+
+def load_recipe(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Read (a path) or take (a dict) a recipe, apply ``--set`` overrides and the named
+    task's defaults, and validate it. Relative data paths are taken relative to the recipe
+    file's folder."""
+    if isinstance(source, dict):
+        raw, name, base = source, "<python>", Path.cwd()
+    else:
+        path = Path(source)
+        raw, name, base = read_toml(path), str(path), path.resolve().parent
+    raw = apply_overrides(raw, list(overrides))
+    raw = deep_merge(task_defaults(raw), raw)
+    recipe = validate(raw, name)
+    if recipe.data.manifest and not Path(recipe.data.manifest).is_absolute():
+        candidate = base / recipe.data.manifest
+        if candidate.exists() or not Path(recipe.data.manifest).exists():
+            recipe.data.manifest = str(candidate)
+    return recipe

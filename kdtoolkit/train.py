@@ -1,0 +1,216 @@
+"""Training one model (teacher, student or baseline) with resume, and evaluating it."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kdtoolkit.checkpoint import load_state, save_state
+from kdtoolkit.loss import CompositeLoss, LossContext
+from kdtoolkit.metric import classification_metrics
+from kdtoolkit.recipe import ModelConfig
+
+View = Literal["crop", "image"]
+
+
+@dataclass
+class Stage:
+    """What to train: ``model`` on ``view`` ("crop" teacher view or "image" student view)
+    with ``loss``; ``teacher`` (frozen) feeds terms that need it."""
+
+    name: str
+    model: nn.Module
+    view: View
+    loss: CompositeLoss
+    config: ModelConfig
+    teacher: nn.Module | None = None
+    class_weights: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA, nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
+    """Linear warm-up for ``warmup_epochs`` then cosine decay to 0 (or constant)."""
+    total = max(1, config.epochs * steps_per_epoch)
+    warmup = min(config.warmup_epochs * steps_per_epoch, total - 1)
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_context(stage: Stage, batch: dict[str, torch.Tensor], device: torch.device):
+    """Forward the student (and teacher when needed) and build the loss context."""
+    x = batch[stage.view].to(device, non_blocking=True)
+    features = stage.model.forward_features(x)
+    logits = stage.model.forward_head(features)
+    teacher_logits = teacher_features = None
+    if stage.loss.needs_teacher and stage.teacher is not None:
+        with torch.no_grad():
+            teacher_features = stage.teacher.forward_features(batch["crop"].to(device))
+            teacher_logits = stage.teacher.forward_head(teacher_features)
+    return LossContext(
+        student=stage.model,
+        images=x,
+        features=features,
+        logits=logits,
+        labels=batch["label"].to(device),
+        boxes=batch["box"].to(device),
+        masks=batch["mask"].to(device),
+        teacher_logits=teacher_logits,
+        teacher_features=teacher_features,
+        class_weights=stage.class_weights,
+    )
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module, loader: DataLoader, view: View, device: torch.device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, labels, indices) over a loader, in eval mode."""
+    model.eval()
+    out, labels, indices = [], [], []
+    for batch in loader:
+        with autocast(device):
+            logits = model(batch[view].to(device))
+        out.append(logits.float().cpu())
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+    return torch.cat(out).numpy(), torch.cat(labels).numpy(), torch.cat(indices).numpy()
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, view: View, device: torch.device, num_classes: int
+) -> dict[str, float]:
+    logits, labels, _ = predict_logits(model, loader, view, device)
+    metrics = classification_metrics(labels, logits.argmax(1), num_classes, ordinal=False)
+    metrics["loss"] = float(
+        nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels))
+    )
+    return metrics
+
+
+def train_stage(
+    stage: Stage,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    device: torch.device,
+    state_path: Path,
+    num_classes: int,
+    on_epoch: Callable[[int, dict[str, Any]], None] = lambda e, m: None,
+    on_step: Callable[[], None] = lambda: None,
+) -> dict[str, torch.Tensor]:
+    """Train ``stage``; resume from ``state_path`` when it holds an interrupted run.
+
+    Model selection on ``val_loader`` by ``config.select_by``; returns the best weights
+    (model and loss-term parameters, the latter prefixed ``loss.``). The state file is
+    rewritten atomically after every epoch.
+    """
+    config = stage.config
+    model, loss = stage.model.to(device), stage.loss.to(device)
+    if stage.teacher is not None:
+        stage.teacher.to(device).eval().requires_grad_(False)
+    params = [p for p in [*model.parameters(), *loss.parameters()] if p.requires_grad]
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(
+        params, lr=config.lr, weight_decay=config.weight_decay, fused=fused
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(config, max(1, len(train_loader)))
+    )
+    start, best_score, best = 0, -math.inf, None
+    if state_path.exists():
+        state = load_state(state_path)
+        model.load_state_dict(state["model"])
+        loss.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        start, best_score, best = state["epoch"], state["best_score"], state["best"]
+        stage.history[:] = state["history"]
+    for epoch in range(start, config.epochs):
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
+        model.train()
+        loss.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for batch in train_loader:
+            with autocast(device):
+                ctx = make_context(stage, batch, device)
+                total, parts = loss(ctx)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            scheduler.step()
+            n = len(batch["label"])
+            count += n
+            for key, value in {"loss": float(total.detach()), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value * n
+            on_step()
+        val = evaluate(model, val_loader, stage.view, device, num_classes)
+        record = {
+            "epoch": epoch + 1,
+            **{f"train_{k}": v / max(1, count) for k, v in sums.items()},
+            "val_accuracy": val["accuracy"],
+            "val_f1": val["f1"],
+            "val_loss": val["loss"],
+            "lr": optimizer.param_groups[0]["lr"],
+        }
+        stage.history.append(record)
+        score = -val["loss"] if config.select_by == "loss" else val[config.select_by]
+        if best is None or score > best_score:
+            best_score = score
+            best = weights_of(model, loss)
+        save_state(
+            state_path,
+            {
+                "model": model.state_dict(),
+                "loss": loss.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "best_score": best_score,
+                "best": best,
+                "history": stage.history,
+            },
+        )
+        on_epoch(epoch + 1, record)
+    assert best is not None
+    return best
+
+
+def weights_of(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
+    """Model weights plus the loss terms' trainable parameters (``loss.`` prefix), on CPU."""
+    out = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    out.update({f"loss.{k}": v.detach().cpu().clone() for k, v in loss.state_dict().items()})
+    return out
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(model weights, loss-term weights) from ``weights_of`` output."""
+    model = {k: v for k, v in weights.items() if not k.startswith("loss.")}
+    loss = {k[5:]: v for k, v in weights.items() if k.startswith("loss.")}
+    return model, loss

@@ -1,0 +1,205 @@
+"""Recipe validation: every error class, all problems at once, overrides, JSON round trip."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kdtoolkit.errors import KdError
+from kdtoolkit.recipe import RecipeError, load_recipe, parse_override
+
+BASE = """
+[experiment]
+name = "t"
+output = "{out}"
+seed = 1
+
+[data]
+manifest = "data/manifest.csv"
+classes = ["a", "b"]
+image_size = 64
+crop_size = [32, 64]
+
+[cv]
+folds = 3
+
+[teacher]
+backbone = "resnet18"
+epochs = 2
+
+[student]
+backbone = "convnext_attn"
+backbone_options = {{ drop_path_rate = 0.1 }}
+
+[roi]
+provider = "manual"
+
+[[loss]]
+name = "ce"
+weight = 0.2
+
+[[loss]]
+name = "kl"
+weight = 0.8
+temperature = 3.0
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    return path
+
+
+def problems_of(tmp_path, text, overrides=()):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(write(tmp_path, text), list(overrides))
+    return e.value.problems
+
+
+def test_valid_recipe_loads_typed(tmp_path):
+    recipe = load_recipe(write(tmp_path, BASE.format(out=tmp_path / "run")))
+    assert recipe.cv.folds == 3
+    assert recipe.teacher.epochs == 2
+    assert recipe.size("crop") == (32, 64) and recipe.size("image") == (64, 64)
+    assert [(lc.name, lc.weight) for lc in recipe.loss] == [("ce", 0.2), ("kl", 0.8)]
+    assert recipe.loss[1].options == {"temperature": 3.0}
+    assert recipe.data.manifest == str(tmp_path / "data" / "manifest.csv")
+    raw = json.loads(recipe.to_json())
+    assert raw["loss"][1] == {"name": "kl", "weight": 0.8, "temperature": 3.0}
+    assert raw["student"]["backbone_options"] == {"drop_path_rate": 0.1}
+
+
+def test_every_error_class_reported_together(tmp_path):
+    text = BASE.format(out="o").replace("folds = 3", "folds = 1\nfoldz = 2")
+    text = text.replace('backbone = "resnet18"', 'backbone = "resnet_18"')
+    text = text.replace("epochs = 2", 'epochs = "two"')
+    text = text.replace('name = "kl"', 'name = "kll"')
+    text = text.replace("drop_path_rate = 0.1", "drop_pth_rate = 0.1")
+    text = text.replace('provider = "manual"', 'provider = "manul"')
+    problems = problems_of(tmp_path, text)
+    joined = "\n".join(problems)
+    assert "cv.foldz: unknown key (did you mean 'folds'?)" in joined
+    assert "cv.folds: must be >= 2, got 1" in joined
+    assert "teacher.epochs: expected an integer, got str 'two'" in joined
+    assert "teacher.backbone: unknown backbone 'resnet_18'" in joined and "resnet18" in joined
+    assert "loss[1].name: unknown loss 'kll'" in joined and "'kl'" in joined
+    assert "student.backbone_options.drop_pth_rate: unknown option" in joined
+    assert "'drop_path_rate'" in joined
+    assert "roi.provider: unknown ROI provider 'manul'" in joined and "kd plugins" in joined
+    assert len(problems) == 7
+
+
+def test_component_option_types_and_ranges(tmp_path):
+    text = BASE.format(out="o").replace("temperature = 3.0", "temperature = -1.0\nbeta = 2")
+    joined = "\n".join(problems_of(tmp_path, text))
+    assert "loss[1].temperature: must be > 0" in joined
+    assert "loss[1].beta: unknown option" in joined
+
+
+def test_unknown_section_and_missing_loss(tmp_path):
+    text = BASE.format(out="o").split("[[loss]]")[0] + "\n[studnet]\nepochs = 3\n"
+    joined = "\n".join(problems_of(tmp_path, text))
+    assert "studnet: unknown section (did you mean 'student'?)" in joined
+    assert "loss: at least one [[loss]]" in joined
+
+
+def test_overrides_are_toml_values_and_validated(tmp_path):
+    path = write(tmp_path, BASE.format(out="o"))
+    recipe = load_recipe(
+        path,
+        [
+            "cv.folds=4",
+            "data.channels=3",
+            "loss.1.temperature=2",
+            "experiment.name=bare_word",
+            "data.classes=['x', 'y']",
+        ],
+    )
+    assert recipe.cv.folds == 4 and recipe.data.channels == 3
+    assert recipe.loss[1].options["temperature"] == 2
+    assert recipe.experiment.name == "bare_word"
+    assert recipe.data.classes == ["x", "y"]
+    with pytest.raises(RecipeError, match="cv.folds: expected an integer"):
+        load_recipe(path, ["cv.folds=many"])
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(KdError):
+        parse_override(bad)
+
+
+def test_recipe_is_data_not_code(tmp_path):
+    text = BASE.format(out="o").replace('name = "t"', "name = \"__import__('os')\"")
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.experiment.name == "__import__('os')"
+
+
+def test_task_defaults_apply_under_the_recipe(tmp_path):
+    text = """
+[task]
+name = "sos"
+n = 40
+[data]
+image_size = 64
+"""
+    recipe = load_recipe(write(tmp_path, text))
+    names = [lc.name for lc in recipe.loss]
+    assert "kl" in names and "ce" in names
+    assert recipe.task.options == {"n": 40}
+
+
+def test_digest_ignores_output_and_device(tmp_path):
+    path = write(tmp_path, BASE.format(out="o"))
+    a = load_recipe(path)
+    b = load_recipe(path, ["experiment.output=elsewhere", "experiment.device=cpu"])
+    c = load_recipe(path, ["teacher.epochs=3"])
+    assert a.digest() == b.digest() != c.digest()
+
+
+def kd(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "kdtoolkit.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_cli_validate_reports_all_errors_exit_2(tmp_path):
+    text = (
+        BASE.format(out="o")
+        .replace("folds = 3", "folds = 0")
+        .replace('name = "kl"', 'name = "kll"')
+    )
+    result = kd("validate", str(write(tmp_path, text)))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "cv.folds: must be >= 2" in result.stderr
+    assert "loss[1].name: unknown loss 'kll'" in result.stderr
+    assert "2 problem(s)" in result.stderr
+
+
+def test_cli_validate_ok_and_show(tmp_path):
+    path = write(tmp_path, BASE.format(out="o"))
+    result = kd("validate", str(path), "--set", "cv.folds=4", "--show")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cv"]["folds"] == 4
+
+
+def test_cli_missing_recipe_and_bad_toml(tmp_path):
+    result = kd("validate", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2 and "recipe not found" in result.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[cv\nfolds=")
+    result = kd("validate", str(bad))
+    assert result.returncode == 2 and "not valid TOML" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_version():
+    result = kd("--version")
+    assert result.returncode == 0 and "kdtoolkit 0.1.0" in result.stdout
