@@ -273,8 +273,9 @@ def test_attention_pool_needs_an_attention_student():
 def _roi_case(metric, margin=0):
     """Student feature map 8×8 over a 32×64 (H×W) image, so a cell is 4 pixels high and 8
     wide: constant c in cells rows 2:6, columns 1:5 (plus ``margin`` cells around), so the
-    box x 8–40, y 8–24 in image pixels (cells x 1–5, y 2–6) pools exactly c. Without a margin this holds for 1×1 output only, where roi_align's
-    samples fall on cell centres; finer bins interpolate across the box edge."""
+    box x 8–40, y 8–24 in image pixels (cells x 1–5, y 2–6) pools exactly c. Without a margin
+    this holds for 1×1 output only, where roi_align's samples fall on cell centres; finer bins
+    interpolate across the box edge."""
     c = torch.tensor([1.0, 2.0, -1.0])
     features = torch.randn(1, 3, 8, 8)
     features[0, :, 2 - margin : 6 + margin, 1 - margin : 5 + margin] = c[:, None, None]
