@@ -71,7 +71,9 @@ class CompositeLoss(nn.Module):
     def forward(self, ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
         total = ctx.logits.new_zeros(())
         parts: dict[str, float] = {}
-        for i, (name, weight, term) in enumerate(zip(self.names, self.weights, self.terms)):
+        for i, (name, weight, term) in enumerate(
+            zip(self.names, self.weights, self.terms, strict=False)
+        ):
             value = term(ctx)
             total = total + weight * value
             key = name if self.names.count(name) == 1 else f"{name}_{i}"

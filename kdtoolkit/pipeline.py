@@ -7,6 +7,7 @@ stages and resumes an interrupted one from its last epoch.
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -223,15 +224,24 @@ class Runner:
             self.samples, indices, self.cfg, train=train, seed=seed, mask_rois=mask_rois
         )
         generator = torch.Generator().manual_seed(seed)
+        workers = self.workers()
+        if workers:
+            dataset.preload()  # decode once here; forked workers share it
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             drop_last=train and len(indices) > batch_size,
             generator=generator,
-            num_workers=0,
+            num_workers=workers,
             pin_memory=self.device.type == "cuda",
         )
+
+    def workers(self) -> int:
+        """Data-loader processes: ``data.workers``, or (-1) none on CPU, up to 8 on CUDA."""
+        if self.recipe.data.workers >= 0:
+            return self.recipe.data.workers
+        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
 
     def class_weights(self, indices: np.ndarray, config: ModelConfig) -> torch.Tensor | None:
         if not config.class_weights:

@@ -53,6 +53,7 @@ class DataConfig:
     letterbox: bool = True
     limit: Annotated[int, Range(ge=0)] = 0
     cache: str = ".kdcache"
+    workers: Annotated[int, Range(ge=-1)] = -1
 
 
 @dataclass
@@ -142,9 +143,11 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def digest(self) -> str:
-        """A short hash of what the run computes (output folder and device excluded)."""
+        """A short hash of what the run computes (output folder, device and ``cv.only``
+        excluded, so a run can be done fold by fold into one folder)."""
         raw = self.to_dict()
         raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
+        raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -179,10 +182,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``a.b=value`` in a copy of ``raw``. ``loss.N.key`` indexes the loss list."""
+    """Set each ``a.b=value`` in a copy of ``raw``. ``loss.N.key`` indexes the loss list.
+
+    An override that names another component (``roi.provider``, ``task.name``) than ``raw``
+    drops the options ``raw`` gave the old one (they belong to it); options set with
+    ``--set`` stay."""
     out = copy.deepcopy(raw)
-    for text in overrides:
-        path, value = parse_override(text)
+    parsed = [(text, *parse_override(text)) for text in overrides]
+    for _text, path, value in parsed:
+        section = path[0]
+        table = out.get(section)
+        switched = len(path) == 2 and _OPTION_SECTIONS.get(section) == path[1]
+        if switched and isinstance(table, dict) and table.get(path[1]) != value:
+            keep = {path[1], *_FREE_KEYS.get(section, ())}
+            out[section] = {k: v for k, v in table.items() if k in keep}
+    for text, path, value in parsed:
         node: Any = out
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
@@ -332,9 +346,9 @@ def _check_components(recipe: Recipe) -> list[str]:
             f"{suggestion(recipe.roi.provider, regs.roi_providers)}{hint}"
         )
     else:
-        problems += check_options(
-            regs.roi_providers.get(recipe.roi.provider), recipe.roi.options, "roi"
-        )
+        provider = regs.roi_providers.get(recipe.roi.provider)
+        roi_problems = check_options(provider, recipe.roi.options, "roi")
+        problems += roi_problems or _construction_problems(provider, recipe.roi.options, "roi")
     for i, lc in enumerate(recipe.loss):
         if lc.name not in regs.losses:
             problems.append(
@@ -362,6 +376,16 @@ def _check_components(recipe: Recipe) -> list[str]:
             "a built-in data source (task.name)"
         )
     return problems
+
+
+def _construction_problems(factory: Any, options: dict[str, Any], path: str) -> list[str]:
+    """Build a component with valid-typed ``options`` to surface what only its constructor
+    checks (a missing file, an unknown model name): its ``KdError`` as a problem at ``path``."""
+    try:
+        factory(**options)
+    except KdError as exc:
+        return [f"{path}: {line}" for line in str(exc).splitlines() if line.strip()]
+    return []
 
 
 def _task_has_data(recipe: Recipe) -> bool:

@@ -1,0 +1,194 @@
+"""End-to-end: tiny real training runs through the CLI and the library."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import kdtoolkit
+from kdtoolkit import pipeline, train
+from kdtoolkit.builtin.roi_providers import ManualProvider
+from kdtoolkit.recipe import load_recipe
+from tests.conftest import kd
+
+METRICS = {"accuracy", "precision", "recall", "f1", "macro_f1"}
+
+
+def test_cli_run_writes_every_file(tmp_path, tiny_recipe):
+    result = kd("run", str(tiny_recipe), "--quiet")
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    for name in (
+        "recipe.resolved.json",
+        "folds.json",
+        "run.log",
+        "results.json",
+        "results.csv",
+        "report.md",
+        "figures/confusion.png",
+        "figures/curves.png",
+        "figures/gradcam.png",
+        "figures/results_table.png",
+    ):
+        assert (run / name).is_file(), name
+    for k in (0, 1):
+        for role in ("teacher", "student", "baseline_full"):
+            assert (run / f"fold_{k}" / role / "model.safetensors").is_file()
+            meta = json.loads((run / f"fold_{k}" / role / "model.json").read_text())
+            assert meta["classes"] == ["low", "mid", "high"]
+            assert meta["recipe"]["cv"]["folds"] == 2
+        assert not (run / f"fold_{k}" / "student" / "last.pt").exists()
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["summary"]) == {"teacher_crop", "baseline_full", "student"}
+    for row, metrics in results["summary"].items():
+        assert set(metrics) >= METRICS, row
+        for value in metrics.values():
+            assert set(value) == {"mean", "std"}
+            assert value["mean"] is None or 0 <= value["mean"] <= 1 or row
+    assert len(results["folds"]) == 2
+    assert set(results["folds"][0]["student"]) >= METRICS | {"pointing_game", "cam_iou"}
+    acc = [f["student"]["accuracy"] for f in results["folds"]]
+    assert results["summary"]["student"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
+    report = (run / "report.md").read_text()
+    assert "crops (teacher, upper bound)" in report and "full image, student" in report
+    assert "gap" in report
+    resolved = json.loads((run / "recipe.resolved.json").read_text())
+    assert resolved["recipe"]["loss"][2]["name"] == "attention_mse"
+
+
+def test_no_held_out_sample_reaches_training(tmp_path, tiny_recipe, monkeypatch):
+    seen: list[dict] = []
+    original_train, original_provide = train.train_stage, ManualProvider.provide
+
+    def spy_train(stage, train_loader, val_loader, *args, **kwargs):
+        seen.append(
+            {
+                "stage": stage.name,
+                "train": set(train_loader.dataset.indices),
+                "val": set(val_loader.dataset.indices),
+            }
+        )
+        return original_train(stage, train_loader, val_loader, *args, **kwargs)
+
+    def spy_provide(self, request):
+        seen.append({"stage": "roi", "train": set(request.train), "val": set()})
+        return original_provide(self, request)
+
+    monkeypatch.setattr(pipeline, "train_stage", spy_train)
+    monkeypatch.setattr(ManualProvider, "provide", spy_provide)
+    recipe = load_recipe(tiny_recipe, ["teacher.epochs=1", "student.epochs=1"])
+    kdtoolkit.run(recipe, quiet=True)
+    folds = json.loads((tmp_path / "run" / "folds.json").read_text())["samples"]
+    fold_of = np.array([s["fold"] for s in folds])
+    # per fold: teacher, roi, student, baseline — in that order
+    assert [s["stage"] for s in seen] == ["teacher", "roi", "student", "baseline_full"] * 2
+    for k in (0, 1):
+        held_out = set(np.flatnonzero(fold_of == k))
+        for record in seen[4 * k : 4 * k + 4]:
+            assert not (record["train"] | record["val"]) & held_out, record["stage"]
+            assert record["train"].isdisjoint(record["val"])
+    groups = {}
+    for s in folds:
+        groups.setdefault(s["group"], set()).add(s["fold"])
+    assert all(len(f) == 1 for f in groups.values())
+
+
+def test_interrupted_run_resumes_with_same_folds(tmp_path, tiny_recipe, monkeypatch):
+    recipe = load_recipe(tiny_recipe, ["student.epochs=3"])
+    original = train.train_stage
+
+    def interrupt_student(stage, *args, **kwargs):
+        if stage.name == "student":
+            on_epoch = kwargs["on_epoch"]
+
+            def stop_after_first(epoch, record):
+                on_epoch(epoch, record)
+                if epoch == 1:
+                    raise KeyboardInterrupt
+
+            kwargs["on_epoch"] = stop_after_first
+        return original(stage, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train_stage", interrupt_student)
+    with pytest.raises(KeyboardInterrupt):
+        kdtoolkit.run(recipe, quiet=True)
+    run = tmp_path / "run"
+    folds_before = (run / "folds.json").read_text()
+    assert (run / "fold_0" / "teacher" / "model.safetensors").exists()
+    assert (run / "fold_0" / "student" / "last.pt").exists()
+    assert not (run / "fold_0" / "student" / "model.safetensors").exists()
+    teacher_bytes = (run / "fold_0" / "teacher" / "model.safetensors").read_bytes()
+
+    monkeypatch.setattr(pipeline, "train_stage", original)
+    result = kdtoolkit.run(recipe, quiet=True)
+    assert (run / "folds.json").read_text() == folds_before
+    assert (run / "fold_0" / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
+    meta = json.loads((run / "fold_0" / "student" / "model.json").read_text())
+    assert [h["epoch"] for h in meta["history"]] == [1, 2, 3]
+    log = (run / "run.log").read_text()
+    assert "resuming" in log and "done before" in log
+    assert set(result.results["summary"]) == {"teacher_crop", "baseline_full", "student"}
+
+
+def test_predict_reproduces_evaluation(tmp_path, tiny_recipe):
+    recipe = load_recipe(
+        tiny_recipe, ["teacher.epochs=1", "student.epochs=1", "evaluate.baseline=false"]
+    )
+    kdtoolkit.run(recipe, quiet=True)
+    run = tmp_path / "run"
+    evaluation = json.loads((run / "fold_0" / "eval.json").read_text())
+    folds = json.loads((run / "folds.json").read_text())["samples"]
+    images = [folds[i]["image"] for i in evaluation["predictions"]["index"]]
+    ckpt = run / "fold_0" / "student" / "model.safetensors"
+    result = kd(
+        "predict", str(ckpt), *images, "--json", "--cam", str(tmp_path / "cams"), "--device", "cpu"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["index"] for r in lines] == evaluation["predictions"]["student"]
+    probs = np.array([[r["probabilities"][c] for c in ("low", "mid", "high")] for r in lines])
+    np.testing.assert_allclose(probs, evaluation["predictions"]["student_probabilities"], atol=1e-4)
+    assert len(list((tmp_path / "cams").glob("*_cam.png"))) == len(images)
+    same = kdtoolkit.predict(ckpt, images[:2], device="cpu")
+    assert [r["class"] for r in same] == [r["class"] for r in lines[:2]]
+
+
+def test_bad_manifest_keeps_earlier_results(tmp_path, tiny_recipe, tiny_manifest):
+    assert (
+        kd(
+            "run",
+            str(tiny_recipe),
+            "--quiet",
+            "--set",
+            "teacher.epochs=1",
+            "--set",
+            "student.epochs=1",
+        ).returncode
+        == 0
+    )
+    results = (tmp_path / "run" / "results.json").read_bytes()
+    text = tiny_manifest.read_text().splitlines()
+    text[2] = text[2].replace("mid", "middle")
+    text[5] = text[5].replace(".png", ".gif")
+    tiny_manifest.write_text("\n".join(text) + "\n")
+    result = kd(
+        "run", str(tiny_recipe), "--quiet", "--set", "teacher.epochs=1", "--set", "student.epochs=1"
+    )
+    assert result.returncode == 2
+    assert f"{tiny_manifest}:3:" in result.stderr and "middle" in result.stderr
+    assert f"{tiny_manifest}:6:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "run" / "results.json").read_bytes() == results
+
+
+def test_other_recipe_in_same_folder_is_refused(tmp_path, tiny_recipe):
+    recipe = load_recipe(
+        tiny_recipe,
+        ["teacher.epochs=1", "student.epochs=1", "cv.only=[0]", "evaluate.baseline=false"],
+    )
+    kdtoolkit.run(recipe, quiet=True)
+    result = kd("run", str(tiny_recipe), "--quiet", "--set", "cv.folds=3")
+    assert result.returncode == 2 and "different recipe" in result.stderr
+    assert "--force" in result.stderr
