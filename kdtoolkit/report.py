@@ -41,6 +41,23 @@ TABLE_METRICS = (("accuracy", "acc"), ("precision", "prec"), ("recall", "rec"), 
 #: (metric, heading, shown as percent)
 EXTRA_METRICS = (("macro_f1", "macro F1", True), ("qwk", "QWK", False), ("mae", "MAE", False))
 ATTENTION_METRICS = (("pointing_game", "pointing game", True), ("cam_iou", "CAM IoU", False))
+#: ROI-provider metrics with a fixed form: (meaning, form); form is "percent", "count" or
+#: "number". Others are shown as percent when every value lies in [0, 1].
+ROI_METRICS = {
+    "map50": ("detection mAP@0.5, held-out images", "percent"),
+    "map50_95": ("detection mAP@0.5:0.95, held-out images", "percent"),
+    "mean_iou": ("mean IoU of the chosen boxes with the expert boxes", "percent"),
+    "n_fallback": ("images without a detection (fallback box used)", "count"),
+    "latency_ms": ("provider latency, ms / image (batch of one)", "number"),
+}
+#: Pipeline names of the latency table (others: :func:`row_label`).
+LATENCY_LABELS = {
+    "student": "student alone, full image",
+    "baseline_full": "baseline alone, full image",
+    "two_stage": "two-stage: detector + crop + teacher",
+    "two_stage_detector": "two-stage: detector only",
+    "two_stage_crop": "two-stage: crop + teacher only",
+}
 _RESERVED = ("summary", "folds")
 
 Summary = Mapping[str, Mapping[str, Mapping[str, float]]]
@@ -221,9 +238,10 @@ def write_report(
     or one name for all rows;
     ``gap_closure`` (float, else computed from ``summary``); ``attention`` ``{row: {metric:
     value}}`` (added to attention metrics found in ``summary``); ``roi``: per-fold ``[{metric:
-    value}]`` or ``{fold: {metric: value}}``, or ``{metric: value}`` (a metric whose values
-    all lie in [0, 1] is shown as percent); ``latency_ms``
-    ``{name: ms}``. A value may be a number, ``{"mean", "std"}`` or a per-fold list.
+    value}]`` or ``{fold: {metric: value}}`` (mean ± std plus one column per fold), or
+    ``{metric: value}``; :data:`ROI_METRICS` have a fixed form and meaning, another metric
+    whose values all lie in [0, 1] is shown as percent; ``latency_ms`` ``{name: ms}`` (named
+    as in :data:`LATENCY_LABELS`). A value may be a number, ``{"mean", "std"}`` or a per-fold list.
     """
     run = Path(run_dir)
     extra = dict(extra or {})
@@ -316,25 +334,7 @@ def write_report(
         ]
 
     # ROI detection.
-    roi = extra.get("roi")
-    if roi:
-        per_fold = None
-        if isinstance(roi, Sequence) and not isinstance(roi, str):
-            per_fold = list(roi)
-        elif all(isinstance(v, Mapping) and "mean" not in v for v in roi.values()):
-            per_fold = list(roi.values())  # {fold: {metric: value}}
-        if per_fold is not None:
-            roi = summarise([{"roi": dict(f)} for f in per_fold if f]).get("roi", {})
-        stats = {k: _mean_std(v) for k, v in roi.items()}
-        stats = {k: v for k, v in stats.items() if v is not None}
-        if stats:
-            out += ["## ROI provider (held-out folds)", ""]
-            body = []
-            for key, value in stats.items():
-                pct = 0.0 <= value[0] <= 1.0 and (value[1] or 0.0) <= 1.0
-                body.append([key, _fmt(value, pct) + (" %" if pct else "")])
-            out += _md_table(["metric", "value"], body)
-            out.append("")
+    out += _roi_section(extra.get("roi"))
 
     # Latency.
     latency = extra.get("latency_ms")
@@ -342,9 +342,17 @@ def write_report(
         out += ["## Latency", ""]
         out += _md_table(
             ["pipeline", "ms / image"],
-            [[row_label(k), _fmt(_mean_std(v), False, 1)] for k, v in latency.items()],
+            [
+                [LATENCY_LABELS.get(k) or row_label(k), _fmt(_mean_std(latency[k]), False, 1)]
+                for k in [k for k in LATENCY_LABELS if k in latency]
+                + [k for k in latency if k not in LATENCY_LABELS]
+            ],
         )
-        out.append("")
+        out += [
+            "",
+            "Mean time per held-out image, batch of one, from the decoded image to the result.",
+            "",
+        ]
 
     # Per-fold accuracy.
     if folds:
@@ -366,6 +374,46 @@ def write_report(
             out += [f"### {title}", "", f"![{title}]({_link(run, target)})", ""]
 
     return atomic_write_text(run / "report.md", "\n".join(out).rstrip() + "\n")
+
+
+def _roi_section(roi: Any) -> list[str]:
+    """The ROI provider's metrics: one line per metric, mean ± std and one column per fold
+    (when given per fold), with the meaning of the known ones (:data:`ROI_METRICS`)."""
+    if not roi:
+        return []
+    per_fold: dict[str, Mapping[str, Any]] = {}
+    if isinstance(roi, Sequence) and not isinstance(roi, str):
+        per_fold = {str(i): f for i, f in enumerate(roi)}
+    elif all(isinstance(v, Mapping) and "mean" not in v for v in roi.values()):
+        per_fold = {str(k): v for k, v in roi.items()}  # {fold: {metric: value}}
+    if per_fold:
+        roi = summarise([{"roi": dict(f)} for f in per_fold.values() if f]).get("roi", {})
+    keys = [k for k in ROI_METRICS if k in roi] + [k for k in roi if k not in ROI_METRICS]
+    stats = {k: _mean_std(roi[k]) for k in keys}
+    stats = {k: v for k, v in stats.items() if v is not None}
+    if not stats:
+        return []
+    body = []
+    for key, value in stats.items():
+        meaning, form = ROI_METRICS.get(key, ("", ""))
+        if not form:
+            form = "percent" if 0.0 <= value[0] <= 1.0 and (value[1] or 0.0) <= 1.0 else "number"
+        pct = form == "percent"
+        digits = 1 if form == "count" else None
+        cells = [_fmt(value, pct, digits) + (" %" if pct else "")]
+        for fold in per_fold.values():
+            v = (fold or {}).get(key)
+            number = isinstance(v, int | float | np.number) and not isinstance(v, bool)
+            number = number and math.isfinite(float(v))
+            if not number:
+                cells.append("–")
+            elif form == "count":
+                cells.append(f"{float(v):.0f}")
+            else:
+                cells.append(_fmt((float(v), None), pct))
+        body.append([key, *cells, meaning])
+    header = ["metric", "mean ± std", *(f"fold {k}" for k in per_fold), "meaning"]
+    return ["## ROI provider (held-out folds)", "", *_md_table(header, body), ""]
 
 
 # -- figures -----------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ fallback box (``mean_box``: the mean training box, in relative coordinates, scal
 ``whole_image``) and ``found = False``. Metrics (:func:`detection_map`) are detection mAP@0.5 and
 mAP@0.5:0.95 on the held-out images (``predict`` minus ``train``) against their expert enclosing
 boxes, counting detections down to confidence 0.001 as ultralytics' validation does; plus the
-mean IoU of the chosen boxes (``mean_iou``) and the number of fallbacks (``n_fallback``).
+mean IoU of the chosen boxes (``mean_iou``), the number of fallbacks (``n_fallback``) and the
+detector's mean per-image latency (``latency_ms``: batch of one, decoded image in, boxes out,
+after a warm-up; see :func:`detector_latency_ms`), which the two-stage latency adds to the
+crop + teacher time.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -59,6 +63,8 @@ _MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
 #: Settings pointed into the run folder / switched off for the duration of a session.
 _OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 _OFF += ("vscode_msg", "openvino_msg")
+#: Held-out images timed for ``latency_ms``, and untimed warm-up calls before them.
+LATENCY_IMAGES, LATENCY_WARMUP = 16, 2
 
 
 # --------------------------------------------------------------------------- geometry, metrics
@@ -474,6 +480,11 @@ class YoloProvider(RoiProvider):
         fallback: Literal["mean_box", "whole_image"] = "mean_box",
         workers: Annotated[int, Range(ge=0)] = 4,
     ) -> None:
+        if _models_dir() is None:
+            raise KdError(
+                "the yolo ROI provider needs ultralytics, which is not installed "
+                '(pip install ultralytics), or use roi.provider = "manual"'
+            )
         self.model = resolve_model_yaml(model)
         self.weights = resolve_weights(weights)
         self.epochs, self.imgsz, self.batch, self.patience = epochs, imgsz, batch, patience
@@ -500,8 +511,13 @@ class YoloProvider(RoiProvider):
         pending = [s for s in predict if int(s.index) not in staged]
         staged |= {int(s.index): _stage_image(s, workdir / "predict") for s in pending}
 
+        in_train = {int(i) for i in request.train}
+        unseen = [staged[int(s.index)] for s in predict if int(s.index) not in in_train]
+        timed = (unseen or [staged[int(s.index)] for s in predict])[:LATENCY_IMAGES]
         with ultralytics_session(workdir, log) as ultralytics:
-            detections = self._fit_predict(ultralytics, request, workdir, data, predict, staged)
+            detections, latency = self._fit_predict(
+                ultralytics, request, workdir, data, predict, staged, timed
+            )
 
         boxes = np.zeros((len(predict), 4))
         found = np.zeros(len(predict), dtype=bool)
@@ -517,7 +533,9 @@ class YoloProvider(RoiProvider):
                 boxes[k] = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * scale
 
         metrics: dict[str, float] = {"n_fallback": float(np.sum(~found))}
-        in_train = {int(i) for i in request.train}
+        if latency is not None:
+            metrics["latency_ms"] = latency
+            log(f"{tag}: detector latency {latency:.1f} ms / image ({len(timed)} images)")
         held = [
             k for k, s in enumerate(predict) if int(s.index) not in in_train and s.box is not None
         ]
@@ -544,8 +562,10 @@ class YoloProvider(RoiProvider):
         data: Path,
         predict: list[Any],
         staged: dict[int, Path],
-    ) -> list[list[tuple[float, np.ndarray]]]:
-        """Train on ``data`` and return each ``predict`` image's ``(score, box)`` detections."""
+        timed: list[Path],
+    ) -> tuple[list[list[tuple[float, np.ndarray]]], float | None]:
+        """Train on ``data``; return each ``predict`` image's ``(score, box)`` detections and
+        the mean per-image latency (ms) on the ``timed`` images (None when there are none)."""
         import torch
 
         device = ultralytics_device(request.device)
@@ -598,14 +618,58 @@ class YoloProvider(RoiProvider):
                 xyxy = r.boxes.xyxy.cpu().numpy().astype(float)
                 scores = r.boxes.conf.cpu().numpy().astype(float)
                 out.append(list(zip(scores.tolist(), xyxy, strict=True)))
+        run_args = {"project": str(workdir), "name": "predict_run", "exist_ok": True}
+        latency = detector_latency_ms(detector, timed, self.imgsz, device, self.conf, **run_args)
         del detector
         if cuda:
             torch.cuda.empty_cache()
-        return out
+        return out, latency
 
 
 def _roi(s: Any) -> tuple[Box, float, int, int]:
     return s.box, s.angle, s.width, s.height
+
+
+def _bgr(path: Path) -> np.ndarray:
+    """A staged (8-bit) image decoded as ultralytics takes arrays: H×W×3 BGR uint8."""
+    with Image.open(path) as im:
+        return np.ascontiguousarray(np.asarray(im.convert("RGB"))[:, :, ::-1])
+
+
+def detector_latency_ms(
+    detector: Any,
+    images: Sequence[Path],
+    imgsz: int,
+    device: str,
+    conf: float,
+    warmup: int = LATENCY_WARMUP,
+    **predict_args: Any,
+) -> float | None:
+    """Mean time (ms) of one ``detector.predict`` call per image, batch of one: an image
+    already decoded in memory → preprocessing, inference and NMS → boxes on the CPU (as the
+    two-stage pipeline would use them; file decoding is not counted, as for the classifiers).
+    ``warmup`` untimed calls on the first image come first. None when ``images`` is empty."""
+    import torch
+
+    if not images:
+        return None
+    cuda = device not in ("cpu", "mps")
+    arrays = [_bgr(p) for p in images]
+    args = {"imgsz": imgsz, "device": device, "conf": conf, "batch": 1, "max_det": 100}
+    args |= {"verbose": False, "save": False, **predict_args}
+
+    def detect(array: np.ndarray) -> None:
+        for r in detector.predict(array, **args):
+            r.boxes.xyxy.cpu()  # waits for the device
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        detect(arrays[0])
+    started = time.perf_counter()
+    for array in arrays:
+        detect(array)
+    return 1000 * (time.perf_counter() - started) / len(arrays)
 
 
 class _EpochLog:
@@ -641,6 +705,7 @@ __all__ = [
     "average_precision",
     "box_iou",
     "detection_map",
+    "detector_latency_ms",
     "packaged_detect_models",
     "resolve_model_yaml",
     "resolve_weights",

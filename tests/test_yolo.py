@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from kdtoolkit.errors import KdError
@@ -24,6 +25,7 @@ from kdtoolkit.yolo import (
     average_precision,
     box_iou,
     detection_map,
+    detector_latency_ms,
     packaged_detect_models,
     split_validation,
     ultralytics_device,
@@ -151,6 +153,17 @@ def test_good_models_are_accepted(tmp_path):
     assert YoloProvider(weights=str(weights)).weights == str(weights.resolve())
 
 
+def test_missing_ultralytics_is_a_one_line_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ultralytics" else real(name)
+    )
+    message = one_line_error()
+    assert "needs ultralytics" in message and "pip install ultralytics" in message
+
+
 def test_options_are_declared_for_recipes():
     assert check_options(YoloProvider, {"epochs": 5, "fallback": "whole_image"}, "roi") == []
     problems = check_options(YoloProvider, {"epochs": 0, "fallback": "centre"}, "roi")
@@ -201,6 +214,32 @@ def test_staging_symlinks_8_bit_and_stretches_16_bit(tmp_path):
     staged = _stage_image(sample(4, grey16), tmp_path / "out16")
     out = np.asarray(Image.open(staged))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_detector_latency_times_single_decoded_images_after_a_warm_up(tmp_path):
+    calls = []
+
+    class Boxes:
+        xyxy = torch.zeros((0, 4))
+
+    class Detector:
+        def predict(self, source, **args):
+            calls.append((source.shape, source.dtype, args["batch"], args["imgsz"]))
+            time.sleep(0.002)
+            return [type("Result", (), {"boxes": Boxes()})()]
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((10, 20), i, np.uint8)).save(paths[-1])
+    ms = detector_latency_ms(Detector(), paths, 64, "cpu", 0.05, warmup=2)
+    assert len(calls) == 2 + 3  # two untimed warm-up calls, then one call per image
+    assert all(c == ((10, 20, 3), np.uint8, 1, 64) for c in calls)
+    assert 2 <= ms < 1000
+    assert detector_latency_ms(Detector(), [], 64, "cpu", 0.05) is None
 
 
 # --------------------------------------------------------------------------- tiny training
@@ -306,7 +345,9 @@ def test_tiny_training_runs_offline_and_inside_the_run_folder(tmp_path, offline,
     for box, found in zip(result.boxes, result.found, strict=True):
         if not found:
             assert box == pytest.approx(mean_box)
-    assert set(result.metrics) == {"map50", "map50_95", "mean_iou", "n_fallback"}
+    assert set(result.metrics) == {"map50", "map50_95", "mean_iou", "n_fallback", "latency_ms"}
+    assert result.metrics["latency_ms"] > 0
+    assert any("detector latency" in line and "(2 images)" in line for line in lines)
     assert result.metrics["n_fallback"] == float(np.sum(~result.found))
     assert 0.0 <= result.metrics["map50_95"] <= result.metrics["map50"] <= 1.0
     assert seconds < 60

@@ -1,0 +1,212 @@
+"""The two-stage baseline (ROI provider box → teacher crop → teacher) and the ``yolo`` provider
+in a whole run: crop geometry, offline end-to-end run, report, and detector-config errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import matplotlib.font_manager  # noqa: F401  (its font cache is built before HOME is emptied)
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import kdtoolkit
+from kdtoolkit import plugin
+from kdtoolkit.backbone import build_backbone
+from kdtoolkit.errors import KdError
+from kdtoolkit.evaluation import two_stage_logits
+from kdtoolkit.manifest import read_manifest
+from kdtoolkit.pipeline import view_config
+from kdtoolkit.recipe import RecipeError, load_recipe
+from kdtoolkit.roi import RoiProvider, RoiResult
+from kdtoolkit.train import predict_logits
+from kdtoolkit.view import KdDataset, crop_roi, load_image, normalise
+from tests.conftest import CLASSES, kd
+from tests.test_yolo import empty_home, offline  # noqa: F401  (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+YOLO = ['roi.provider="yolo"', "roi.epochs=1", "roi.imgsz=64", "roi.batch=4"]
+
+
+def tiny_samples(tiny_recipe: Path) -> tuple[list, object]:
+    """The tiny manifest's samples, some with a rotated ROI, and the run's view config."""
+    recipe = load_recipe(tiny_recipe)
+    samples = read_manifest(recipe.data.manifest, CLASSES).samples
+    angles = [0.0, 17.5, -30.0, 90.0]
+    samples = [
+        dataclasses.replace(s, angle=angles[s.index % len(angles)], box=tuple(np.add(s.box, 0.3)))
+        for s in samples
+    ]
+    return samples, view_config(recipe)
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def test_two_stage_crop_is_the_teacher_crop(tiny_recipe):
+    samples, cfg = tiny_samples(tiny_recipe)
+    dataset = KdDataset(samples, np.arange(len(samples)), cfg, train=False, seed=0)
+    for s in samples[:8]:
+        teacher_view = dataset[s.index]["crop"]
+        image = load_image(s.image, cfg.channels)
+        two_stage_view = normalise(crop_roi(image, s.box, s.angle, cfg.crop_size), cfg)
+        assert teacher_view.shape == (cfg.channels, *cfg.crop_size)
+        assert torch.equal(teacher_view, two_stage_view), (s.index, s.angle)
+
+
+def test_two_stage_on_expert_boxes_reproduces_the_teacher_crop_row(tiny_recipe):
+    samples, cfg = tiny_samples(tiny_recipe)
+    torch.manual_seed(0)
+    teacher = build_backbone("resnet10t", len(CLASSES), cfg.channels, {}).eval()
+    test_idx = np.arange(1, len(samples), 2)
+    loader = DataLoader(KdDataset(samples, test_idx, cfg, train=False, seed=0), batch_size=8)
+    expected, _, indices = predict_logits(teacher, loader, "crop", torch.device("cpu"))
+    assert indices.tolist() == test_idx.tolist()
+
+    rois = RoiResult(
+        boxes=np.array([s.box for s in samples]),
+        angles=np.array([s.angle for s in samples]),
+        found=np.ones(len(samples), dtype=bool),
+    )
+    runner = SimpleNamespace(cfg=cfg, samples=samples, device=torch.device("cpu"))
+    logits, crop_ms = two_stage_logits(runner, teacher, test_idx, rois)
+    assert logits.argmax(1).tolist() == expected.argmax(1).tolist()
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    assert crop_ms > 0
+
+
+# --------------------------------------------------------------------------- whole run
+
+
+@pytest.mark.slow
+def test_yolo_run_offline_writes_two_stage_results_inside_the_run_folder(
+    tmp_path,
+    tiny_recipe,
+    offline,  # noqa: F811  (the imported fixture)
+    empty_home,  # noqa: F811
+    capfd,
+):
+    home, cwd = empty_home
+    before = {p for p in tmp_path.rglob("*")}
+    recipe = load_recipe(tiny_recipe, ["teacher.epochs=1", "student.epochs=1", *YOLO])
+    result = kdtoolkit.run(recipe, quiet=True)
+
+    run = tmp_path / "run"
+    assert offline == [], f"network attempted: {offline}"
+    assert list(home.iterdir()) == [], "something was written to the home folder"
+    assert list(cwd.iterdir()) == [], "something was written to the working folder (runs/?)"
+    outside = {p for p in tmp_path.rglob("*") if run not in p.parents and p != run} - before
+    assert not outside, f"written outside the run folder: {sorted(outside)}"
+    assert "Ultralytics" not in capfd.readouterr().out
+
+    results = json.loads((run / "results.json").read_text())
+    assert result.results == results
+    assert set(results["summary"]) == {"teacher_crop", "baseline_full", "two_stage", "student"}
+    assert 0 <= results["summary"]["two_stage"]["accuracy"]["mean"] <= 1
+    assert all("two_stage" in fold for fold in results["folds"]) and len(results["folds"]) == 2
+    assert set(results["roi"]) == {"0", "1"}
+    for k, metrics in results["roi"].items():
+        assert {"map50", "map50_95", "n_fallback", "latency_ms"} <= set(metrics), k
+        assert 0 <= metrics["map50_95"] <= metrics["map50"] <= 1
+        assert metrics["n_fallback"] == int(metrics["n_fallback"]) >= 0
+        assert metrics["latency_ms"] > 0
+        roi = run / f"fold_{k}" / "roi"
+        assert (roi / "train" / "weights" / "best.pt").is_file()
+        assert (roi / "config" / "Ultralytics" / "settings.json").is_file()
+        evaluation = json.loads((run / f"fold_{k}" / "eval.json").read_text())
+        assert len(evaluation["predictions"]["two_stage"]) == evaluation["n_test"]
+        latency = evaluation["latency_ms"]
+        assert latency["two_stage_detector"] == pytest.approx(metrics["latency_ms"])
+        assert latency["two_stage"] == pytest.approx(
+            latency["two_stage_detector"] + latency["two_stage_crop"]
+        )
+    assert {"student", "two_stage", "two_stage_detector"} <= set(results["latency_ms"])
+    assert results["models"]["two_stage"] == "yolo → resnet10t"
+
+    report = (run / "report.md").read_text()
+    assert "| two-stage: ROI crop → teacher | yolo → resnet10t |" in report
+    assert "## ROI provider (held-out folds)" in report
+    assert "| metric | mean ± std | fold 0 | fold 1 | meaning |" in report
+    assert "detection mAP@0.5, held-out images |" in report
+    assert "detection mAP@0.5:0.95, held-out images |" in report
+    assert "images without a detection (fallback box used) |" in report
+    assert "| two-stage: detector + crop + teacher |" in report
+    assert "| two-stage: detector only |" in report
+    assert "| student alone, full image |" in report
+    log = (run / "run.log").read_text()
+    assert "yolo fold 0: epoch 1/1" in log and "detector latency" in log
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def test_bad_detector_model_fails_validation_with_one_line(tmp_path, tiny_recipe):
+    result = kd(
+        "validate",
+        str(tiny_recipe),
+        "--set",
+        'roi.provider="yolo"',
+        "--set",
+        'roi.model="yolo11q.yaml"',
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip().startswith("roi")]
+    assert len(lines) == 1, result.stderr
+    assert "roi: yolo model 'yolo11q.yaml': no such ultralytics model YAML" in lines[0]
+    assert "did you mean" in lines[0]
+
+
+def test_missing_detector_weights_stop_the_run_before_it_starts(tmp_path, tiny_recipe):
+    missing = tmp_path / "missing.pt"
+    result = kd(
+        "run",
+        str(tiny_recipe),
+        "--quiet",
+        "--set",
+        'roi.provider="yolo"',
+        "--set",
+        f"roi.weights={json.dumps(str(missing))}",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip().startswith("roi")]
+    assert len(lines) == 1, result.stderr
+    assert f"roi: yolo weights '{missing}': no such file" in lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_any_provider_construction_error_is_a_recipe_problem(tiny_recipe, monkeypatch):
+    class FussyProvider(RoiProvider):
+        def __init__(self, licence: str = "none") -> None:
+            raise KdError(f"fussy: licence file {licence!r} not found")
+
+    regs = plugin.collect_registries(plugin.make_plugin_manager(load_entry_points=False))
+    regs.roi_providers.register("fussy", FussyProvider)
+    monkeypatch.setattr(plugin, "registries", lambda: regs)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tiny_recipe, ['roi.provider="fussy"', "roi.licence=x.lic"])
+    assert info.value.problems == ["roi: fussy: licence file 'x.lic' not found"]
+    with pytest.raises(RecipeError) as info:  # bad options: reported without constructing
+        load_recipe(tiny_recipe, ['roi.provider="fussy"', "roi.licence=3"])
+    assert [p.split(":")[0] for p in info.value.problems] == ["roi.licence"]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_reference_recipe_uses_yolo_and_quick_start_manual():
+    sos = load_recipe(ROOT / "recipes" / "sos.toml")
+    assert sos.roi.provider == "yolo"
+    assert sos.roi.options["epochs"] >= 30 and sos.roi.options["imgsz"] in (512, 640)
+    assert load_recipe(ROOT / "recipes" / "sos-quick.toml").roi.provider == "manual"
+    # switching the provider drops the file's yolo options; options given with --set stay
+    manual = load_recipe(ROOT / "recipes" / "sos.toml", ['roi.provider="manual"'])
+    assert manual.roi.provider == "manual" and manual.roi.options == {}
+    assert manual.roi.mask == sos.roi.mask
+    tuned = load_recipe(ROOT / "recipes" / "sos.toml", ["roi.epochs=5", 'roi.provider="yolo"'])
+    assert tuned.roi.options["epochs"] == 5 and tuned.roi.options["imgsz"] == 512
