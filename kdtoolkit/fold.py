@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold, StratifiedKFold
 
 from kdtoolkit.errors import KdError
 
@@ -151,5 +151,9 @@ def split_validation(
     splitter = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # classes too small to stratify fully
-        train, val = next(splitter.split(np.zeros(len(idx)), y, gid))
+        try:
+            train, val = next(splitter.split(np.zeros(len(idx)), y, gid))
+        except ValueError:  # every class smaller than the number of splits: group-only split
+            plain = GroupKFold(n_splits=splits, shuffle=True, random_state=seed)
+            train, val = next(plain.split(np.zeros(len(idx)), y, gid))
     return np.sort(idx[train]), np.sort(idx[val])

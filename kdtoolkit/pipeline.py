@@ -10,6 +10,7 @@ import json
 import os
 import random
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -283,9 +284,10 @@ class Runner:
             self.progress.advance_run()
             return ckpt
         stage_dir.mkdir(parents=True, exist_ok=True)
-        seed = self.recipe.experiment.seed * 1000 + fold * 10 + ROLE_SEEDS[role]
+        seed = self.recipe.experiment.seed * 1000 + fold * 10 + role_seed(role)
         seed_everything(seed)
         model = self.new_model(config)
+        self._check_input_size(model, role, config, view)
         teacher_channels = teacher.num_features if teacher is not None else None
         loss.setup(model.num_features, teacher_channels)
         train_idx, val_idx = split
@@ -321,6 +323,23 @@ class Runner:
         self.progress.end_stage()
         self.progress.log(f"{description}: trained in {seconds:.1f}s -> {ckpt}")
         return ckpt
+
+    def _check_input_size(
+        self, model: torch.nn.Module, role: str, config: ModelConfig, view: str
+    ) -> None:
+        """A one-line error when the input is too small for the backbone's downsampling."""
+        size = self._size(view)
+        key = "data.crop_size" if view == "crop" else "data.image_size"
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, self.cfg.channels, *size))
+        except RuntimeError as e:
+            raise KdError(
+                f"{role}: backbone {config.backbone!r} cannot take {size[0]}×{size[1]} inputs "
+                f"({str(e).splitlines()[0]}); raise {key}"
+            ) from None
+        model.train()
 
     def _size(self, view: str) -> tuple[int, int]:
         return self.cfg.crop_size if view == "crop" else self.cfg.image_size
@@ -437,6 +456,18 @@ class Runner:
 
 
 ROLE_SEEDS = {"teacher": 1, "student": 2, "baseline_full": 3}
+
+
+def role_seed(role: str) -> int:
+    """A stage's seed offset: ``ROLE_SEEDS[role]``; a variant ``<role>_<name>`` of a known role
+    (``student_kl``) shares that role's offset, so variants start from the same weights and
+    batch order and differ only in what they change; any other role, a stable hash of its name."""
+    if role in ROLE_SEEDS:
+        return ROLE_SEEDS[role]
+    base = role.split("_", 1)[0]
+    if base in ROLE_SEEDS:
+        return ROLE_SEEDS[base]
+    return 10 + zlib.crc32(role.encode()) % 1000
 
 
 def check_run_folder(recipe: Recipe, force: bool) -> None:

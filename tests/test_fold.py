@@ -101,3 +101,12 @@ def test_validation_split_stratified_without_groups() -> None:
         split_validation(train, LABELS, ["one"] * 120, fraction=0.2, seed=0)
     with pytest.raises(KdError):
         split_validation(train, LABELS, None, fraction=1.0, seed=0)
+
+
+def test_validation_split_with_classes_smaller_than_the_splits():
+    from kdtoolkit.fold import split_validation
+
+    labels = np.array([0, 1, 2, 3, 4] * 3)
+    train, val = split_validation(np.arange(15), labels, None, fraction=0.15, seed=0)
+    assert len(val) > 0 and len(train) > 0
+    assert set(train).isdisjoint(val) and set(train) | set(val) == set(range(15))
