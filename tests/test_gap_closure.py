@@ -1,0 +1,113 @@
+"""benchmarks/gap_closure.py: variants against one teacher and baseline, at a tiny size."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from kdtoolkit.errors import KdError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gap_closure.py"
+ADD_ROI_FEATURE = "roi_feature:loss.3.name=roi_feature,loss.3.weight=0.5,loss.3.metric='mse'"
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gap_closure_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variant_syntax_and_appended_loss_terms(tiny_recipe: Path) -> None:
+    gc = _script()
+    v = gc.parse_variant(
+        "x:data.crop_size=[16,32],student.backbone_options={a=1,b='c,d'},cv.folds=3"
+    )
+    assert v.overrides == [
+        "data.crop_size=[16,32]",
+        "student.backbone_options={a=1,b='c,d'}",
+        "cv.folds=3",
+    ]
+    assert gc.parse_variant("paper:").overrides == gc.parse_variant("paper").overrides == []
+    with pytest.raises(KdError, match="snake_case"):
+        gc.parse_variant("Bad Name:cv.folds=2")
+    recipe = gc.load_variant_recipe(tiny_recipe, ADD_ROI_FEATURE.split(":", 1)[1].split(","))
+    assert [(t.name, t.weight) for t in recipe.loss][-1] == ("roi_feature", 0.5)
+    assert len(recipe.loss) == 4 and recipe.loss[3].options == {"metric": "mse"}
+    base = gc.load_variant_recipe(tiny_recipe, [])
+    gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["student.lr=0.01"]))
+    with pytest.raises(KdError, match="teacher.epochs"):
+        gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["teacher.epochs=5"]))
+
+
+def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
+    out = tmp_path / "gap"
+    args = [sys.executable, str(SCRIPT), str(tiny_recipe), "--output", str(out), "--quiet"]
+    args += ["--set", "teacher.epochs=1", "--set", "student.epochs=1"]
+    args += ["--set", "student.batch_size=4"]  # a few steps, so the rows differ
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+
+    def script(*variants: str) -> subprocess.CompletedProcess:
+        extra = [item for v in variants for item in ("--variant", v)]
+        return subprocess.run(
+            args + extra, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600
+        )
+
+    result = script("paper:", ADD_ROI_FEATURE)
+    assert result.returncode == 0, result.stderr
+
+    rows = ["teacher_crop", "baseline_full", "paper", "roi_feature"]
+    lines = result.stdout.splitlines()
+    assert any("gap closure" in line for line in lines), result.stdout
+    table_rows = {
+        row: next(line for line in lines if line.strip("│| ").startswith(row + " ")) for row in rows
+    }
+
+    data = json.loads((out / "gap_closure.json").read_text())
+    assert data["rows"] == rows and data["folds_run"] == [0, 1]
+    mean = {
+        row: float(np.mean([f["metrics"][row]["accuracy"] for f in data["folds"]])) for row in rows
+    }
+    gap = mean["teacher_crop"] - mean["baseline_full"]
+    for name in ("paper", "roi_feature"):
+        value = data["gap_closure"][name]
+        if gap > 0:
+            expected = (mean[name] - mean["baseline_full"]) / gap
+            assert value == pytest.approx(expected, abs=1e-12)
+            assert f"{100 * expected:.1f}%" in table_rows[name]
+        else:
+            assert value is None and "n/a" in table_rows[name]
+        acc = data["summary"][name]["accuracy"]
+        assert f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" in table_rows[name]
+
+    for k in (0, 1):
+        fold = out / f"fold_{k}"
+        for role in ("teacher", "baseline_full", "student_paper", "student_roi_feature"):
+            assert (fold / role / "model.safetensors").is_file(), role
+        meta = json.loads((fold / "student_roi_feature" / "model.json").read_text())
+        assert [t["name"] for t in meta["recipe"]["loss"]][-1] == "roi_feature"
+    report = (out / "gap_closure.md").read_text()
+    assert all(f"| {row} |" in report for row in rows)
+
+    # a rerun with one of the variants trains nothing and gives the same figures
+    checkpoint = out / "fold_0" / "student_paper" / "model.safetensors"
+    stamp = checkpoint.stat().st_mtime_ns
+    rerun = script("paper:")
+    assert rerun.returncode == 0, rerun.stderr
+    again = json.loads((out / "gap_closure.json").read_text())
+    assert again["rows"] == rows[:3] and again["folds"][0]["metrics"] == {
+        row: data["folds"][0]["metrics"][row] for row in rows[:3]
+    }
+    assert checkpoint.stat().st_mtime_ns == stamp
+    assert "trained in" not in (out / "gap_closure.log").read_text().split("gap closure of")[-1]
