@@ -9,7 +9,8 @@ A variant is ``NAME:OVERRIDES``: a lower snake_case name, then ``--set``-style `
 overrides separated by commas (commas inside ``[...]``, ``{...}`` or quotes belong to the value).
 ``NAME:`` (or ``NAME``) is the recipe as it is. ``loss.N.key=value`` with N equal to the number
 of loss terms appends a new term; ``loss.N.weight=0`` switches a term off. A variant may change
-only ``loss`` and the student's training settings (``student.*`` but not its backbone): the
+only ``loss`` and the student's settings (``student.*``, its backbone options included, but not
+its backbone): the
 folds, teacher, ROI provider and full-image baseline are shared, so they are trained once per
 fold (stages ``teacher``, ``roi``, ``baseline_full``) and each variant trains its own student
 (stage ``student_<name>``), all cached in the output folder (a rerun, or one with more variants,
@@ -161,13 +162,13 @@ def check_shared(base: Recipe, variant: Variant, recipe: Recipe) -> None:
     a, b = _flat(base.to_dict()), _flat(recipe.to_dict())
 
     def free(key: str) -> bool:
-        return key == "loss" or (key.startswith("student.") and not key.startswith("student.back"))
+        return key == "loss" or (key.startswith("student.") and key != "student.backbone")
 
     changed = sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k) != b.get(k))
     if changed:
         raise KdError(
             f"variant {variant.name!r} changes {', '.join(changed)}; a variant may change only "
-            "loss.* and student.* training settings (not the student's backbone), since the "
+            "loss.* and student.* settings (its backbone options, not its backbone), since the "
             "folds, teacher, ROI provider and baseline are shared"
         )
 

@@ -20,7 +20,7 @@ __all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
 
 if TYPE_CHECKING:
     from kdtoolkit.pipeline import run
-    from kdtoolkit.predict import predict
+    from kdtoolkit.inference import predict
     from kdtoolkit.recipe import load_recipe
 
 
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return run
     if name == "predict":
-        from kdtoolkit.predict import predict
+        from kdtoolkit.inference import predict
 
         return predict
     if name == "load_recipe":

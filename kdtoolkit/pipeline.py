@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from kdtoolkit import fold as folds_mod
 from kdtoolkit.backbone import build_backbone
-from kdtoolkit.checkpoint import load_checkpoint, save_checkpoint
+from kdtoolkit.checkpoint import save_checkpoint
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.loss import CompositeLoss
@@ -31,7 +31,7 @@ from kdtoolkit.progress import RunProgress
 from kdtoolkit.recipe import ModelConfig, Recipe
 from kdtoolkit.roi import RoiRequest, RoiResult
 from kdtoolkit.task import Task
-from kdtoolkit.train import Stage, split_weights, train_stage
+from kdtoolkit.train import Stage, train_stage
 from kdtoolkit.view import KdDataset, ViewConfig
 
 ROWS = ("teacher_crop", "baseline_full", "two_stage", "student")
@@ -257,13 +257,11 @@ class Runner:
             config.backbone, self.num_classes, self.cfg.channels, dict(config.backbone_options)
         )
 
-    def load_model(self, path: Path, config: ModelConfig) -> torch.nn.Module:
-        weights, _ = load_checkpoint(path)
-        model_weights, _ = split_weights(weights)
-        options = {k: v for k, v in config.backbone_options.items() if k != "pretrained"}
-        model = build_backbone(config.backbone, self.num_classes, self.cfg.channels, options)
-        model.load_state_dict(model_weights)
-        return model.to(self.device).eval()
+    def load_model(self, path: Path, config: ModelConfig | None = None) -> torch.nn.Module:
+        """A trained stage's model, rebuilt from its checkpoint's own metadata."""
+        from kdtoolkit.inference import load_model
+
+        return load_model(path, self.device)[0]
 
     def train(
         self,

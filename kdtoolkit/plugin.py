@@ -95,7 +95,7 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
     plugin."""
     regs = Registries(
         backbones=Registry("backbone"),
-        roi_providers=Registry("roi_provider"),
+        roi_providers=Registry("ROI provider"),
         losses=Registry("loss"),
         tasks=Registry("task"),
     )

@@ -327,7 +327,6 @@ def _check_components(recipe: Recipe) -> list[str]:
     from kdtoolkit.plugin import registries
 
     regs = registries()
-    hint = "; run `kd plugins` to list the registered ones"
     problems: list[str] = []
     for role in ("teacher", "student"):
         config: ModelConfig = getattr(recipe, role)
@@ -341,27 +340,19 @@ def _check_components(recipe: Recipe) -> list[str]:
                 reserved=("num_classes", "in_chans"),
             )
     if recipe.roi.provider not in regs.roi_providers:
-        problems.append(
-            f"roi.provider: unknown ROI provider {recipe.roi.provider!r}"
-            f"{suggestion(recipe.roi.provider, regs.roi_providers)}{hint}"
-        )
+        problems.append(f"roi.provider: {regs.roi_providers.unknown_message(recipe.roi.provider)}")
     else:
         provider = regs.roi_providers.get(recipe.roi.provider)
         roi_problems = check_options(provider, recipe.roi.options, "roi")
         problems += roi_problems or _construction_problems(provider, recipe.roi.options, "roi")
     for i, lc in enumerate(recipe.loss):
         if lc.name not in regs.losses:
-            problems.append(
-                f"loss[{i}].name: unknown loss {lc.name!r}{suggestion(lc.name, regs.losses)}{hint}"
-            )
+            problems.append(f"loss[{i}].name: {regs.losses.unknown_message(lc.name)}")
         else:
             problems += check_options(regs.losses.get(lc.name), lc.options, f"loss[{i}]")
     if recipe.task.name:
         if recipe.task.name not in regs.tasks:
-            problems.append(
-                f"task.name: unknown task {recipe.task.name!r}"
-                f"{suggestion(recipe.task.name, regs.tasks)}{hint}"
-            )
+            problems.append(f"task.name: {regs.tasks.unknown_message(recipe.task.name)}")
         else:
             task = regs.tasks.get(recipe.task.name)
             if task.make_data is not None:

@@ -23,7 +23,7 @@ class Registry(Generic[T]):
     """
 
     def __init__(self, kind: str) -> None:
-        self.kind = kind
+        self.kind = kind  # in messages: "unknown <kind> 'name'"
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
         self._current_owner = "python"

@@ -342,12 +342,19 @@ def ultralytics_session(
         forward = _Forward(log)
         ul_logger.addFilter(forward)  # also silences the import's "Creating settings" lines
         stack.callback(ul_logger.removeFilter, forward)
+        from PIL import Image
+
+        pil_open = Image.open
         import ultralytics
         import ultralytics.data.utils
         import ultralytics.utils
         import ultralytics.utils.checks
         import ultralytics.utils.events
         import ultralytics.utils.plotting
+
+        # ultralytics replaces PIL.Image.open process-wide (a HEIF fallback that tries to
+        # import pi_heif on any unreadable file); keep PIL as the rest of kdtoolkit expects.
+        Image.open = pil_open
 
         stack.callback(ul_logger.setLevel, ul_logger.level)
         ul_logger.setLevel(logging.WARNING)  # above INFO also turns progress bars off

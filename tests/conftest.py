@@ -97,10 +97,13 @@ def tiny_recipe(tmp_path: Path, tiny_manifest: Path) -> Path:
     return path
 
 
-def kd(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def kd(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run the ``kd`` CLI as a user would (a subprocess)."""
     return subprocess.run(
         [sys.executable, "-m", "kdtoolkit.cli", *args],
+        env=env,
         capture_output=True,
         text=True,
         cwd=cwd,

@@ -1,8 +1,6 @@
 """Plugin discovery: fresh plugin managers, a throwaway installed plugin, blocking, bad hooks."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pluggy
@@ -10,6 +8,7 @@ import pytest
 
 from kdtoolkit import hookimpl, hookspec, plugin
 from kdtoolkit.errors import KdError
+from tests.conftest import kd
 
 
 class ThrowawayPlugin:
@@ -96,16 +95,6 @@ def _install_throwaway(tmp_path):
     (info / "entry_points.txt").write_text("[kdtoolkit]\ndummy = kd_dummy\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     return env
-
-
-def kd(*args, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "kdtoolkit.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
 
 
 def test_installed_plugin_is_discovered_and_listed(tmp_path):

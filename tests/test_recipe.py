@@ -1,13 +1,12 @@
 """Recipe validation: every error class, all problems at once, overrides, JSON round trip."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from kdtoolkit.errors import KdError
 from kdtoolkit.recipe import RecipeError, load_recipe, parse_override
+from tests.conftest import kd
 
 BASE = """
 [experiment]
@@ -157,16 +156,6 @@ def test_digest_ignores_output_and_device(tmp_path):
     b = load_recipe(path, ["experiment.output=elsewhere", "experiment.device=cpu", "cv.only=[1]"])
     c = load_recipe(path, ["teacher.epochs=3"])
     assert a.digest() == b.digest() != c.digest()
-
-
-def kd(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "kdtoolkit.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
 
 
 def test_cli_validate_reports_all_errors_exit_2(tmp_path):

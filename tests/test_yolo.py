@@ -351,3 +351,17 @@ def test_tiny_training_runs_offline_and_inside_the_run_folder(tmp_path, offline,
     assert result.metrics["n_fallback"] == float(np.sum(~result.found))
     assert 0.0 <= result.metrics["map50_95"] <= result.metrics["map50"] <= 1.0
     assert seconds < 60
+
+
+def test_ultralytics_leaves_pil_alone(tmp_path):
+    """After a YOLO session, PIL still raises its own error on an unreadable image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from kdtoolkit.yolo import ultralytics_session
+
+    with ultralytics_session(tmp_path / "work", lambda line: None):
+        pass
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UnidentifiedImageError):
+        Image.open(bad)
