@@ -19,8 +19,8 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
 
 if TYPE_CHECKING:
-    from kdtoolkit.pipeline import run
     from kdtoolkit.inference import predict
+    from kdtoolkit.pipeline import run
     from kdtoolkit.recipe import load_recipe
 
 
