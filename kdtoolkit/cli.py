@@ -66,7 +66,37 @@ def run(
     if device is not None:
         overrides.append(f"experiment.device={json.dumps(device)}")
     result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
+    if not quiet:
+        console.print(results_table(result.results))
     console.print(f"[green]done[/]: {result.report}")
+
+
+ROW_TITLES = {
+    "teacher_crop": "crops (teacher, upper bound)",
+    "baseline_full": "full image, baseline",
+    "two_stage": "two-stage: ROI crop → teacher",
+    "student": "full image, student (KD)",
+}
+
+
+def results_table(results: dict) -> Table:
+    """The paper-style table of a run's ``results.json``: percent, mean ± std over folds."""
+    gap = results.get("gap_closure")
+    caption = "gap closure: " + ("n/a" if gap is None else f"{100 * gap:.1f}%")
+    table = Table(title="held-out folds (mean ± std, %)", caption=caption)
+    table.add_column("setting")
+    for metric in ("acc", "prec", "rec", "F1"):
+        table.add_column(metric, justify="right")
+    summary = results["summary"]
+    for row in sorted(summary, key=lambda r: list(ROW_TITLES).index(r) if r in ROW_TITLES else 9):
+        metrics = summary[row]
+        cells = []
+        for key in ("accuracy", "precision", "recall", "f1"):
+            value = metrics.get(key, {})
+            mean, std = value.get("mean"), value.get("std")
+            cells.append("n/a" if mean is None else f"{100 * mean:.2f} ± {100 * (std or 0):.2f}")
+        table.add_row(ROW_TITLES.get(row, row), *cells)
+    return table
 
 
 @app.command()
