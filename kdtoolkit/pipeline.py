@@ -239,10 +239,10 @@ class Runner:
         )
 
     def workers(self) -> int:
-        """Data-loader processes: ``data.workers``, or (-1) none on CPU, up to 8 on CUDA."""
+        """Data-loader processes: ``data.workers``, or (-1) none on CPU, up to 16 on CUDA."""
         if self.recipe.data.workers >= 0:
             return self.recipe.data.workers
-        return min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        return min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0
 
     def class_weights(self, indices: np.ndarray, config: ModelConfig) -> torch.Tensor | None:
         if not config.class_weights:

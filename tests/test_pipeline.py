@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import kdtoolkit
 from kdtoolkit import pipeline, train
 from kdtoolkit.builtin.roi_providers import ManualProvider
+from kdtoolkit.checkpoint import load_checkpoint
 from kdtoolkit.recipe import load_recipe
 from tests.conftest import kd
 
@@ -192,3 +194,17 @@ def test_other_recipe_in_same_folder_is_refused(tmp_path, tiny_recipe):
     result = kd("run", str(tiny_recipe), "--quiet", "--set", "cv.folds=3")
     assert result.returncode == 2 and "different recipe" in result.stderr
     assert "--force" in result.stderr
+
+
+def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
+    overrides = ["teacher.epochs=1", "student.epochs=1", "cv.only=[0]", "evaluate.cam_examples=0"]
+    first = kdtoolkit.run(load_recipe(tiny_recipe, overrides), quiet=True)
+    again = kdtoolkit.run(
+        load_recipe(tiny_recipe, [*overrides, f"experiment.output='{tmp_path / 'again'}'"]),
+        quiet=True,
+    )
+    assert first.results["folds"] == again.results["folds"]
+    a, _ = load_checkpoint(tmp_path / "run" / "fold_0" / "student" / "model.safetensors")
+    b, _ = load_checkpoint(tmp_path / "again" / "fold_0" / "student" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
