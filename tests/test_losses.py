@@ -14,6 +14,7 @@ from kdtoolkit.builtin.losses import (
     AttentionPoolLoss,
     CELoss,
     KLLoss,
+    RoiCELoss,
     RoiFeatureLoss,
 )
 from kdtoolkit.errors import KdError
@@ -44,6 +45,7 @@ def test_kd_register_losses_registers_every_builtin_term():
         "attention_kl": AttentionKLLoss,
         "roi_feature": RoiFeatureLoss,
         "attention_pool": AttentionPoolLoss,
+        "roi_ce": RoiCELoss,
     }
     for name, cls in expected.items():
         assert losses.get(name) is cls
@@ -394,3 +396,33 @@ def test_paper_loss_on_convnext_attn_student():
     total.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_roi_ce_classifies_the_roi_with_the_plain_head():
+    """Constant features c inside the box: z_roi is the head applied to c (for convnext_attn
+    the head without its attention), and CE(y, z_roi) matches F.cross_entropy by hand."""
+    torch.manual_seed(0)
+    for attention in ("spatial", "pool"):
+        student = convnext_attn(3, 1, variant="convnext_atto", attention=attention)
+        term, ctx, c, _ = _roi_case("cosine", margin=1)
+        features = torch.randn(1, 320, 8, 8)
+        features[0, :, 1:7, 0:6] = 0.5
+        features.requires_grad_(True)
+        ctx = _ctx(
+            **{
+                **ctx.__dict__,
+                "student": student,
+                "features": features,
+                "labels": torch.tensor([2]),
+                "teacher_features": None,
+            }
+        )
+        value = RoiCELoss(output_size=2)(ctx)
+        head = student.model.head
+        pooled = head.norm(torch.full((1, 320, 1, 1), 0.5))
+        expected_logits = head.fc(pooled.flatten(1))
+        torch.testing.assert_close(value, F.cross_entropy(expected_logits, torch.tensor([2])))
+        value.backward()
+        grad = features.grad
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+        assert grad[0, :, 0, 7].abs().sum() == 0  # outside the box: no gradient

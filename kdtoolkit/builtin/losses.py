@@ -120,6 +120,20 @@ class AttentionKLLoss(LossTerm):
         return -bce.mean()
 
 
+def roi_pool(ctx: LossContext, output_size: int) -> torch.Tensor:
+    """The student's map A pooled inside each ROI box, B×C×k×k (``k = output_size``), with
+    ``torchvision.ops.roi_align``: boxes scaled from image pixels to feature cells per axis
+    (``x·w/W``, ``y·h/H``), ``aligned=True``."""
+    features = ctx.features.float()
+    (h, w), (H, W) = features.shape[-2:], ctx.images.shape[-2:]
+    scale = features.new_tensor([w / W, h / H, w / W, h / H])
+    boxes = ctx.boxes.to(features.device, torch.float32) * scale
+    index = torch.arange(len(boxes), device=features.device, dtype=torch.float32)
+    rois = torch.cat([index[:, None], boxes], dim=1)
+    size = (output_size, output_size)
+    return roi_align(features, rois, size, spatial_scale=1.0, aligned=True)
+
+
 class RoiFeatureLoss(LossTerm):
     """ROI feature distillation. The student's map A is pooled inside each ROI box with
     ``torchvision.ops.roi_align`` (boxes scaled from image pixels to feature cells per axis,
@@ -149,15 +163,7 @@ class RoiFeatureLoss(LossTerm):
 
     def pooled_student(self, ctx: LossContext) -> torch.Tensor:
         """ROI-aligned student features, B×C_s (before the adapter)."""
-        features = ctx.features.float()
-        (h, w), (H, W) = features.shape[-2:], ctx.images.shape[-2:]
-        scale = features.new_tensor([w / W, h / H, w / W, h / H])
-        boxes = ctx.boxes.to(features.device, torch.float32) * scale
-        index = torch.arange(len(boxes), device=features.device, dtype=torch.float32)
-        rois = torch.cat([index[:, None], boxes], dim=1)
-        size = (self.output_size, self.output_size)
-        pooled = roi_align(features, rois, size, spatial_scale=1.0, aligned=True)
-        return pooled.mean(dim=(2, 3))
+        return roi_pool(ctx, self.output_size).mean(dim=(2, 3))
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
         if self.adapter is None:
@@ -169,6 +175,29 @@ class RoiFeatureLoss(LossTerm):
         if self.metric == "cosine":
             return (1 - F.cosine_similarity(s, t, dim=1)).mean()
         return F.mse_loss(F.layer_norm(s, s.shape[-1:]), F.layer_norm(t, t.shape[-1:]))
+
+
+class RoiCELoss(LossTerm):
+    """ROI classification: the student's map A pooled inside the ROI box (``roi_pool``,
+    ``output_size``² bins) goes through the student's own plain head (pool → norm → linear;
+    for ``convnext_attn`` the head without its attention block) to logits ``z_roi``;
+    loss ``CE(y, z_roi)``. It teaches the features at the ROI, and the classifier, to stage
+    the ROI; an attention-pooling head (``attention_pool``) then learns to pool there."""
+
+    def __init__(self, output_size: Annotated[int, Range(ge=1)] = 2) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, ctx: LossContext) -> torch.Tensor:
+        from kdtoolkit.backbone import TimmBackbone
+
+        model = unwrap(ctx.student)
+        pooled = roi_pool(ctx, self.output_size).to(ctx.features.dtype)
+        if isinstance(model, TimmBackbone):
+            logits = TimmBackbone.forward_head(model, pooled)
+        else:
+            logits = model.forward_head(pooled)
+        return F.cross_entropy(logits.float(), ctx.labels, weight=ctx.class_weights)
 
 
 class AttentionPoolLoss(LossTerm):
@@ -195,4 +224,5 @@ def kd_register_losses(registry):
     registry.register("attention_mse", AttentionMSELoss)
     registry.register("attention_kl", AttentionKLLoss)
     registry.register("roi_feature", RoiFeatureLoss)
+    registry.register("roi_ce", RoiCELoss)
     registry.register("attention_pool", AttentionPoolLoss)
