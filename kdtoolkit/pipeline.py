@@ -503,4 +503,9 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
         folds = runner.folds_to_run()
         progress.start_run(len(folds) * runner.stages_per_fold())
         per_fold = {k: runner.run_fold(k) for k in folds}
-        return finish_run(runner, per_fold)
+        for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
+            done = out / f"fold_{k}" / "eval.json"
+            if k not in per_fold and done.exists():
+                progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
+                per_fold[k] = json.loads(done.read_text())
+        return finish_run(runner, dict(sorted(per_fold.items())))

@@ -194,6 +194,11 @@ def test_other_recipe_in_same_folder_is_refused(tmp_path, tiny_recipe):
     result = kd("run", str(tiny_recipe), "--quiet", "--set", "cv.folds=3")
     assert result.returncode == 2 and "different recipe" in result.stderr
     assert "--force" in result.stderr
+    # the same recipe, the other fold: a run in parts; the report covers both folds
+    recipe.cv.only = [1]
+    result = kdtoolkit.run(recipe, quiet=True)
+    assert result.results["folds_run"] == [0, 1] and len(result.results["folds"]) == 2
+    assert "earlier run" in (tmp_path / "run" / "run.log").read_text()
 
 
 def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
