@@ -16,7 +16,8 @@ class LossContext:
     Shapes: B batch, K classes, H×W student input, h×w student feature map.
     ``boxes`` are axis-aligned ROI boxes ``x0, y0, x1, y1`` in student-input pixels;
     ``masks`` are ROI masks in [0, 1] in student-input pixels (B×1×H×W).
-    Teacher entries are None when no term needs the teacher.
+    Teacher entries are None when no term needs the teacher; ``boxes`` and ``masks`` are None
+    for a model trained on crops (the teacher).
     """
 
     student: nn.Module
@@ -24,8 +25,8 @@ class LossContext:
     features: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
-    boxes: torch.Tensor
-    masks: torch.Tensor
+    boxes: torch.Tensor | None
+    masks: torch.Tensor | None
     teacher_logits: torch.Tensor | None = None
     teacher_features: torch.Tensor | None = None
     class_weights: torch.Tensor | None = None

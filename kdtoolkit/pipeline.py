@@ -220,9 +220,19 @@ class Runner:
         batch_size: int,
         seed: int,
         mask_rois: dict[int, tuple] | None = None,
+        views: tuple[str, ...] = ("image", "crop"),
     ) -> DataLoader:
+        """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
+        decoded images are shared by every loader of the run."""
         dataset = KdDataset(
-            self.samples, indices, self.cfg, train=train, seed=seed, mask_rois=mask_rois
+            self.samples,
+            indices,
+            self.cfg,
+            train=train,
+            seed=seed,
+            mask_rois=mask_rois,
+            views=views,
+            cache=self.image_cache,
         )
         generator = torch.Generator().manual_seed(seed)
         workers = self.workers()
@@ -289,6 +299,7 @@ class Runner:
         teacher_channels = teacher.num_features if teacher is not None else None
         loss.setup(model.num_features, teacher_channels)
         train_idx, val_idx = split
+        views = ("image", "crop") if view == "image" and teacher is not None else (view,)
         stage = Stage(
             name=role,
             model=model,
@@ -306,8 +317,8 @@ class Runner:
         started = time.perf_counter()
         best = train_stage(
             stage,
-            self.loader(train_idx, True, config.batch_size, seed, mask_rois),
-            self.loader(val_idx, False, config.batch_size, seed),
+            self.loader(train_idx, True, config.batch_size, seed, mask_rois, views),
+            self.loader(val_idx, False, config.batch_size, seed, views=(view,)),
             self.device,
             state_path,
             self.num_classes,
