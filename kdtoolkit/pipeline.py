@@ -296,6 +296,8 @@ class Runner:
         seed_everything(seed)
         model = self.new_model(config)
         self._check_input_size(model, role, config, view)
+        if teacher is not None and config.init_from_teacher:
+            init_from_teacher(model, teacher, role)
         teacher_channels = teacher.num_features if teacher is not None else None
         loss.setup(model.num_features, teacher_channels)
         train_idx, val_idx = split
@@ -477,6 +479,24 @@ def role_seed(role: str) -> int:
     if base in ROLE_SEEDS:
         return ROLE_SEEDS[base]
     return 10 + zlib.crc32(role.encode()) % 1000
+
+
+def init_from_teacher(model: torch.nn.Module, teacher: torch.nn.Module, role: str) -> None:
+    """Start ``model`` from the teacher's weights (``student.init_from_teacher``): a model with
+    a ``load_teacher`` method decides what to copy (``roi_zoom``: its classifier); any other
+    must have the teacher's architecture."""
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    loader = getattr(model, "load_teacher", None)
+    try:
+        if loader is not None:
+            loader(state)
+        else:
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        raise KdError(
+            f"{role}.init_from_teacher: the teacher's weights do not fit the {role} "
+            f"({str(e).splitlines()[0]}); use the same backbone for both or set it false"
+        ) from None
 
 
 def check_run_folder(recipe: Recipe, force: bool) -> None:

@@ -85,6 +85,7 @@ class ModelConfig:
     schedule: Literal["cosine", "constant"] = "cosine"
     class_weights: bool = False
     select_by: Literal["accuracy", "f1", "loss"] = "accuracy"
+    init_from_teacher: bool = False
 
 
 @dataclass

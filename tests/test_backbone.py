@@ -60,12 +60,15 @@ def test_token_features_are_rejected():
         build_backbone("vit_tiny_patch16_224", 5, 3, {})
 
 
-def test_kd_register_backbones_adds_convnext_attn():
+def test_kd_register_backbones_adds_convnext_attn_and_roi_zoom():
     from kdtoolkit.builtin import backbones
+    from kdtoolkit.zoom import roi_zoom
 
     registry = Registry("backbone")
     backbones.kd_register_backbones(registry=registry)
-    assert registry.list() == ["convnext_attn"] and registry.get("convnext_attn") is convnext_attn
+    assert registry.list() == ["convnext_attn", "roi_zoom"]
+    assert registry.get("convnext_attn") is convnext_attn
+    assert registry.get("roi_zoom") is roi_zoom
 
 
 def test_names_resolve_in_registry_then_timm():

@@ -21,6 +21,7 @@ from kdtoolkit.errors import KdError
 from kdtoolkit.loss import CompositeLoss, LossContext
 from kdtoolkit.option import check_options
 from kdtoolkit.plugin import registries
+from kdtoolkit.zoom import RoiBoxLoss
 
 
 def _ctx(**kw):
@@ -46,6 +47,7 @@ def test_kd_register_losses_registers_every_builtin_term():
         "roi_feature": RoiFeatureLoss,
         "attention_pool": AttentionPoolLoss,
         "roi_ce": RoiCELoss,
+        "roi_box": RoiBoxLoss,
     }
     for name, cls in expected.items():
         assert losses.get(name) is cls

@@ -1,13 +1,15 @@
 """Built-in backbones. Any timm model name works without registration (``kdtoolkit.backbone``);
 this plugin adds ``convnext_attn``, ConvNeXt with a spatial-attention or attention-pooling
-head."""
+head, and ``roi_zoom``, a full-image student that locates and resamples its ROI."""
 
 from __future__ import annotations
 
 from kdtoolkit.backbone import convnext_attn
 from kdtoolkit.hookspec import hookimpl
+from kdtoolkit.zoom import roi_zoom
 
 
 @hookimpl
 def kd_register_backbones(registry):
     registry.register("convnext_attn", convnext_attn)
+    registry.register("roi_zoom", roi_zoom)

@@ -19,6 +19,7 @@ from kdtoolkit.gradcam import EPS, gradcam, unwrap
 from kdtoolkit.hookspec import hookimpl
 from kdtoolkit.loss import LossContext, LossTerm
 from kdtoolkit.option import Range
+from kdtoolkit.zoom import RoiBoxLoss
 
 
 def _mask_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -225,4 +226,5 @@ def kd_register_losses(registry):
     registry.register("attention_kl", AttentionKLLoss)
     registry.register("roi_feature", RoiFeatureLoss)
     registry.register("roi_ce", RoiCELoss)
+    registry.register("roi_box", RoiBoxLoss)
     registry.register("attention_pool", AttentionPoolLoss)
