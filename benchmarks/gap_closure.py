@@ -196,7 +196,7 @@ def measure(
     """Train (or reuse) teacher, baseline and one student per variant on every fold, evaluate
     them on the held-out folds and return the results (also written to the output folder)."""
     from kdtoolkit.evaluation import evaluate_fold
-    from kdtoolkit.pipeline import Runner, build_loss, check_run_folder
+    from kdtoolkit.pipeline import Runner, build_loss, prepare_run_folder
     from kdtoolkit.progress import RunProgress
 
     if not variants:
@@ -213,13 +213,7 @@ def measure(
     for v, recipe in zip(variants, recipes, strict=True):
         check_shared(base, v, recipe)
 
-    check_run_folder(base, force)
-    out = base.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        out / "recipe.resolved.json",
-        json.dumps({"digest": base.digest(), "recipe": base.to_dict()}, indent=2),
-    )
+    out = prepare_run_folder(base, force)
     per_fold: list[dict[str, Any]] = []
     with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
         progress.log(f"gap closure of {names} ({recipe_path}) -> {out}")

@@ -76,6 +76,7 @@ def predict(
     classes = meta["classes"]
     files = image_paths(paths)
     results: list[dict[str, Any]] = []
+    cam_names: set[str] = set()
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         images = [load_image(f, cfg.channels) for f in chunk]
@@ -93,11 +94,24 @@ def predict(
                 }
             )
         if cam_dir is not None:
-            _write_cams(Path(cam_dir), model, x, chunk)
+            _write_cams(Path(cam_dir), model, x, chunk, cam_names)
     return results
 
 
-def _write_cams(cam_dir: Path, model: torch.nn.Module, x: torch.Tensor, files: list[Path]) -> None:
+def _cam_name(path: Path, used: set[str]) -> str:
+    """``<stem>_cam.png``, or with the parent folder's name (and a number) when taken."""
+    name = f"{path.stem}_cam.png"
+    k = 1
+    while name in used:
+        name = f"{path.parent.name}_{path.stem}{'' if k == 1 else f'_{k}'}_cam.png"
+        k += 1
+    used.add(name)
+    return name
+
+
+def _write_cams(
+    cam_dir: Path, model: torch.nn.Module, x: torch.Tensor, files: list[Path], used: set[str]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,5 +128,5 @@ def _write_cams(cam_dir: Path, model: torch.nn.Module, x: torch.Tensor, files: l
         heat = cm.jet(cam)[..., :3]
         overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
         Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8)).save(
-            cam_dir / f"{f.stem}_cam.png"
+            cam_dir / _cam_name(f, used)
         )

@@ -514,10 +514,8 @@ def check_run_folder(recipe: Recipe, force: bool) -> None:
             )
 
 
-def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
-    """Run ``recipe`` into its run folder and write results, report and figures."""
-    from kdtoolkit.evaluation import finish_run
-
+def prepare_run_folder(recipe: Recipe, force: bool) -> Path:
+    """Check (``check_run_folder``), create and stamp the run folder with the resolved recipe."""
     check_run_folder(recipe, force)
     out = recipe.output_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -525,6 +523,14 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
         out / "recipe.resolved.json",
         json.dumps({"digest": recipe.digest(), "recipe": recipe.to_dict()}, indent=2),
     )
+    return out
+
+
+def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
+    """Run ``recipe`` into its run folder and write results, report and figures."""
+    from kdtoolkit.evaluation import finish_run
+
+    out = prepare_run_folder(recipe, force)
     with RunProgress(out / "run.log", quiet=quiet) as progress:
         progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
         runner = Runner(recipe, progress, force=force)

@@ -213,3 +213,11 @@ def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
     b, _ = load_checkpoint(tmp_path / "again" / "fold_0" / "student" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cam_names_never_overwrite_each_other(tmp_path):
+    from kdtoolkit.inference import _cam_name
+
+    used: set[str] = set()
+    names = [_cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]
+    assert names == ["slice_cam.png", "b_slice_cam.png", "b_slice_2_cam.png"]
