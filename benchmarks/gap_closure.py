@@ -232,7 +232,7 @@ def measure(
             teacher_ckpt = runner.train(
                 k, "teacher", "crop", base.teacher, build_loss(base, ce_only), split
             )
-            teacher = runner.load_model(teacher_ckpt, base.teacher)
+            teacher = runner.load_model(teacher_ckpt)
             baseline_ckpt = runner.train(
                 k, "baseline_full", "image", base.student, build_loss(base, ce_only), split
             )

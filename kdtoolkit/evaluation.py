@@ -110,7 +110,7 @@ def evaluate_fold(
         image_models.append(("baseline_full", baseline_ckpt))
     latency: dict[str, float] = {}
     for row, ckpt in image_models:
-        model = runner.load_model(ckpt, r.student)
+        model = runner.load_model(ckpt)
         logits, labels, _ = predict_logits(model, loader, "image", device)
         metrics[row] = _row(runner, labels, logits)
         matrices[row] = confusion(labels, logits.argmax(1), runner.num_classes).tolist()

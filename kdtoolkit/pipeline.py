@@ -267,7 +267,7 @@ class Runner:
             config.backbone, self.num_classes, self.cfg.channels, dict(config.backbone_options)
         )
 
-    def load_model(self, path: Path, config: ModelConfig | None = None) -> torch.nn.Module:
+    def load_model(self, path: Path) -> torch.nn.Module:
         """A trained stage's model, rebuilt from its checkpoint's own metadata."""
         from kdtoolkit.inference import load_model
 
@@ -417,7 +417,7 @@ class Runner:
         split = (train_idx, val_idx)
         ce_only = [("ce", 1.0, {})]
         teacher_ckpt = self.train(k, "teacher", "crop", r.teacher, build_loss(r, ce_only), split)
-        teacher = self.load_model(teacher_ckpt, r.teacher)
+        teacher = self.load_model(teacher_ckpt)
         rois, learned = self.rois(k, train_idx)
         mask_rois = {
             int(i): (tuple(rois.boxes[i]), float(rois.angles[i])) for i in range(len(self.samples))
