@@ -79,7 +79,8 @@ class RoiZoom(nn.Module):
     ``forward_head`` the classifier's head, so ``ce``/``kl`` apply as to any student.
     ``last_roi`` holds the last predicted parameters (for ``roi_box``); ``last_crop`` the
     resampled ROI. Grad-CAM losses on the full-image mask (``attention_*``, ``roi_feature``,
-    ``roi_ce``) do not apply: the feature map is in crop coordinates.
+    ``roi_ce``) do not apply: the feature map is in crop coordinates; for figures and the
+    pointing game, ``image_attention`` shows the predicted ROI instead of a Grad-CAM.
     """
 
     def __init__(
@@ -135,6 +136,20 @@ class RoiZoom(nn.Module):
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.classifier.forward_head(features)
+
+    def image_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Where the model looks, B×H×W in [0, 1]: ``1 − max(|u|, |v|)`` inside the predicted
+        ROI (u, v its own coordinates, ±1 at its border, 1 at its centre), 0 outside."""
+        roi = self.locate(x).float()
+        h, w = x.shape[-2:]
+        xs = (torch.arange(w, device=x.device, dtype=torch.float32) + 0.5 - w / 2) / (w / 2)
+        ys = (torch.arange(h, device=x.device, dtype=torch.float32) + 0.5 - h / 2) / (w / 2)
+        cx, cy, hl, hs, c2, s2 = (v[:, None, None] for v in roi.unbind(1))
+        angle = 0.5 * torch.atan2(s2, c2)
+        dx, dy = xs[None, None, :] - cx, ys[None, :, None] - cy
+        u = (dx * torch.cos(angle) + dy * torch.sin(angle)) / (hl * self.margin)
+        v = (-dx * torch.sin(angle) + dy * torch.cos(angle)) / (hs * self.margin)
+        return (1 - torch.maximum(u.abs(), v.abs())).clamp_min(0)
 
     def load_teacher(self, state: dict[str, torch.Tensor]) -> None:
         """Start the classifier from a crop teacher of the same architecture."""

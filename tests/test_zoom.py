@@ -95,3 +95,18 @@ def test_init_from_teacher_copies_the_teacher_into_the_classifier():
     other = build_backbone("resnet18", 3, 1, {})
     with pytest.raises(KdError, match="student.init_from_teacher"):
         init_from_teacher(other, teacher, "student")
+
+
+def test_image_attention_marks_the_predicted_roi():
+    from kdtoolkit.gradcam import cam_for_images
+    from kdtoolkit.metric import cam_box_iou, pointing_game
+
+    torch.manual_seed(0)
+    model = build_backbone("roi_zoom", 3, 1, {"locator": "resnet10t", "classifier": "resnet10t"})
+    target = mask_moments(_mask())
+    model.locate = lambda x: target.repeat(len(x), 1)  # a perfect locator
+    cam = cam_for_images(model, torch.zeros(1, 1, H, W))[0].numpy()
+    corners = roi_corners(BOX, ANGLE)
+    assert pointing_game(cam, corners)
+    assert cam_box_iou(cam, corners) > 0.8
+    assert cam.max() <= 1 and cam.min() == 0
