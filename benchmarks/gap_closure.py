@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -37,7 +36,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
@@ -217,8 +215,8 @@ def measure(
     per_fold: list[dict[str, Any]] = []
     with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
         progress.log(f"gap closure of {names} ({recipe_path}) -> {out}")
-        runner = Runner(base, progress, force=force)
-        runners = [Runner(recipe, progress, force=force) for recipe in recipes]
+        runner = Runner(base, progress)
+        runners = [Runner(recipe, progress) for recipe in recipes]
         folds = runner.folds_to_run()
         if not force:
             for k in folds:
@@ -397,17 +395,8 @@ def main(
     sets = list(set_ or [])
     if device is not None:
         sets.append(f"experiment.device={json.dumps(device)}")
-    try:
-        variants = [parse_variant(text) for text in (variant or ["recipe:"])]
-        results = measure(recipe, variants, sets, output, force, quiet)
-    except KdError as e:
-        if os.environ.get("KD_DEBUG") == "1":
-            raise
-        Console(stderr=True).print(Text.assemble(("error", "red"), f": {e}"), soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted: finished stages are kept; rerun to resume")
-        raise typer.Exit(130) from None
+    variants = [parse_variant(text) for text in (variant or ["recipe:"])]
+    results = measure(recipe, variants, sets, output, force, quiet)
     console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(table(results))
     for name, info in results["variants"].items():
@@ -419,4 +408,6 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    from kdtoolkit.cli import run_app
+
+    run_app(app)

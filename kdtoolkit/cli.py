@@ -71,14 +71,6 @@ def run(
     console.print(f"[green]done[/]: {result.report}")
 
 
-ROW_TITLES = {
-    "teacher_crop": "crops (teacher, upper bound)",
-    "baseline_full": "full image, baseline",
-    "two_stage": "two-stage: ROI crop → teacher",
-    "student": "full image, student (KD)",
-}
-
-
 def results_table(results: dict) -> Table:
     """The paper-style table of a run's ``results.json``: percent, mean ± std over folds."""
     gap = results.get("gap_closure")
@@ -87,15 +79,17 @@ def results_table(results: dict) -> Table:
     table.add_column("setting")
     for metric in ("acc", "prec", "rec", "F1"):
         table.add_column(metric, justify="right")
+    from kdtoolkit.report import ordered_rows, row_label
+
     summary = results["summary"]
-    for row in sorted(summary, key=lambda r: list(ROW_TITLES).index(r) if r in ROW_TITLES else 9):
+    for row in ordered_rows(summary):
         metrics = summary[row]
         cells = []
         for key in ("accuracy", "precision", "recall", "f1"):
             value = metrics.get(key, {})
             mean, std = value.get("mean"), value.get("std")
             cells.append("n/a" if mean is None else f"{100 * mean:.2f} ± {100 * (std or 0):.2f}")
-        table.add_row(ROW_TITLES.get(row, row), *cells)
+        table.add_row(row_label(row), *cells)
     return table
 
 
@@ -169,13 +163,15 @@ def _is_usage_error(e: Exception) -> bool:
     )
 
 
-def main() -> None:
-    """Entry point of ``kd``: one-line errors and exit 2 unless ``KD_DEBUG=1``."""
+def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
+    """Run a typer app the kdtoolkit way (``kd``, benchmark scripts): a ``KdError`` prints one
+    line and exits with its code (2), usage errors exit 2, Ctrl-C 130, anything else one line
+    and exit 1; ``KD_DEBUG=1`` shows tracebacks instead."""
     debug = os.environ.get("KD_DEBUG") == "1"
     try:
-        if sys.argv[1:] != ["--version"]:  # plugins import torch/timm: seconds
+        if plugin_commands:
             _add_plugin_commands()
-        app(standalone_mode=False)
+        typer_app(standalone_mode=False)
     except KdError as e:
         if debug:
             raise
@@ -198,6 +194,12 @@ def main() -> None:
             soft_wrap=True,
         )
         sys.exit(1)
+
+
+def main() -> None:
+    """Entry point of ``kd``; plugins add their commands (not for ``--version``: they import
+    torch and timm, which takes seconds)."""
+    run_app(app, plugin_commands=sys.argv[1:] != ["--version"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch
 
 from kdtoolkit.gradcam import cam_for_images
 from kdtoolkit.metric import (
+    ROWS,
     attention_metrics,
     classification_metrics,
     confusion,
@@ -20,7 +21,7 @@ from kdtoolkit.metric import (
 )
 from kdtoolkit.roi import RoiResult
 from kdtoolkit.train import autocast, predict_logits
-from kdtoolkit.view import crop_roi, load_image, normalise
+from kdtoolkit.view import crop_roi, load_image, normalise, student_view
 
 if TYPE_CHECKING:
     from kdtoolkit.pipeline import Runner
@@ -68,8 +69,6 @@ def student_latency_ms(runner: Runner, model: torch.nn.Module, test_idx: np.ndar
     for i in test_idx[:n]:
         image = load_image(runner.samples[i].image, cfg.channels)
         started = time.perf_counter()
-        from kdtoolkit.view import student_view
-
         x = student_view(image, cfg).unsqueeze(0).to(runner.device)
         with torch.no_grad(), autocast(runner.device):
             model(x)
@@ -178,9 +177,7 @@ def finish_run(runner: Runner, per_fold: dict[int, dict[str, Any]]):
     figures_dir = out / "figures"
     figures_dir.mkdir(exist_ok=True)
     figures: dict[str, str] = {}
-    rows = [
-        row for row in ("teacher_crop", "baseline_full", "two_stage", "student") if row in summary
-    ]
+    rows = [row for row in ROWS if row in summary]
     matrices = {
         row: np.sum(
             [

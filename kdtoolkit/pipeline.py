@@ -34,8 +34,6 @@ from kdtoolkit.task import Task
 from kdtoolkit.train import Stage, train_stage
 from kdtoolkit.view import KdDataset, ViewConfig
 
-ROWS = ("teacher_crop", "baseline_full", "two_stage", "student")
-
 
 @dataclass
 class RunResult:
@@ -142,7 +140,7 @@ def model_metadata(
 class Runner:
     """Runs one recipe into its run folder."""
 
-    def __init__(self, recipe: Recipe, progress: RunProgress, force: bool = False) -> None:
+    def __init__(self, recipe: Recipe, progress: RunProgress) -> None:
         self.recipe = recipe
         self.out = recipe.output_dir
         self.progress = progress
@@ -533,7 +531,7 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
     out = prepare_run_folder(recipe, force)
     with RunProgress(out / "run.log", quiet=quiet) as progress:
         progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
-        runner = Runner(recipe, progress, force=force)
+        runner = Runner(recipe, progress)
         progress.log(
             f"device {runner.device}; {len(runner.samples)} samples, {runner.num_classes} classes"
         )

@@ -283,20 +283,21 @@ class _Forward(logging.Filter):
 
 @contextlib.contextmanager
 def _environ(**values: str | None) -> Iterator[None]:
+    """Set (a value) or unset (None) environment variables for the block, then restore."""
+
+    def apply(items: dict[str, str | None]) -> None:
+        for k, v in items.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(saved)
 
 
 def _patch(stack: contextlib.ExitStack, obj: Any, name: str, value: Any) -> None:
