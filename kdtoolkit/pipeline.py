@@ -6,6 +6,7 @@ stages and resumes an interrupted one from its last epoch.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from kdtoolkit import fold as folds_mod
 from kdtoolkit.backbone import build_backbone
+from kdtoolkit.bank import BankDataset, BankLoader, ImageBank, bank_bytes
 from kdtoolkit.checkpoint import save_checkpoint
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
@@ -33,6 +35,10 @@ from kdtoolkit.roi import RoiRequest, RoiResult
 from kdtoolkit.task import Task
 from kdtoolkit.train import Stage, train_stage
 from kdtoolkit.view import KdDataset, ViewConfig
+
+#: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
+#: free memory.
+BANK_SHARE = 0.5
 
 
 @dataclass
@@ -159,9 +165,13 @@ class Runner:
     # ----- folds -------------------------------------------------------------------------
     def _folds(self) -> np.ndarray:
         path = self.out / "folds.json"
+        root = self.manifest.path.parent
         if path.exists():
             saved = json.loads(path.read_text())
-            if [s["image"] for s in saved["samples"]] == [str(s.image) for s in self.samples]:
+            # images relative to their manifest: a run folder moved to another machine stays valid
+            before = Path(saved.get("root", "/"))
+            names = [os.path.relpath(s["image"], before) for s in saved["samples"]]
+            if names == [os.path.relpath(s.image, root) for s in self.samples]:
                 return np.array([s["fold"] for s in saved["samples"]])
             raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
         groups = [s.group for s in self.samples]
@@ -179,6 +189,7 @@ class Runner:
                 {
                     "folds": self.recipe.cv.folds,
                     "seed": self.recipe.experiment.seed,
+                    "root": str(root),
                     "samples": [
                         {
                             "index": s.index,
@@ -219,20 +230,16 @@ class Runner:
         seed: int,
         mask_rois: dict[int, tuple] | None = None,
         views: tuple[str, ...] = ("image", "crop"),
-    ) -> DataLoader:
+    ) -> DataLoader | BankLoader:
         """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
-        decoded images are shared by every loader of the run."""
-        dataset = KdDataset(
-            self.samples,
-            indices,
-            self.cfg,
-            train=train,
-            seed=seed,
-            mask_rois=mask_rois,
-            views=views,
-            cache=self.image_cache,
-        )
+        decoded images are shared by every loader of the run (``data.loader``)."""
         generator = torch.Generator().manual_seed(seed)
+        drop_last = train and len(indices) > batch_size
+        args = (self.samples, indices, self.cfg, train, seed, mask_rois)
+        if self.banks is not None:
+            dataset = BankDataset(*self.banks, *args, views=views)
+            return BankLoader(dataset, batch_size, train, drop_last, generator)
+        dataset = KdDataset(*args, views=views, cache=self.image_cache)
         workers = self.workers()
         if workers:
             dataset.preload()  # decode once here; forked workers share it
@@ -240,14 +247,45 @@ class Runner:
             dataset,
             batch_size=batch_size,
             shuffle=train,
-            drop_last=train and len(indices) > batch_size,
+            drop_last=drop_last,
             generator=generator,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
         )
 
+    @functools.cached_property
+    def banks(self) -> tuple[ImageBank, ImageBank | None] | None:
+        """Every image (and expert crop file) decoded once onto the device, when
+        ``data.loader`` is ``device`` (or ``auto`` on CUDA with room to spare); None:
+        per-sample loading."""
+        choice = self.recipe.data.loader
+        if choice == "workers" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        channels = self.cfg.channels
+        need = bank_bytes([(s.height, s.width) for s in self.samples], channels)
+        if choice == "auto":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > free * BANK_SHARE:
+                self.progress.log(
+                    f"data: the images need {need / 2**30:.1f} GiB, more than "
+                    f"{BANK_SHARE:.0%} of the free GPU memory; views are built per sample "
+                    "on the CPU (data.loader)"
+                )
+                return None
+        started = time.perf_counter()
+        images = ImageBank([s.image for s in self.samples], channels, self.device)
+        crop_files = [s.crop for s in self.samples if s.crop is not None]
+        crops = ImageBank(crop_files, channels, self.device) if crop_files else None
+        self.progress.log(
+            f"data: {len(images.sizes)} images ({images.stack.numel() * 4 / 2**20:.0f} MiB) "
+            f"held on {self.device} in {time.perf_counter() - started:.1f}s; views are built "
+            "there a batch at a time"
+        )
+        return images, crops
+
     def workers(self) -> int:
-        """Data-loader processes: ``data.workers``, or (-1) none on CPU, up to 16 on CUDA."""
+        """Data-loader processes of per-sample loading: ``data.workers``, or (-1) none on
+        CPU, up to 16 on CUDA."""
         if self.recipe.data.workers >= 0:
             return self.recipe.data.workers
         return min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0

@@ -54,6 +54,7 @@ class DataConfig:
     limit: Annotated[int, Range(ge=0)] = 0
     cache: str = ".kdcache"
     workers: Annotated[int, Range(ge=-1)] = -1
+    loader: Literal["auto", "device", "workers"] = "auto"
 
 
 @dataclass
@@ -144,10 +145,12 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def digest(self) -> str:
-        """A short hash of what the run computes (output folder, device and ``cv.only``
-        excluded, so a run can be done fold by fold into one folder)."""
+        """A short hash of what the run computes (output folder, device, data loading and
+        ``cv.only`` excluded, so a run can be done fold by fold into one folder, on any
+        machine)."""
         raw = self.to_dict()
         raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
+        raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("workers", "loader")}
         raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -14,12 +14,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdtoolkit.bank import BankLoader
 from kdtoolkit.checkpoint import load_state, save_state
 from kdtoolkit.loss import CompositeLoss, LossContext
 from kdtoolkit.metric import classification_metrics
 from kdtoolkit.recipe import ModelConfig
 
 View = Literal["crop", "image"]
+#: Batches of views: per-sample (``DataLoader`` of a ``KdDataset``) or device-resident.
+Loader = DataLoader | BankLoader
 
 
 @dataclass
@@ -86,7 +89,7 @@ def make_context(stage: Stage, batch: dict[str, torch.Tensor], device: torch.dev
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, loader: DataLoader, view: View, device: torch.device
+    model: nn.Module, loader: Loader, view: View, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, labels, indices) over a loader, in eval mode."""
     model.eval()
@@ -101,7 +104,7 @@ def predict_logits(
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, view: View, device: torch.device, num_classes: int
+    model: nn.Module, loader: Loader, view: View, device: torch.device, num_classes: int
 ) -> dict[str, float]:
     logits, labels, _ = predict_logits(model, loader, view, device)
     metrics = classification_metrics(labels, logits.argmax(1), num_classes, ordinal=False)
@@ -113,8 +116,8 @@ def evaluate(
 
 def train_stage(
     stage: Stage,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: Loader,
+    val_loader: Loader,
     device: torch.device,
     state_path: Path,
     num_classes: int,

@@ -132,34 +132,66 @@ def _reduction(inv: np.ndarray) -> tuple[float, float]:
     return (fx if fx > ANTIALIAS_STEP else 1.0), (fy if fy > ANTIALIAS_STEP else 1.0)
 
 
-def _warp(src: torch.Tensor, matrix: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resampling of C×H×W ``src`` through ``matrix`` (source → destination px)
-    into C×h×w, zeros outside. When the warp shrinks the image by more than
-    ``ANTIALIAS_STEP``, the source is first reduced by that factor with an antialiased
-    resize (``F.interpolate(antialias=True)``), so the bilinear step stays near 1:1."""
+def _sample(
+    stack: torch.Tensor, matrices: Sequence[np.ndarray], size: tuple[int, int]
+) -> torch.Tensor:
+    """One bilinear ``grid_sample`` of each image of the B×C×Hp×Wp ``stack`` through its
+    matrix (source → destination pixels; zeros outside the stack). The sampling grid is
+    computed in float64 at output pixel centres, on the stack's device."""
     h, w = int(size[0]), int(size[1])
-    height, width = src.shape[-2:]
-    matrix = _as3x3(matrix)
-    fx, fy = _reduction(np.linalg.inv(matrix))
-    if fx > 1.0 or fy > 1.0:
+    height, width = stack.shape[-2:]
+    inv = torch.from_numpy(np.linalg.inv(np.stack([_as3x3(m) for m in matrices])))
+    inv = inv.to(stack.device)[:, :2, :, None, None]  # B×2×3×1×1
+    u = torch.arange(w, dtype=torch.float64, device=stack.device) + 0.5
+    v = torch.arange(h, dtype=torch.float64, device=stack.device)[:, None] + 0.5
+    source = inv[:, :, 0] * u + inv[:, :, 1] * v + inv[:, :, 2]  # B×2×h×w, source pixels
+    scale = torch.tensor([2.0 / width, 2.0 / height], dtype=torch.float64, device=stack.device)
+    grid = (source.permute(0, 2, 3, 1) * scale - 1.0).to(stack.dtype)
+    return F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def warp_stack(
+    stack: torch.Tensor,
+    rows: Sequence[int],
+    sizes: Sequence[tuple[int, int]],
+    matrices: Sequence[np.ndarray],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """Bilinear resampling of images ``stack[rows[j]]`` (N×C×Hp×Wp; each image occupies the
+    top-left ``sizes[j] = (H, W)`` of its slot, zeros elsewhere) through ``matrices[j]``
+    (source → destination pixels) into a B×C×h×w batch, ``size = (h, w)``, zeros outside the
+    source. Where a warp shrinks its image by more than ``ANTIALIAS_STEP``, that image is
+    first reduced by the same factor with an antialiased resize
+    (``F.interpolate(antialias=True)``), so the bilinear step stays near 1:1. The single
+    resampling of every view, one sample (:func:`warp`) or a batch on the device
+    (:mod:`kdtoolkit.bank`)."""
+    out = stack.new_zeros((len(rows), stack.shape[1], int(size[0]), int(size[1])))
+    direct: list[int] = []
+    for j, (row, (height, width), matrix) in enumerate(zip(rows, sizes, matrices, strict=True)):
+        matrix = _as3x3(matrix)
+        fx, fy = _reduction(np.linalg.inv(matrix))
+        if fx == 1.0 and fy == 1.0:
+            direct.append(j)
+            continue
         rh, rw = max(1, round(height / fy)), max(1, round(width / fx))
-        src = F.interpolate(
-            src[None], size=(rh, rw), mode="bilinear", antialias=True, align_corners=False
-        )[0]
-        matrix = matrix @ np.diag([width / rw, height / rh, 1.0])
-        height, width = rh, rw
-    inv = np.linalg.inv(matrix)
-    u = np.arange(w, dtype=np.float64) + 0.5
-    v = np.arange(h, dtype=np.float64) + 0.5
-    uu, vv = np.meshgrid(u, v)
-    sx = inv[0, 0] * uu + inv[0, 1] * vv + inv[0, 2]
-    sy = inv[1, 0] * uu + inv[1, 1] * vv + inv[1, 2]
-    grid = np.stack([2.0 * sx / width - 1.0, 2.0 * sy / height - 1.0], axis=-1)
-    grid_t = torch.from_numpy(grid.astype(np.float32)).to(src.device)[None]
-    out = F.grid_sample(
-        src[None], grid_t, mode="bilinear", padding_mode="zeros", align_corners=False
-    )
-    return out[0]
+        reduced = F.interpolate(
+            stack[row : row + 1, :, :height, :width],
+            size=(rh, rw),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        out[j] = _sample(reduced, [matrix @ np.diag([width / rw, height / rh, 1.0])], size)[0]
+    if direct:
+        chosen = torch.as_tensor([rows[j] for j in direct], device=stack.device)
+        picked = torch.as_tensor(direct, device=stack.device)
+        out[picked] = _sample(stack[chosen], [matrices[j] for j in direct], size)
+    return out
+
+
+def _warp(src: torch.Tensor, matrix: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`warp_stack` of one C×H×W image."""
+    return warp_stack(src[None], [0], [tuple(src.shape[-2:])], [matrix], size)[0]
 
 
 def _tensor(image: np.ndarray) -> torch.Tensor:
@@ -251,6 +283,32 @@ def resize_matrix(source: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------- masks
 
 
+def roi_masks(corners: torch.Tensor, size: tuple[int, int], kind: str = "box") -> torch.Tensor:
+    """ROI masks, float32 B×H×W, for B parallelograms ``corners`` (B×4×2: top-left,
+    top-right, bottom-right, bottom-left) in the mask's pixels; computed in float64 on
+    ``corners``' device. A degenerate ROI (no area) gives an empty mask. See
+    :func:`roi_mask` for the two kinds."""
+    if kind not in ("box", "gaussian"):
+        raise KdError(f"unknown mask kind '{kind}' — use 'box' or 'gaussian'")
+    c = corners.to(torch.float64)
+    h, w = int(size[0]), int(size[1])
+    frame = torch.stack([(c[:, 1] - c[:, 0]) / 2, (c[:, 3] - c[:, 0]) / 2], dim=2)  # B×2×2
+    flat = torch.linalg.det(frame).abs() < 1e-12
+    eye = torch.eye(2, dtype=torch.float64, device=c.device)
+    inv = torch.linalg.inv(torch.where(flat[:, None, None], eye, frame))
+    centre = c.mean(dim=1)
+    dx = (torch.arange(w, dtype=torch.float64, device=c.device) + 0.5)[None, None, :]
+    dy = (torch.arange(h, dtype=torch.float64, device=c.device) + 0.5)[None, :, None]
+    dx, dy = dx - centre[:, 0, None, None], dy - centre[:, 1, None, None]
+    u = inv[:, 0, 0, None, None] * dx + inv[:, 0, 1, None, None] * dy
+    v = inv[:, 1, 0, None, None] * dx + inv[:, 1, 1, None, None] * dy
+    if kind == "box":
+        mask = (torch.maximum(u.abs(), v.abs()) <= 1.0).to(torch.float32)
+    else:
+        mask = torch.exp(-(u**2 + v**2) / (2 * GAUSSIAN_SIGMA**2)).to(torch.float32)
+    return mask.masked_fill(flat[:, None, None], 0.0)
+
+
 def roi_mask(
     roi: np.ndarray | Sequence[float],
     size: tuple[int, int],
@@ -272,21 +330,26 @@ def roi_mask(
         corners = roi_corners(tuple(corners), angle)
     if corners.shape != (4, 2):
         raise ValueError(f"roi must be 4 corners (4×2) or a box of 4 numbers, got {corners.shape}")
-    if kind not in ("box", "gaussian"):
-        raise KdError(f"unknown mask kind '{kind}' — use 'box' or 'gaussian'")
+    return roi_masks(torch.from_numpy(corners)[None], size, kind)[0].numpy()
+
+
+def masks_and_boxes(
+    corners: Sequence[np.ndarray | None], size: tuple[int, int], kind: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student-view ``mask`` (B×1×H×W, on ``device``) and ``box`` (B×4, CPU: the
+    axis-aligned box around the ROI, clipped to the input) of B ROIs given as corners in
+    student-input pixels; ``None`` (no ROI) gives an all-ones mask and the whole input."""
     h, w = size
-    frame = np.stack([(corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2], axis=1)
-    if abs(np.linalg.det(frame)) < 1e-12:
-        return np.zeros((h, w), dtype=np.float32)
-    inv = np.linalg.inv(frame)
-    centre = corners.mean(axis=0)
-    dx = (np.arange(w, dtype=np.float64) + 0.5 - centre[0])[None, :]
-    dy = (np.arange(h, dtype=np.float64) + 0.5 - centre[1])[:, None]
-    u = inv[0, 0] * dx + inv[0, 1] * dy
-    v = inv[1, 0] * dx + inv[1, 1] * dy
-    if kind == "box":
-        return (np.maximum(np.abs(u), np.abs(v)) <= 1.0).astype(np.float32)
-    return np.exp(-(u**2 + v**2) / (2 * GAUSSIAN_SIGMA**2)).astype(np.float32)
+    masks = torch.ones((len(corners), 1, h, w), device=device)
+    boxes = torch.tensor([[0.0, 0.0, w, h]] * len(corners), dtype=torch.float32)
+    known = [j for j, c in enumerate(corners) if c is not None]
+    if known:
+        stacked = np.stack([corners[j] for j in known])
+        masks[known, 0] = roi_masks(torch.from_numpy(stacked).to(device), size, kind)
+        lo = np.clip(stacked.min(axis=1), 0, [w, h])
+        hi = np.clip(stacked.max(axis=1), 0, [w, h])
+        boxes[known] = torch.from_numpy(np.concatenate([lo, hi], axis=1).astype(np.float32))
+    return masks, boxes
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -351,14 +414,89 @@ def _draw_jitter(rng: np.random.Generator, cfg: ViewConfig) -> _Jitter:
     )
 
 
-def _apply_jitter(t: torch.Tensor, jitter: _Jitter, rng: np.random.Generator) -> torch.Tensor:
-    """Pixels only: gamma, contrast (gain), brightness (bias), Gaussian noise; clipped to
-    [0, 1]."""
-    t = t.clamp(0.0, 1.0) ** jitter.gamma * jitter.gain + jitter.bias
-    if jitter.noise > 0:
-        noise = rng.standard_normal(tuple(t.shape), dtype=np.float32) * np.float32(jitter.noise)
-        t = t + torch.from_numpy(noise).to(t.device)
+def apply_jitter(
+    t: torch.Tensor,
+    gamma: torch.Tensor,
+    gain: torch.Tensor,
+    bias: torch.Tensor,
+    noise: torch.Tensor | None,
+) -> torch.Tensor:
+    """Pixels only, on a B×C×H×W batch in [0, 1] with per-sample (B,) ``gamma`` (exponent),
+    ``gain`` (contrast) and ``bias`` (brightness), plus additive ``noise`` (B×C×H×W or
+    None); clipped to [0, 1]."""
+    shape = (-1, 1, 1, 1)
+    t = t.clamp(0.0, 1.0) ** gamma.view(shape) * gain.view(shape) + bias.view(shape)
+    if noise is not None:
+        t = t + noise
     return t.clamp(0.0, 1.0)
+
+
+def jitter_tensors(
+    jitters: Sequence[_Jitter], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gamma, gain, bias) of a batch's jitters as (B,) tensors on ``device``."""
+    values = torch.tensor([(j.gamma, j.gain, j.bias) for j in jitters], dtype=torch.float32)
+    return tuple(values.to(device).unbind(1))  # type: ignore[return-value]
+
+
+def _jitter_one(t: torch.Tensor, jitter: _Jitter, rng: np.random.Generator) -> torch.Tensor:
+    """:func:`apply_jitter` of one C×H×W view, its noise drawn from the sample's ``rng``."""
+    noise = None
+    if jitter.noise > 0:
+        draw = rng.standard_normal(tuple(t.shape), dtype=np.float32) * np.float32(jitter.noise)
+        noise = torch.from_numpy(draw).to(t.device)[None]
+    return apply_jitter(t[None], *jitter_tensors([jitter], t.device), noise)[0]
+
+
+@dataclass
+class ViewPlan:
+    """How one sample's views are sampled: matrices from source pixels to the student input
+    (``image``) and to the teacher crop (``crop``, whose source is the expert crop file when
+    ``crop_from_file``, else the full image), the mask ROI's ``corners`` in student-input
+    pixels (None: no ROI), and the intensity ``jitter`` with the generator ``rng`` the
+    per-sample noise comes from (both None in evaluation)."""
+
+    image: np.ndarray
+    crop: np.ndarray
+    crop_from_file: bool
+    corners: np.ndarray | None
+    jitter: _Jitter | None
+    rng: np.random.Generator | None
+
+
+def plan_views(
+    sample: Any,
+    source: tuple[int, int],
+    crop_source: tuple[int, int] | None,
+    cfg: ViewConfig,
+    rng: np.random.Generator | None,
+    roi: tuple[Box | None, float],
+) -> ViewPlan:
+    """The :class:`ViewPlan` of ``sample`` (a full image of ``source = (H, W)``, an expert
+    crop file of ``crop_source`` or None) with the mask ROI ``roi = (box, angle)`` in
+    full-image pixels. With ``rng`` (training) it draws the augmentation (see
+    :class:`KdDataset`); without, it plans the plain evaluation views."""
+    if rng is not None:
+        aug = _as3x3(random_affine(rng, source, cfg.flip_p, cfg.degrees, cfg.scale, cfg.translate))
+        jitter: _Jitter | None = _draw_jitter(rng, cfg)
+    else:
+        aug, jitter = np.eye(3), None
+    image = student_matrix(source, cfg) @ aug
+    if crop_source is not None:
+        crop = resize_matrix(crop_source, cfg.crop_size)
+        if np.linalg.det(aug[:2, :2]) < 0:
+            crop = np.array([[-1.0, 0, cfg.crop_size[1]], [0, 1, 0], [0, 0, 1]]) @ crop
+    elif sample.box is None:
+        crop = resize_matrix(source, cfg.crop_size) @ aug
+    elif jitter is None:  # evaluation: exactly crop_view / crop_roi
+        crop = roi_matrix(roi_corners(sample.box, sample.angle), cfg.crop_size)
+    else:
+        box, angle = transform_roi(sample.box, sample.angle, aug)
+        crop = roi_matrix(roi_corners(box, angle), cfg.crop_size) @ aug
+    corners = None
+    if roi[0] is not None:
+        corners = transform_points(roi_corners(tuple(roi[0]), float(roi[1])), image)
+    return ViewPlan(image, crop, crop_source is not None, corners, jitter, rng)
 
 
 # --------------------------------------------------------------------------- config
@@ -574,65 +712,46 @@ class KdDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    def roi(self, index: int) -> tuple[Box | None, float]:
+        """The mask ROI of sample ``index``: from ``mask_rois`` when given, else expert."""
+        if self.mask_rois is not None and index in self.mask_rois:
+            return self.mask_rois[index]
+        sample = self.samples[index]
+        return sample.box, sample.angle
+
+    def rng(self, index: int) -> np.random.Generator | None:
+        """The augmentation generator of sample ``index`` this epoch (None in evaluation)."""
+        return np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         index = int(self.indices[item])
         sample = self.samples[index]
         cfg = self.cfg
         src = _tensor(_to_float(self._native(sample.image), cfg.channels))
-        source = (src.shape[-2], src.shape[-1])
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
-        if rng is not None:
-            aug = _as3x3(
-                random_affine(rng, source, cfg.flip_p, cfg.degrees, cfg.scale, cfg.translate)
-            )
-            jitter = _draw_jitter(rng, cfg)
-        else:
-            aug, jitter = np.eye(3), None
+        crop_src = None
+        if sample.crop is not None and "crop" in self.views:
+            crop_src = _tensor(_to_float(self._native(sample.crop), cfg.channels))
+        plan = plan_views(
+            sample,
+            (src.shape[-2], src.shape[-1]),
+            None if crop_src is None else (crop_src.shape[-2], crop_src.shape[-1]),
+            cfg,
+            self.rng(index),
+            self.roi(index),
+        )
         out: dict[str, torch.Tensor] = {}
-
         if "image" in self.views:
-            matrix = student_matrix(source, cfg) @ aug
-            image = _warp(src, matrix, cfg.image_size)
-            if jitter is not None:
-                image = _apply_jitter(image, jitter, rng)
+            image = _warp(src, plan.image, cfg.image_size)
+            if plan.jitter is not None:
+                image = _jitter_one(image, plan.jitter, plan.rng)
             out["image"] = _normalise(image, cfg)
-            mask, box = self._mask(index, sample, matrix)
-            out["mask"] = torch.from_numpy(mask)[None]
-            out["box"] = torch.from_numpy(box)
-
+            mask, box = masks_and_boxes([plan.corners], cfg.image_size, cfg.mask, src.device)
+            out["mask"], out["box"] = mask[0], box[0]
         if "crop" in self.views:
-            if sample.crop is not None:
-                crop_src = _tensor(_to_float(self._native(sample.crop), cfg.channels))
-                matrix = resize_matrix((crop_src.shape[-2], crop_src.shape[-1]), cfg.crop_size)
-                if np.linalg.det(aug[:2, :2]) < 0:
-                    matrix = np.array([[-1.0, 0, cfg.crop_size[1]], [0, 1, 0], [0, 0, 1]]) @ matrix
-            else:
-                crop_src = src
-                if sample.box is None:
-                    matrix = resize_matrix(source, cfg.crop_size) @ aug
-                elif jitter is None:  # evaluation: exactly crop_view / crop_roi
-                    matrix = roi_matrix(roi_corners(sample.box, sample.angle), cfg.crop_size)
-                else:
-                    box, angle = transform_roi(sample.box, sample.angle, aug)
-                    matrix = roi_matrix(roi_corners(box, angle), cfg.crop_size) @ aug
-            crop = _warp(crop_src, matrix, cfg.crop_size)
-            if jitter is not None:
-                crop = _apply_jitter(crop, jitter, rng)
+            crop = _warp(src if crop_src is None else crop_src, plan.crop, cfg.crop_size)
+            if plan.jitter is not None:
+                crop = _jitter_one(crop, plan.jitter, plan.rng)
             out["crop"] = _normalise(crop, cfg)
-
         out["label"] = torch.tensor(sample.label, dtype=torch.long)
         out["index"] = torch.tensor(index, dtype=torch.long)
         return out
-
-    def _mask(self, index: int, sample: Any, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h, w = self.cfg.image_size
-        roi: tuple[Box | None, float] = (sample.box, sample.angle)
-        if self.mask_rois is not None and index in self.mask_rois:
-            roi = self.mask_rois[index]
-        if roi[0] is None:
-            return np.ones((h, w), np.float32), np.array([0, 0, w, h], np.float32)
-        corners = transform_points(roi_corners(tuple(roi[0]), float(roi[1])), matrix)
-        mask = roi_mask(corners, (h, w), self.cfg.mask)
-        lo = np.clip(corners.min(axis=0), 0, [w, h])
-        hi = np.clip(corners.max(axis=0), 0, [w, h])
-        return mask, np.array([*lo, *hi], dtype=np.float32)

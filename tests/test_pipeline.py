@@ -12,6 +12,7 @@ import kdtoolkit
 from kdtoolkit import pipeline, train
 from kdtoolkit.builtin.roi_providers import ManualProvider
 from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.errors import KdError
 from kdtoolkit.recipe import load_recipe
 from tests.conftest import kd
 
@@ -134,12 +135,15 @@ def test_interrupted_run_resumes_with_same_folds(tmp_path, tiny_recipe, monkeypa
     assert set(result.results["summary"]) == {"teacher_crop", "baseline_full", "student"}
 
 
-def test_predict_reproduces_evaluation(tmp_path, tiny_recipe):
-    recipe = load_recipe(
-        tiny_recipe, ["teacher.epochs=1", "student.epochs=1", "evaluate.baseline=false"]
-    )
+@pytest.mark.parametrize("loader", ["workers", "device"])
+def test_predict_reproduces_evaluation(tmp_path, tiny_recipe, loader):
+    """Evaluation views, per sample or built on the device a batch at a time, are exactly what
+    ``kd predict`` computes from the image files."""
+    overrides = ["teacher.epochs=1", "student.epochs=1", "evaluate.baseline=false"]
+    recipe = load_recipe(tiny_recipe, [*overrides, f"data.loader='{loader}'"])
     kdtoolkit.run(recipe, quiet=True)
     run = tmp_path / "run"
+    assert ("held on cpu" in (run / "run.log").read_text()) == (loader == "device")
     evaluation = json.loads((run / "fold_0" / "eval.json").read_text())
     folds = json.loads((run / "folds.json").read_text())["samples"]
     images = [folds[i]["image"] for i in evaluation["predictions"]["index"]]
@@ -221,3 +225,31 @@ def test_cam_names_never_overwrite_each_other(tmp_path):
     used: set[str] = set()
     names = [_cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]
     assert names == ["slice_cam.png", "b_slice_cam.png", "b_slice_2_cam.png"]
+
+
+def test_folds_run_on_another_machine_join_the_report(tmp_path, tiny_recipe):
+    """A fold run elsewhere (its images at other absolute paths) and brought back without its
+    checkpoints (eval.json, model.json, cams.npz) is reported with the folds run here."""
+    overrides = ["teacher.epochs=1", "student.epochs=1", "evaluate.cam_examples=2"]
+    kdtoolkit.run(load_recipe(tiny_recipe, [*overrides, "cv.only=[0]"]), quiet=True)
+    run = tmp_path / "run"
+    folds_path = run / "folds.json"
+    folds = json.loads(folds_path.read_text())
+    root = folds["root"]
+    folds["root"] = "/gpu/box/data"
+    for s in folds["samples"]:
+        s["image"] = s["image"].replace(root, "/gpu/box/data")
+    folds_path.write_text(json.dumps(folds))
+    for heavy in [*run.rglob("*.safetensors"), *run.rglob("last.pt")]:
+        heavy.unlink()
+    fold0 = json.loads((run / "fold_0" / "eval.json").read_text())
+
+    result = kdtoolkit.run(load_recipe(tiny_recipe, [*overrides, "cv.only=[1]"]), quiet=True)
+    assert result.results["folds_run"] == [0, 1]
+    assert result.results["folds"][0] == fold0["metrics"]
+    assert all((run / "figures" / f).is_file() for f in ("curves.png", "gradcam.png"))
+
+    folds["samples"][0]["image"] = "/gpu/box/data/another.png"
+    folds_path.write_text(json.dumps(folds))
+    with pytest.raises(KdError, match="fold assignment was made for other data"):
+        kdtoolkit.run(load_recipe(tiny_recipe, [*overrides, "cv.only=[1]"]), quiet=True)
