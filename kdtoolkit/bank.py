@@ -24,6 +24,7 @@ from kdtoolkit.view import (
     Box,
     KdDataset,
     ViewConfig,
+    _normalise,
     _read_native,
     _to_float,
     apply_jitter,
@@ -102,17 +103,16 @@ class BankDataset(KdDataset):
         indices = [int(self.indices[i]) for i in items]
         samples = [self.samples[i] for i in indices]
         use_crop_files = "crop" in self.views and self.crops is not None
+        image_rows = [self.images.row[s.image] for s in samples]
+        image_sizes = [self.images.sizes[r] for r in image_rows]
         plans = []
-        for index, sample in zip(indices, samples, strict=True):
-            source = self.images.sizes[self.images.row[sample.image]]
+        for index, sample, source in zip(indices, samples, image_sizes, strict=True):
             crop_source = None
             if use_crop_files and sample.crop is not None:
                 crop_source = self.crops.sizes[self.crops.row[sample.crop]]
             plans.append(
                 plan_views(sample, source, crop_source, cfg, self.rng(index), self.roi(index))
             )
-        image_rows = [self.images.row[s.image] for s in samples]
-        image_sizes = [self.images.sizes[r] for r in image_rows]
         generator = None
         if self.train and cfg.noise > 0:
             state = np.random.SeedSequence([self.seed, self.epoch, number]).generate_state(2)
@@ -155,17 +155,13 @@ class BankDataset(KdDataset):
         generator: torch.Generator | None,
     ) -> torch.Tensor:
         """Jitter (training) and normalise a batch of [0, 1] views."""
-        cfg = self.cfg
         if jitter is not None:
             noise = None
             if generator is not None:
-                noise = (
-                    torch.randn(views.shape, generator=generator, device=views.device) * cfg.noise
-                )
+                shape, device = views.shape, views.device
+                noise = torch.randn(shape, generator=generator, device=device) * self.cfg.noise
             views = apply_jitter(views, *jitter, noise)
-        mean = torch.tensor(cfg.mean, device=views.device).view(1, -1, 1, 1)
-        std = torch.tensor(cfg.std, device=views.device).view(1, -1, 1, 1)
-        return ((views - mean) / std).contiguous()
+        return _normalise(views, self.cfg)
 
 
 class BankLoader:

@@ -83,8 +83,10 @@ def _to_float(native: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _expand(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """C×H×W with 1 channel → ``channels`` channels (grey → RGB repeats)."""
-    return t.expand(channels, -1, -1).contiguous() if t.shape[0] != channels else t
+    """…×C×H×W with 1 channel → ``channels`` channels (grey → RGB repeats)."""
+    if t.shape[-3] == channels:
+        return t
+    return t.expand(*t.shape[:-3], channels, *t.shape[-2:]).contiguous()
 
 
 def load_image(path: str | Path, channels: int) -> np.ndarray:
@@ -569,6 +571,8 @@ class ViewConfig:
 
 
 def _normalise(t: torch.Tensor, cfg: ViewConfig) -> torch.Tensor:
+    """A [0, 1] view (…×C×H×W: one, or a batch) expanded to ``cfg.channels`` and
+    standardised with ``cfg.mean``/``cfg.std``."""
     t = _expand(t, cfg.channels)
     mean = torch.tensor(cfg.mean, dtype=torch.float32, device=t.device).view(-1, 1, 1)
     std = torch.tensor(cfg.std, dtype=torch.float32, device=t.device).view(-1, 1, 1)
