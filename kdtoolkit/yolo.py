@@ -486,7 +486,7 @@ class YoloProvider(RoiProvider):
         conf: Annotated[float, Range(ge=0, le=1)] = 0.05,
         val_fraction: Annotated[float, Range(ge=0, lt=1)] = 0.15,
         fallback: Literal["mean_box", "whole_image"] = "mean_box",
-        workers: Annotated[int, Range(ge=0)] = 4,
+        workers: Annotated[int, Range(ge=0)] = 8,
     ) -> None:
         if _models_dir() is None:
             raise KdError(
