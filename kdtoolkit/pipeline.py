@@ -169,7 +169,7 @@ class Runner:
         if path.exists():
             saved = json.loads(path.read_text())
             # images relative to their manifest: a run folder moved to another machine stays valid
-            before = Path(saved.get("root", "/"))
+            before = Path(saved.get("root", root))  # older files: absolute paths, here
             names = [os.path.relpath(s["image"], before) for s in saved["samples"]]
             if names == [os.path.relpath(s.image, root) for s in self.samples]:
                 return np.array([s["fold"] for s in saved["samples"]])

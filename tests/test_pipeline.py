@@ -13,6 +13,7 @@ from kdtoolkit import pipeline, train
 from kdtoolkit.builtin.roi_providers import ManualProvider
 from kdtoolkit.checkpoint import load_checkpoint
 from kdtoolkit.errors import KdError
+from kdtoolkit.progress import RunProgress
 from kdtoolkit.recipe import load_recipe
 from tests.conftest import kd
 
@@ -235,7 +236,11 @@ def test_folds_run_on_another_machine_join_the_report(tmp_path, tiny_recipe):
     run = tmp_path / "run"
     folds_path = run / "folds.json"
     folds = json.loads(folds_path.read_text())
-    root = folds["root"]
+    root = folds.pop("root")
+    folds_path.write_text(json.dumps(folds))  # the older form: absolute paths, no root
+    with RunProgress(tmp_path / "check.log", quiet=True) as progress:
+        runner = pipeline.Runner(load_recipe(tiny_recipe, overrides), progress)
+    assert runner.fold_of.tolist() == [s["fold"] for s in folds["samples"]]
     folds["root"] = "/gpu/box/data"
     for s in folds["samples"]:
         s["image"] = s["image"].replace(root, "/gpu/box/data")
