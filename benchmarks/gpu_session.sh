@@ -31,7 +31,7 @@ python3 -c "import ultralytics; print('ultralytics', ultralytics.__version__)" 2
 KD="python3 -m kdtoolkit.cli"
 
 pack() {  # pack RUN NAME: the run folder without checkpoints, as $OUT/NAME.tgz
-  tar czf "$OUT/$2.tgz" --exclude='*.safetensors' --exclude='last.pt' --exclude='*.pt' \
+  tar czf "$OUT/$2.tgz" --exclude='*.safetensors' --exclude='*.pt' \
     --exclude='dataset' --exclude='predict' -C "$(dirname "$1")" "$(basename "$1")" \
     && echo "packed $1 -> $2.tgz ($(du -h "$OUT/$2.tgz" | cut -f1))"
 }
