@@ -39,8 +39,8 @@ from rich.table import Table
 
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
-from kdtoolkit.metric import gap_closure, summarise
-from kdtoolkit.recipe import (
+from kdtoolkit.report.metrics import gap_closure, summarise
+from kdtoolkit.config.recipe import (
     Recipe,
     RecipeError,
     apply_overrides,
@@ -193,9 +193,9 @@ def measure(
 ) -> dict[str, Any]:
     """Train (or reuse) teacher, baseline and one student per variant on every fold, evaluate
     them on the held-out folds and return the results (also written to the output folder)."""
-    from kdtoolkit.evaluation import evaluate_fold
-    from kdtoolkit.pipeline import Runner, build_loss, prepare_run_folder
-    from kdtoolkit.progress import RunProgress
+    from kdtoolkit.engine.evaluate import evaluate_fold
+    from kdtoolkit.engine.run import Runner, build_loss, prepare_run_folder
+    from kdtoolkit.engine.progress import RunProgress
 
     if not variants:
         raise KdError("no --variant given, e.g. --variant 'paper:'")

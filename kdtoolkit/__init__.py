@@ -12,30 +12,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from kdtoolkit.hookspec import hookimpl
+from kdtoolkit.plugins.hookspec import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
 
 if TYPE_CHECKING:
-    from kdtoolkit.inference import predict
-    from kdtoolkit.pipeline import run
-    from kdtoolkit.recipe import load_recipe
+    from kdtoolkit.models.inference import predict
+    from kdtoolkit.engine.run import run
+    from kdtoolkit.config.recipe import load_recipe
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so that `import kdtoolkit` (e.g. by a plugin for `hookimpl`) stays light.
     if name == "run":
-        from kdtoolkit.pipeline import run
+        from kdtoolkit.engine.run import run
 
         return run
     if name == "predict":
-        from kdtoolkit.inference import predict
+        from kdtoolkit.models.inference import predict
 
         return predict
     if name == "load_recipe":
-        from kdtoolkit.recipe import load_recipe
+        from kdtoolkit.config.recipe import load_recipe
 
         return load_recipe
     raise AttributeError(name)

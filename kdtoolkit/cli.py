@@ -57,8 +57,8 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
-    from kdtoolkit.pipeline import run as run_recipe
-    from kdtoolkit.recipe import load_recipe
+    from kdtoolkit.engine.run import run as run_recipe
+    from kdtoolkit.config.recipe import load_recipe
 
     overrides = list(set_ or [])
     if output is not None:
@@ -79,7 +79,7 @@ def results_table(results: dict) -> Table:
     table.add_column("setting")
     for metric in ("acc", "prec", "rec", "F1"):
         table.add_column(metric, justify="right")
-    from kdtoolkit.report import ordered_rows, row_label
+    from kdtoolkit.report.writer import ordered_rows, row_label
 
     summary = results["summary"]
     for row in ordered_rows(summary):
@@ -100,7 +100,7 @@ def validate(
     show: Annotated[bool, typer.Option(help="Print the resolved recipe as JSON.")] = False,
 ) -> None:
     """Check a recipe without running it: every problem at once, exit 2 if any."""
-    from kdtoolkit.recipe import load_recipe
+    from kdtoolkit.config.recipe import load_recipe
 
     resolved = load_recipe(recipe, list(set_ or []))
     if show:
@@ -112,7 +112,7 @@ def validate(
 @app.command()
 def plugins() -> None:
     """List every registered component by kind, with the plugin that provides it."""
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.plugins.manager import registries
 
     table = Table(title="kdtoolkit components")
     for column in ("kind", "name", "plugin"):
@@ -133,7 +133,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
     """Stage full images with a student alone: no crops, no detector."""
-    from kdtoolkit.inference import predict as predict_images
+    from kdtoolkit.models.inference import predict as predict_images
 
     results = predict_images(checkpoint, paths, cam_dir=cam, device=device)
     if as_json:
@@ -150,7 +150,7 @@ def predict(
 
 
 def _add_plugin_commands() -> None:
-    from kdtoolkit.plugin import plugin_manager
+    from kdtoolkit.plugins.manager import plugin_manager
 
     plugin_manager().hook.kd_register_commands(app=app)
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from kdtoolkit import backbone as bb
-from kdtoolkit.backbone import (
+from kdtoolkit.models import backbone as bb
+from kdtoolkit.models.backbone import (
     RESERVED,
     ConvNeXtAttn,
     TimmBackbone,
@@ -19,9 +19,9 @@ from kdtoolkit.backbone import (
     timm_backbone,
 )
 from kdtoolkit.errors import KdError
-from kdtoolkit.option import check_options
-from kdtoolkit.plugin import registries
-from kdtoolkit.registry import Registry
+from kdtoolkit.config.option import check_options
+from kdtoolkit.plugins.manager import registries
+from kdtoolkit.plugins.registry import Registry
 
 
 def _state(model):
@@ -62,7 +62,7 @@ def test_token_features_are_rejected():
 
 def test_kd_register_backbones_adds_convnext_attn_and_roi_zoom():
     from kdtoolkit.builtin import backbones
-    from kdtoolkit.zoom import roi_zoom
+    from kdtoolkit.builtin.roi_zoom import roi_zoom
 
     registry = Registry("backbone")
     backbones.kd_register_backbones(registry=registry)

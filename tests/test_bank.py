@@ -1,4 +1,4 @@
-"""Device-resident views (kdtoolkit.bank) against the per-sample reference (KdDataset)."""
+"""Device-resident views (kdtoolkit.data.bank) against the per-sample reference (KdDataset)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kdtoolkit.bank import BankDataset, BankLoader, ImageBank, bank_bytes
-from kdtoolkit.manifest import Sample
-from kdtoolkit.view import KdDataset, ViewConfig
+from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
+from kdtoolkit.data.manifest import Sample
+from kdtoolkit.data.view import KdDataset, ViewConfig
 
 NO_NOISE = {"noise": 0.0}
 

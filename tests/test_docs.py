@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from kdtoolkit import hookspec
+from kdtoolkit.plugins import hookspec
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOKS = sorted(name for name in vars(hookspec) if name.startswith("kd_"))

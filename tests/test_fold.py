@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.fold import assign_folds, fold_split, split_validation
+from kdtoolkit.data.fold import assign_folds, fold_split, split_validation
 
 LABELS = np.repeat(np.arange(4), [30, 20, 25, 45])  # 120 samples, imbalanced
 GROUPS = [f"patient{i // 3}" for i in range(len(LABELS))]  # 3 slices per patient, one class
@@ -104,7 +104,7 @@ def test_validation_split_stratified_without_groups() -> None:
 
 
 def test_validation_split_with_classes_smaller_than_the_splits():
-    from kdtoolkit.fold import split_validation
+    from kdtoolkit.data.fold import split_validation
 
     labels = np.array([0, 1, 2, 3, 4] * 3)
     train, val = split_validation(np.arange(15), labels, None, fraction=0.15, seed=0)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from kdtoolkit.backbone import timm_backbone
-from kdtoolkit.gradcam import cam_for_images, gradcam, unwrap
+from kdtoolkit.models.backbone import timm_backbone
+from kdtoolkit.models.gradcam import cam_for_images, gradcam, unwrap
 
 
 def _model(name, in_chans):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.backbone import convnext_attn, timm_backbone
+from kdtoolkit.models.backbone import convnext_attn, timm_backbone
 from kdtoolkit.builtin.losses import (
     AttentionKLLoss,
     AttentionMSELoss,
@@ -18,10 +18,10 @@ from kdtoolkit.builtin.losses import (
     RoiFeatureLoss,
 )
 from kdtoolkit.errors import KdError
-from kdtoolkit.loss import CompositeLoss, LossContext
-from kdtoolkit.option import check_options
-from kdtoolkit.plugin import registries
-from kdtoolkit.zoom import RoiBoxLoss
+from kdtoolkit.plugins.loss import CompositeLoss, LossContext
+from kdtoolkit.config.option import check_options
+from kdtoolkit.plugins.manager import registries
+from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 
 
 def _ctx(**kw):

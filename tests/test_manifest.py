@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.manifest import ManifestError, read_manifest
+from kdtoolkit.data.manifest import ManifestError, read_manifest
 
 CLASSES = ("open", "partial", "fused")
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from kdtoolkit.geometry import roi_corners
-from kdtoolkit.metric import (
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.report.metrics import (
     attention_metrics,
     box_mask,
     cam_box_iou,

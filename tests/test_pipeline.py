@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import kdtoolkit
-from kdtoolkit import pipeline, train
+from kdtoolkit.engine import run as pipeline, train
 from kdtoolkit.builtin.roi_providers import ManualProvider
-from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.models.checkpoint import load_checkpoint
 from kdtoolkit.errors import KdError
-from kdtoolkit.progress import RunProgress
-from kdtoolkit.recipe import load_recipe
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.config.recipe import load_recipe
 from tests.conftest import kd
 
 METRICS = {"accuracy", "precision", "recall", "f1", "macro_f1"}
@@ -221,7 +221,7 @@ def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
 
 
 def test_cam_names_never_overwrite_each_other(tmp_path):
-    from kdtoolkit.inference import _cam_name
+    from kdtoolkit.models.inference import _cam_name
 
     used: set[str] = set()
     names = [_cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]

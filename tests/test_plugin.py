@@ -6,7 +6,9 @@ import textwrap
 import pluggy
 import pytest
 
-from kdtoolkit import hookimpl, hookspec, plugin
+from kdtoolkit import hookimpl
+from kdtoolkit.plugins import hookspec
+from kdtoolkit.plugins import manager as plugin
 from kdtoolkit.errors import KdError
 from tests.conftest import kd
 
@@ -77,7 +79,7 @@ def _install_throwaway(tmp_path):
         textwrap.dedent(
             """
             from kdtoolkit import hookimpl
-            from kdtoolkit.loss import LossTerm
+            from kdtoolkit.plugins.loss import LossTerm
 
             class DummyLoss(LossTerm):
                 def __init__(self, scale: float = 1.0):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.recipe import RecipeError, load_recipe, parse_override
+from kdtoolkit.config.recipe import RecipeError, load_recipe, parse_override
 from tests.conftest import kd
 
 BASE = """

@@ -1,7 +1,7 @@
 import pytest
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.registry import Registry
+from kdtoolkit.plugins.registry import Registry
 
 
 def test_register_decorator_and_call_and_get():

@@ -12,9 +12,9 @@ import pytest
 
 from kdtoolkit import fileio
 from kdtoolkit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
-from kdtoolkit.geometry import roi_corners
-from kdtoolkit.metric import summarise
-from kdtoolkit.report import (
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.report.metrics import summarise
+from kdtoolkit.report.writer import (
     plot_cam_pairs,
     plot_confusions,
     plot_curves,

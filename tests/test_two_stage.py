@@ -15,16 +15,16 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdtoolkit
-from kdtoolkit import plugin
-from kdtoolkit.backbone import build_backbone
+from kdtoolkit.plugins import manager as plugin
+from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.errors import KdError
-from kdtoolkit.evaluation import two_stage_logits
-from kdtoolkit.manifest import read_manifest
-from kdtoolkit.pipeline import view_config
-from kdtoolkit.recipe import RecipeError, load_recipe
-from kdtoolkit.roi import RoiProvider, RoiResult
-from kdtoolkit.train import predict_logits
-from kdtoolkit.view import KdDataset, crop_roi, load_image, normalise
+from kdtoolkit.engine.evaluate import two_stage_logits
+from kdtoolkit.data.manifest import read_manifest
+from kdtoolkit.engine.run import view_config
+from kdtoolkit.config.recipe import RecipeError, load_recipe
+from kdtoolkit.plugins.roi import RoiProvider, RoiResult
+from kdtoolkit.engine.train import predict_logits
+from kdtoolkit.data.view import KdDataset, crop_roi, load_image, normalise
 from tests.conftest import CLASSES, kd
 from tests.test_yolo import empty_home, offline  # noqa: F401  (fixtures)
 

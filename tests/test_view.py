@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.geometry import roi_corners
-from kdtoolkit.manifest import Sample
-from kdtoolkit.view import (
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.data.manifest import Sample
+from kdtoolkit.data.view import (
     KdDataset,
     ViewConfig,
     crop_roi,
@@ -38,7 +38,7 @@ NO_JITTER = {"brightness": 0.0, "contrast": 0.0, "gamma": 0.0, "noise": 0.0}
 
 def _frame_coords(shape: tuple[int, int], box, angle: float) -> tuple[np.ndarray, np.ndarray]:
     """ROI-frame offsets (dx along the ROI's width, dy along its height) of pixel centres,
-    inverting the kdtoolkit.geometry convention."""
+    inverting the kdtoolkit.data.geometry convention."""
     h, w = shape
     x0, y0, x1, y1 = box
     ox = np.arange(w)[None, :] + 0.5 - (x0 + x1) / 2

@@ -17,9 +17,9 @@ import torch
 from PIL import Image
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.option import check_options
-from kdtoolkit.roi import RoiRequest
-from kdtoolkit.yolo import (
+from kdtoolkit.config.option import check_options
+from kdtoolkit.plugins.roi import RoiRequest
+from kdtoolkit.builtin.yolo.provider import (
     YoloProvider,
     _stage_image,
     average_precision,
@@ -33,7 +33,7 @@ from kdtoolkit.yolo import (
 )
 
 try:
-    from kdtoolkit.manifest import Sample
+    from kdtoolkit.data.manifest import Sample
 except ImportError:  # the manifest module is written elsewhere; same fields
 
     @dataclass(frozen=True)
@@ -171,13 +171,13 @@ def test_options_are_declared_for_recipes():
 
 
 def test_registered_as_yolo():
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.plugins.manager import registries
 
     assert registries().roi_providers.get("yolo") is YoloProvider
 
 
 def test_importing_the_module_does_not_import_ultralytics():
-    code = "import sys, kdtoolkit.yolo; assert 'ultralytics' not in sys.modules"
+    code = "import sys, kdtoolkit.builtin.yolo.provider; assert 'ultralytics' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -356,7 +356,7 @@ def test_ultralytics_leaves_pil_alone(tmp_path):
     """After a YOLO session, PIL still raises its own error on an unreadable image."""
     from PIL import Image, UnidentifiedImageError
 
-    from kdtoolkit.yolo import ultralytics_session
+    from kdtoolkit.builtin.yolo.provider import ultralytics_session
 
     with ultralytics_session(tmp_path / "work", lambda line: None):
         pass

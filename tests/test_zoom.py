@@ -7,11 +7,11 @@ import math
 import numpy as np
 import torch
 
-from kdtoolkit.backbone import build_backbone
-from kdtoolkit.geometry import roi_corners
-from kdtoolkit.loss import LossContext
-from kdtoolkit.view import crop_roi, roi_mask
-from kdtoolkit.zoom import RoiBoxLoss, mask_moments, roi_grid
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.plugins.loss import LossContext
+from kdtoolkit.data.view import crop_roi, roi_mask
+from kdtoolkit.builtin.roi_zoom import RoiBoxLoss, mask_moments, roi_grid
 
 H = W = 96
 BOX, ANGLE = (30.0, 40.0, 70.0, 60.0), 35.0  # 40×20 px, rotated 35° counter-clockwise
@@ -80,7 +80,7 @@ def test_init_from_teacher_copies_the_teacher_into_the_classifier():
     import pytest
 
     from kdtoolkit.errors import KdError
-    from kdtoolkit.pipeline import init_from_teacher
+    from kdtoolkit.engine.run import init_from_teacher
 
     torch.manual_seed(0)
     teacher = build_backbone("resnet10t", 3, 1, {})
@@ -98,8 +98,8 @@ def test_init_from_teacher_copies_the_teacher_into_the_classifier():
 
 
 def test_image_attention_marks_the_predicted_roi():
-    from kdtoolkit.gradcam import cam_for_images
-    from kdtoolkit.metric import cam_box_iou, pointing_game
+    from kdtoolkit.models.gradcam import cam_for_images
+    from kdtoolkit.report.metrics import cam_box_iou, pointing_game
 
     torch.manual_seed(0)
     model = build_backbone("roi_zoom", 3, 1, {"locator": "resnet10t", "classifier": "resnet10t"})

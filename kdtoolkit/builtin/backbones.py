@@ -1,12 +1,12 @@
-"""Built-in backbones. Any timm model name works without registration (``kdtoolkit.backbone``);
+"""Built-in backbones. Any timm model name works without registration (``kdtoolkit.models.backbone``);
 this plugin adds ``convnext_attn``, ConvNeXt with a spatial-attention or attention-pooling
 head, and ``roi_zoom``, a full-image student that locates and resamples its ROI."""
 
 from __future__ import annotations
 
-from kdtoolkit.backbone import convnext_attn
-from kdtoolkit.hookspec import hookimpl
-from kdtoolkit.zoom import roi_zoom
+from kdtoolkit.models.backbone import convnext_attn
+from kdtoolkit.plugins.hookspec import hookimpl
+from kdtoolkit.builtin.roi_zoom import roi_zoom
 
 
 @hookimpl

@@ -1,7 +1,7 @@
 """Built-in loss terms (a plugin module like any other).
 
 Notation: z student logits, t teacher logits, y labels, A the student's last feature map
-(B×C×h×w, ``ctx.features``), Â its Grad-CAM map (``kdtoolkit.gradcam``, max-normalised to
+(B×C×h×w, ``ctx.features``), Â its Grad-CAM map (``kdtoolkit.models.gradcam``, max-normalised to
 [0, 1]), M the ROI mask (``ctx.masks``) area-resized to h×w. Everything is computed in float32.
 """
 
@@ -15,11 +15,11 @@ from torch import nn
 from torchvision.ops import roi_align
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.gradcam import EPS, gradcam, unwrap
-from kdtoolkit.hookspec import hookimpl
-from kdtoolkit.loss import LossContext, LossTerm
-from kdtoolkit.option import Range
-from kdtoolkit.zoom import RoiBoxLoss
+from kdtoolkit.models.gradcam import EPS, gradcam, unwrap
+from kdtoolkit.plugins.hookspec import hookimpl
+from kdtoolkit.plugins.loss import LossContext, LossTerm
+from kdtoolkit.config.option import Range
+from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 
 
 def _mask_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -190,7 +190,7 @@ class RoiCELoss(LossTerm):
         self.output_size = output_size
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        from kdtoolkit.backbone import TimmBackbone
+        from kdtoolkit.models.backbone import TimmBackbone
 
         model = unwrap(ctx.student)
         pooled = roi_pool(ctx, self.output_size).to(ctx.features.dtype)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kdtoolkit.hookspec import hookimpl
-from kdtoolkit.roi import RoiProvider, RoiRequest, RoiResult
+from kdtoolkit.plugins.hookspec import hookimpl
+from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
 
 
 class ManualProvider(RoiProvider):
@@ -24,7 +24,7 @@ class ManualProvider(RoiProvider):
 def kd_register_roi_providers(registry):
     registry.register("manual", ManualProvider)
     try:
-        from kdtoolkit.yolo import YoloProvider
+        from kdtoolkit.builtin.yolo.provider import YoloProvider
     except ImportError:  # the yolo module is optional until it lands
         return
     registry.register("yolo", YoloProvider)

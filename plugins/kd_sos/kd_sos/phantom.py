@@ -14,7 +14,7 @@ endocranial surface) holds the stage pattern (Bassed et al.):
 
 Decoy bars of the same size and texture (on the vault, in the cervical spine, on the occipital
 squama, on the palate) carry random stage patterns unrelated to the label, so a full-image model
-has to find the clivus. Geometry follows :mod:`kdtoolkit.geometry`: pixel ``(row i, col j)``
+has to find the clivus. Geometry follows :mod:`kdtoolkit.data.geometry`: pixel ``(row i, col j)``
 covers ``x ∈ [j, j+1), y ∈ [i, i+1)`` and ``roi_corners(box, angle)`` are the band's corners.
 """
 
@@ -37,7 +37,7 @@ from PIL import Image
 from scipy import ndimage
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.geometry import roi_corners
+from kdtoolkit.data.geometry import roi_corners
 
 STAGES = ("stage_1", "stage_2", "stage_3", "stage_4", "stage_5")
 PAPER_COUNTS = (158, 88, 92, 124, 252)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Annotated
 
 from kd_sos.phantom import STAGES, Difficulty, ensure_phantom, phantom_params
-from kdtoolkit.option import Range
-from kdtoolkit.task import Task
+from kdtoolkit.config.option import Range
+from kdtoolkit.plugins.task import Task
 
 DESCRIPTIONS = (
     "open: a radiolucent cleft separates the sphenoid and the basi-occiput",

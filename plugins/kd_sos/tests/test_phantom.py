@@ -24,11 +24,11 @@ from kd_sos.phantom import (
 from PIL import Image
 from typer.testing import CliRunner
 
-import kdtoolkit.hookspec
+import kdtoolkit.plugins.hookspec
 from kdtoolkit.errors import KdError
-from kdtoolkit.geometry import roi_corners
-from kdtoolkit.option import check_options
-from kdtoolkit.registry import Registry
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.config.option import check_options
+from kdtoolkit.plugins.registry import Registry
 
 
 def read_manifest(path: Path) -> tuple[list[str], list[dict]]:
@@ -257,7 +257,7 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
 
 def fresh_manager() -> pluggy.PluginManager:
     pm = pluggy.PluginManager("kdtoolkit")
-    pm.add_hookspecs(kdtoolkit.hookspec)
+    pm.add_hookspecs(kdtoolkit.plugins.hookspec)
     pm.register(kd_sos.plugin)
     pm.check_pending()  # every hook implementation matches a hook
     return pm

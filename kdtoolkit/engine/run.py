@@ -20,21 +20,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from kdtoolkit import fold as folds_mod
-from kdtoolkit.backbone import build_backbone
-from kdtoolkit.bank import BankDataset, BankLoader, ImageBank, bank_bytes
-from kdtoolkit.checkpoint import save_checkpoint
+from kdtoolkit.data import fold as folds_mod
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
+from kdtoolkit.models.checkpoint import save_checkpoint
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
-from kdtoolkit.loss import CompositeLoss
-from kdtoolkit.manifest import Manifest, read_manifest
-from kdtoolkit.plugin import registries
-from kdtoolkit.progress import RunProgress
-from kdtoolkit.recipe import ModelConfig, Recipe
-from kdtoolkit.roi import RoiRequest, RoiResult
-from kdtoolkit.task import Task
-from kdtoolkit.train import Stage, train_stage
-from kdtoolkit.view import KdDataset, ViewConfig
+from kdtoolkit.plugins.loss import CompositeLoss
+from kdtoolkit.data.manifest import Manifest, read_manifest
+from kdtoolkit.plugins.manager import registries
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.config.recipe import ModelConfig, Recipe
+from kdtoolkit.plugins.roi import RoiRequest, RoiResult
+from kdtoolkit.plugins.task import Task
+from kdtoolkit.engine.train import Stage, train_stage
+from kdtoolkit.data.view import KdDataset, ViewConfig
 
 #: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
 #: free memory.
@@ -305,7 +305,7 @@ class Runner:
 
     def load_model(self, path: Path) -> torch.nn.Module:
         """A trained stage's model, rebuilt from its checkpoint's own metadata."""
-        from kdtoolkit.inference import load_model
+        from kdtoolkit.models.inference import load_model
 
         return load_model(path, self.device)[0]
 
@@ -474,7 +474,7 @@ class Runner:
             baseline_ckpt = self.train(
                 k, "baseline_full", "image", r.student, build_loss(r, ce_only), split
             )
-        from kdtoolkit.evaluation import evaluate_fold
+        from kdtoolkit.engine.evaluate import evaluate_fold
 
         result = evaluate_fold(
             self,
@@ -564,7 +564,7 @@ def prepare_run_folder(recipe: Recipe, force: bool) -> Path:
 
 def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
     """Run ``recipe`` into its run folder and write results, report and figures."""
-    from kdtoolkit.evaluation import finish_run
+    from kdtoolkit.engine.evaluate import finish_run
 
     out = prepare_run_folder(recipe, force)
     with RunProgress(out / "run.log", quiet=quiet) as progress:

@@ -3,7 +3,7 @@
 Coordinates are continuous pixels, x to the right, y down; an image of width W and height H
 covers ``[0, W] × [0, H]`` (pixel ``i`` spans ``[i, i + 1)``, its centre is ``i + 0.5``).
 Geometric transforms are 3×3 (or 2×3) affine matrices mapping *source* pixels to
-*destination* pixels; ROIs follow :mod:`kdtoolkit.geometry`. Every resampling (resize,
+*destination* pixels; ROIs follow :mod:`kdtoolkit.data.geometry`. Every resampling (resize,
 letterbox, ROI crop, augmentation) is one bilinear :func:`warp` of the decoded image (with an
 antialiased pre-reduction when it shrinks), so an augmented view is sampled once, and the
 teacher's crop, the student's image and the ROI mask all come from the same matrix.
@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.geometry import roi_corners
+from kdtoolkit.data.geometry import roi_corners
 
 Box = tuple[float, float, float, float]
 #: ITU-R BT.601 luma weights, used to turn RGB into grey.
@@ -166,7 +166,7 @@ def warp_stack(
     first reduced by the same factor with an antialiased resize
     (``F.interpolate(antialias=True)``), so the bilinear step stays near 1:1. The single
     resampling of every view, one sample (:func:`warp`) or a batch on the device
-    (:mod:`kdtoolkit.bank`)."""
+    (:mod:`kdtoolkit.data.bank`)."""
     out = stack.new_zeros((len(rows), stack.shape[1], int(size[0]), int(size[1])))
     direct: list[int] = []
     for j, (row, (height, width), matrix) in enumerate(zip(rows, sizes, matrices, strict=True)):
@@ -219,7 +219,7 @@ def warp(image: np.ndarray, matrix: np.ndarray, size: tuple[int, int]) -> np.nda
 def roi_matrix(corners: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """3×3 matrix from image pixels to crop pixels of ``size = (h, w)`` that takes the ROI
     corners (top-left, top-right, bottom-right, bottom-left, as from
-    :func:`kdtoolkit.geometry.roi_corners`) to the crop's corners: the ROI's own frame."""
+    :func:`kdtoolkit.data.geometry.roi_corners`) to the crop's corners: the ROI's own frame."""
     c = np.asarray(corners, dtype=np.float64)
     h, w = size
     crop_to_image = np.array(
@@ -235,7 +235,7 @@ def roi_matrix(corners: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def crop_roi(image: np.ndarray, box: Box, angle: float, size: tuple[int, int]) -> np.ndarray:
-    """The teacher's view: the ROI ``box`` rotated by ``angle`` (kdtoolkit.geometry
+    """The teacher's view: the ROI ``box`` rotated by ``angle`` (kdtoolkit.data.geometry
     convention), sampled in its own frame (so the ROI comes out axis-aligned) and resized to
     ``size = (h, w)`` in one bilinear sampling. The single definition of the crop geometry,
     for expert boxes and detected ones (angle 0) alike."""

@@ -45,9 +45,9 @@ import numpy as np
 from PIL import Image
 
 from kdtoolkit.errors import KdError, suggestion
-from kdtoolkit.geometry import enclosing_box
-from kdtoolkit.option import Range
-from kdtoolkit.roi import RoiProvider, RoiRequest, RoiResult
+from kdtoolkit.data.geometry import enclosing_box
+from kdtoolkit.config.option import Range
+from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
 
 Box = tuple[float, float, float, float]
 
@@ -74,7 +74,7 @@ def yolo_label(
     box: Box, angle: float, width: int, height: int
 ) -> tuple[float, float, float, float]:
     """YOLO label ``(cx, cy, w, h)``, relative to the image size, of the axis-aligned box
-    around the ROI ``box`` rotated by ``angle`` (see :mod:`kdtoolkit.geometry`), clipped to
+    around the ROI ``box`` rotated by ``angle`` (see :mod:`kdtoolkit.data.geometry`), clipped to
     the image."""
     x0, y0, x1, y1 = enclosing_box(box, angle)
     x0, x1 = np.clip([x0, x1], 0.0, width)

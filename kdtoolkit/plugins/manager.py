@@ -10,9 +10,9 @@ from types import ModuleType
 
 import pluggy
 
-from kdtoolkit import hookspec
+from kdtoolkit.plugins import hookspec
 from kdtoolkit.errors import KdError
-from kdtoolkit.registry import Registry
+from kdtoolkit.plugins.registry import Registry
 
 GROUP = "kdtoolkit"
 BUILTIN_PLUGINS = (

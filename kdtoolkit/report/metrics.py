@@ -174,7 +174,7 @@ def box_mask(
     """Boolean ``h × w`` mask of the pixels whose centres lie in ``box``.
 
     ``box`` is ``(x0, y0, x1, y1)`` or the corners of a convex polygon (N×2, x y, in order, e.g.
-    ``kdtoolkit.geometry.roi_corners``). ``image_shape`` ``(H, W)``: the box is in pixels of an
+    ``kdtoolkit.data.geometry.roi_corners``). ``image_shape`` ``(H, W)``: the box is in pixels of an
     image of that size and is scaled to ``shape``.
     """
     h, w = int(shape[0]), int(shape[1])

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdtoolkit.backbone import build_backbone
-from kdtoolkit.checkpoint import load_checkpoint
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.checkpoint import load_checkpoint
 from kdtoolkit.errors import KdError
-from kdtoolkit.train import split_weights
+from kdtoolkit.engine.train import split_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -34,7 +34,7 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
-    from kdtoolkit.pipeline import resolve_device
+    from kdtoolkit.engine.run import resolve_device
 
     weights, meta = load_checkpoint(Path(checkpoint))
     model_weights, _ = split_weights(weights)
@@ -56,7 +56,7 @@ def predict(
 
     Each result: ``{"image", "class", "index", "probabilities": {class: p}}``.
     """
-    from kdtoolkit.view import ViewConfig, load_image, student_view
+    from kdtoolkit.data.view import ViewConfig, load_image, student_view
 
     model, meta = load_model(checkpoint, device)
     if meta.get("view") != "image":
@@ -118,7 +118,7 @@ def _write_cams(
     from matplotlib import cm
     from PIL import Image
 
-    from kdtoolkit.gradcam import cam_for_images
+    from kdtoolkit.models.gradcam import cam_for_images
 
     cam_dir.mkdir(parents=True, exist_ok=True)
     cams = cam_for_images(model, x).cpu().numpy()

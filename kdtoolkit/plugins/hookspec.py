@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from kdtoolkit.registry import Registry
+    from kdtoolkit.plugins.registry import Registry
 
 hookspec = pluggy.HookspecMarker("kdtoolkit")
 hookimpl = pluggy.HookimplMarker("kdtoolkit")
@@ -32,13 +32,13 @@ def kd_register_backbones(registry: Registry) -> None:
 
     A backbone is an ``nn.Module`` with ``forward_features(x)`` (last feature map, B×C×h×w),
     ``forward_head(features)`` (logits) and ``num_features`` (C). Options are the factory's
-    keyword parameters (see ``kdtoolkit.option``).
+    keyword parameters (see ``kdtoolkit.config.option``).
     """
 
 
 @hookspec
 def kd_register_roi_providers(registry: Registry) -> None:
-    """Register ROI providers: subclasses of ``kdtoolkit.roi.RoiProvider``.
+    """Register ROI providers: subclasses of ``kdtoolkit.plugins.roi.RoiProvider``.
 
     A provider is built with its recipe options and, per fold, returns an ROI box for every
     image (training images for the student's masks, held-out ones for the two-stage baseline).
@@ -47,7 +47,7 @@ def kd_register_roi_providers(registry: Registry) -> None:
 
 @hookspec
 def kd_register_losses(registry: Registry) -> None:
-    """Register loss terms: subclasses of ``kdtoolkit.loss.LossTerm``.
+    """Register loss terms: subclasses of ``kdtoolkit.plugins.loss.LossTerm``.
 
     A term is an ``nn.Module`` built with its recipe options; ``forward(ctx)`` gets a
     ``LossContext`` (student and teacher outputs and features, labels, ROI boxes and masks) and
@@ -58,7 +58,7 @@ def kd_register_losses(registry: Registry) -> None:
 
 @hookspec
 def kd_register_tasks(registry: Registry) -> None:
-    """Register tasks: ``kdtoolkit.task.Task`` instances (classes, ordinal flag, crop aspect,
+    """Register tasks: ``kdtoolkit.plugins.task.Task`` instances (classes, ordinal flag, crop aspect,
     recipe defaults, and an optional built-in data source that writes a manifest)."""
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.loss import LossContext, LossTerm
-from kdtoolkit.option import Range
+from kdtoolkit.plugins.loss import LossContext, LossTerm
+from kdtoolkit.config.option import Range
 
 
 def mask_moments(masks: torch.Tensor) -> torch.Tensor:
@@ -174,7 +174,7 @@ def roi_zoom(
     ``detach_roi``: the classifier's losses do not move the locator (only ``roi_box`` does).
     With ``student.init_from_teacher`` the classifier starts as the crop teacher (same
     backbone name as the teacher)."""
-    from kdtoolkit.backbone import build_backbone
+    from kdtoolkit.models.backbone import build_backbone
 
     size = tuple(crop_size or (64, 128))
     return RoiZoom(
@@ -192,7 +192,7 @@ class RoiBoxLoss(LossTerm):
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
         from kdtoolkit.errors import KdError
-        from kdtoolkit.gradcam import unwrap
+        from kdtoolkit.models.gradcam import unwrap
 
         roi = getattr(unwrap(ctx.student), "last_roi", None)
         if roi is None or ctx.masks is None:

@@ -17,14 +17,14 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from kdtoolkit.errors import KdError, suggestion
-from kdtoolkit.geometry import roi_corners
+from kdtoolkit.data.geometry import roi_corners
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED = ("image", "label")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 OPTIONAL = ("angle", "crop", "group", "fold")
 KNOWN_COLUMNS = (*REQUIRED, *BOX_COLUMNS, *OPTIONAL)
-#: Pixel modes :func:`kdtoolkit.view.load_image` can convert (8/16-bit grey, RGB, palette, alpha).
+#: Pixel modes :func:`kdtoolkit.data.view.load_image` can convert (8/16-bit grey, RGB, palette, alpha).
 SUPPORTED_MODES = frozenset(
     {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L",
      "I;16B", "I;16N", "F"}
@@ -42,7 +42,7 @@ class Sample:
     image: Path  # absolute path
     label: int  # 0-based class index
     box: tuple[float, float, float, float] | None  # expert ROI x0,y0,x1,y1, full-image pixels
-    angle: float  # degrees, kdtoolkit.geometry convention, 0 if absent
+    angle: float  # degrees, kdtoolkit.data.geometry convention, 0 if absent
     crop: Path | None  # expert crop image, absolute
     group: str | None  # patient id
     fold: int | None  # predefined fold

@@ -14,7 +14,7 @@ import numpy as np
 class RoiRequest:
     """One fold's request to an ROI provider.
 
-    ``samples`` is the whole manifest (``kdtoolkit.manifest.Sample`` list); a provider may
+    ``samples`` is the whole manifest (``kdtoolkit.data.manifest.Sample`` list); a provider may
     learn only from ``samples[i]`` for ``i in train`` (the fold's training part) and must
     return a box for every index in ``predict``. ``workdir`` is the provider's folder inside
     the run folder; everything it writes goes there.
@@ -34,7 +34,7 @@ class RoiRequest:
 class RoiResult:
     """Boxes for ``request.predict``, in the same order, in full-image pixels.
 
-    ``boxes`` (N×4, x0 y0 x1 y1) with ``angles`` (N, degrees, see ``kdtoolkit.geometry``);
+    ``boxes`` (N×4, x0 y0 x1 y1) with ``angles`` (N, degrees, see ``kdtoolkit.data.geometry``);
     ``found[i]`` is False where the provider found nothing and used its fallback.
     ``metrics`` are reported in results.json (e.g. detection mAP on held-out images).
     """

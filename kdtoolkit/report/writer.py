@@ -3,8 +3,8 @@
 Structures (rows such as ``teacher_crop``, ``baseline_full``, ``two_stage``, ``student``;
 metrics such as ``accuracy``, all fractions):
 
-- ``folds``: ``[{row: {metric: value}}]``, one dict per fold (``kdtoolkit.metric``);
-- ``summary``: ``{row: {metric: {"mean": x, "std": s}}}`` (``kdtoolkit.metric.summarise``).
+- ``folds``: ``[{row: {metric: value}}]``, one dict per fold (``kdtoolkit.report.metrics``);
+- ``summary``: ``{row: {metric: {"mean": x, "std": s}}}`` (``kdtoolkit.report.metrics.summarise``).
 
 Figures use matplotlib's Agg canvas directly (no pyplot, no global backend switch) and every
 file is written atomically (``kdtoolkit.fileio``).
@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Polygon
 
 from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text
-from kdtoolkit.metric import ROWS, gap_closure, summarise
+from kdtoolkit.report.metrics import ROWS, gap_closure, summarise
 
 #: Setting column of the paper's table for the canonical rows.
 ROW_LABELS = {

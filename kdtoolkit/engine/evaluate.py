@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdtoolkit.gradcam import cam_for_images
-from kdtoolkit.metric import (
+from kdtoolkit.models.gradcam import cam_for_images
+from kdtoolkit.report.metrics import (
     ROWS,
     attention_metrics,
     classification_metrics,
@@ -19,12 +19,12 @@ from kdtoolkit.metric import (
     gap_closure,
     summarise,
 )
-from kdtoolkit.roi import RoiResult
-from kdtoolkit.train import autocast, predict_logits
-from kdtoolkit.view import crop_roi, load_image, normalise, student_view
+from kdtoolkit.plugins.roi import RoiResult
+from kdtoolkit.engine.train import autocast, predict_logits
+from kdtoolkit.data.view import crop_roi, load_image, normalise, student_view
 
 if TYPE_CHECKING:
-    from kdtoolkit.pipeline import Runner
+    from kdtoolkit.engine.run import Runner
 
 
 def _row(runner: Runner, labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
@@ -167,8 +167,8 @@ def _history(runner: Runner, k: int) -> dict[str, list[dict]]:
 
 def finish_run(runner: Runner, per_fold: dict[int, dict[str, Any]]):
     """Aggregate the folds into results.json/csv, figures and report.md."""
-    from kdtoolkit import report
-    from kdtoolkit.pipeline import RunResult
+    from kdtoolkit.report import writer as report
+    from kdtoolkit.engine.run import RunResult
 
     out = runner.out
     folds = [per_fold[k]["metrics"] for k in sorted(per_fold)]

@@ -2,7 +2,7 @@
 
 A backbone is an ``nn.Module`` with ``forward_features(x)`` (last feature map, B×C×h×w),
 ``forward_head(features)`` (logits; cheap: pooling → norm → linear, so Grad-CAM can be taken
-through it alone, see ``kdtoolkit.gradcam``), ``forward(x)`` and ``num_features`` (C).
+through it alone, see ``kdtoolkit.models.gradcam``), ``forward(x)`` and ``num_features`` (C).
 
 Names resolve first in the backbone registry (plugins, e.g. ``convnext_attn``), then as any timm
 model name (``timm.list_models()``). Weights: ``pretrained=None`` (default) never touches the
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from kdtoolkit.errors import KdError, close_matches, suggestion
-from kdtoolkit.option import Range, check_options
+from kdtoolkit.config.option import Range, check_options
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def convnext_attn(
 
 def _bind_timm_name(name: str) -> Callable[..., TimmBackbone]:
     """``timm_backbone`` with ``name`` bound, as a factory whose keyword parameters declare
-    the options (what ``kdtoolkit.option`` inspects)."""
+    the options (what ``kdtoolkit.config.option`` inspects)."""
 
     def factory(num_classes: int, in_chans: int, **options: Any) -> TimmBackbone:
         return timm_backbone(name, num_classes, in_chans, **options)
@@ -388,7 +388,7 @@ def _bind_timm_name(name: str) -> Callable[..., TimmBackbone]:
 
 
 def _registry():
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.plugins.manager import registries
 
     return registries().backbones
 

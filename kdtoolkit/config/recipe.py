@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from kdtoolkit.errors import KdError, suggestion
-from kdtoolkit.option import Range, check_options, check_value
+from kdtoolkit.config.option import Range, check_options, check_value
 
 
 class RecipeError(KdError):
@@ -327,8 +327,8 @@ def _check_sizes(recipe: Recipe) -> list[str]:
 
 def _check_components(recipe: Recipe) -> list[str]:
     """Registry names and component options, with close matches."""
-    from kdtoolkit import backbone
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.models import backbone
+    from kdtoolkit.plugins.manager import registries
 
     regs = registries()
     problems: list[str] = []
@@ -384,7 +384,7 @@ def _construction_problems(factory: Any, options: dict[str, Any], path: str) -> 
 
 
 def _task_has_data(recipe: Recipe) -> bool:
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.plugins.manager import registries
 
     regs = registries()
     return recipe.task.name in regs.tasks and regs.tasks.get(recipe.task.name).make_data is not None
@@ -403,7 +403,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     """The recipe defaults of the task the raw recipe names (empty when none)."""
-    from kdtoolkit.plugin import registries
+    from kdtoolkit.plugins.manager import registries
 
     task = raw.get("task", {})
     name = task.get("name") if isinstance(task, dict) else None

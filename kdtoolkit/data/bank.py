@@ -1,11 +1,11 @@
 """Images kept on the training device, and batches of views cut from them there (design §5).
 
-:class:`~kdtoolkit.view.KdDataset` builds each sample's views on the CPU, which keeps a GPU
+:class:`~kdtoolkit.data.view.KdDataset` builds each sample's views on the CPU, which keeps a GPU
 waiting for data-loader workers. An :class:`ImageBank` decodes every image once into one
 zero-padded tensor on the device; a :class:`BankDataset` plans each sample's views exactly as
-``KdDataset`` does (:func:`~kdtoolkit.view.plan_views`: the same matrices, masks and jitter
+``KdDataset`` does (:func:`~kdtoolkit.data.view.plan_views`: the same matrices, masks and jitter
 draws) and samples a whole batch with one ``grid_sample`` per view
-(:func:`~kdtoolkit.view.warp_stack`). Only the pixel noise differs: it is drawn on the device
+(:func:`~kdtoolkit.data.view.warp_stack`). Only the pixel noise differs: it is drawn on the device
 from a generator seeded by (seed, epoch, batch), not per sample; without noise the batches
 equal ``KdDataset``'s. :class:`BankLoader` batches it as a ``DataLoader`` would.
 """
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from kdtoolkit.view import (
+from kdtoolkit.data.view import (
     Box,
     KdDataset,
     ViewConfig,
@@ -68,7 +68,7 @@ class ImageBank:
 
 class BankDataset(KdDataset):
     """The views of ``samples[i] for i in indices`` built a batch at a time on the bank's
-    device: the same items as :class:`~kdtoolkit.view.KdDataset` with the same arguments
+    device: the same items as :class:`~kdtoolkit.data.view.KdDataset` with the same arguments
     (``image``, ``mask`` and ``crop`` on the device; ``box``, ``label``, ``index`` on the
     CPU). ``images`` holds every full image, ``crops`` every expert crop file the samples
     name (None when none do)."""
