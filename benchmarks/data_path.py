@@ -24,9 +24,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdtoolkit.engine.run import Runner, build_loss
-from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.engine.run import Runner, build_loss
 from kdtoolkit.engine.train import Stage, autocast, make_context
 
 ROLES = {"teacher": "crop", "student": "image", "baseline": "image"}

@@ -37,9 +37,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdtoolkit.errors import KdError
-from kdtoolkit.fileio import atomic_write_text
-from kdtoolkit.report.metrics import gap_closure, summarise
 from kdtoolkit.config.recipe import (
     Recipe,
     RecipeError,
@@ -49,6 +46,9 @@ from kdtoolkit.config.recipe import (
     read_toml,
     task_defaults,
 )
+from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.report.metrics import gap_closure, summarise
 
 TEACHER, BASELINE = "teacher_crop", "baseline_full"
 NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
@@ -194,8 +194,8 @@ def measure(
     """Train (or reuse) teacher, baseline and one student per variant on every fold, evaluate
     them on the held-out folds and return the results (also written to the output folder)."""
     from kdtoolkit.engine.evaluate import evaluate_fold
-    from kdtoolkit.engine.run import Runner, build_loss, prepare_run_folder
     from kdtoolkit.engine.progress import RunProgress
+    from kdtoolkit.engine.run import Runner, build_loss, prepare_run_folder
 
     if not variants:
         raise KdError("no --variant given, e.g. --variant 'paper:'")

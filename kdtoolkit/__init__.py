@@ -19,9 +19,9 @@ __version__ = "0.1.0"
 __all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
 
 if TYPE_CHECKING:
-    from kdtoolkit.models.inference import predict
-    from kdtoolkit.engine.run import run
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.run import run
+    from kdtoolkit.models.inference import predict
 
 
 def __getattr__(name: str) -> Any:

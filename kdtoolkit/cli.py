@@ -57,8 +57,8 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
-    from kdtoolkit.engine.run import run as run_recipe
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.run import run as run_recipe
 
     overrides = list(set_ or [])
     if output is not None:

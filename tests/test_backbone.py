@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from kdtoolkit.config.option import check_options
+from kdtoolkit.errors import KdError
 from kdtoolkit.models import backbone as bb
 from kdtoolkit.models.backbone import (
     RESERVED,
@@ -18,8 +20,6 @@ from kdtoolkit.models.backbone import (
     load_pretrained,
     timm_backbone,
 )
-from kdtoolkit.errors import KdError
-from kdtoolkit.config.option import check_options
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.registry import Registry
 

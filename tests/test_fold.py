@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.data.fold import assign_folds, fold_split, split_validation
+from kdtoolkit.errors import KdError
 
 LABELS = np.repeat(np.arange(4), [30, 20, 25, 45])  # 120 samples, imbalanced
 GROUPS = [f"patient{i // 3}" for i in range(len(LABELS))]  # 3 slices per patient, one class

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.models.backbone import convnext_attn, timm_backbone
 from kdtoolkit.builtin.losses import (
     AttentionKLLoss,
     AttentionMSELoss,
@@ -17,11 +16,12 @@ from kdtoolkit.builtin.losses import (
     RoiCELoss,
     RoiFeatureLoss,
 )
-from kdtoolkit.errors import KdError
-from kdtoolkit.plugins.loss import CompositeLoss, LossContext
-from kdtoolkit.config.option import check_options
-from kdtoolkit.plugins.manager import registries
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
+from kdtoolkit.config.option import check_options
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.backbone import convnext_attn, timm_backbone
+from kdtoolkit.plugins.loss import CompositeLoss, LossContext
+from kdtoolkit.plugins.manager import registries
 
 
 def _ctx(**kw):

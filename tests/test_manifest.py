@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.data.manifest import ManifestError, read_manifest
+from kdtoolkit.errors import KdError
 
 CLASSES = ("open", "partial", "fused")
 

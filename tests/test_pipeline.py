@@ -9,12 +9,13 @@ import pytest
 import torch
 
 import kdtoolkit
-from kdtoolkit.engine import run as pipeline, train
 from kdtoolkit.builtin.roi_providers import ManualProvider
-from kdtoolkit.models.checkpoint import load_checkpoint
-from kdtoolkit.errors import KdError
-from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.engine import run as pipeline
+from kdtoolkit.engine import train
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.checkpoint import load_checkpoint
 from tests.conftest import kd
 
 METRICS = {"accuracy", "precision", "recall", "f1", "macro_f1"}

@@ -7,9 +7,9 @@ import pluggy
 import pytest
 
 from kdtoolkit import hookimpl
+from kdtoolkit.errors import KdError
 from kdtoolkit.plugins import hookspec
 from kdtoolkit.plugins import manager as plugin
-from kdtoolkit.errors import KdError
 from tests.conftest import kd
 
 

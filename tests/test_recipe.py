@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.config.recipe import RecipeError, load_recipe, parse_override
+from kdtoolkit.errors import KdError
 from tests.conftest import kd
 
 BASE = """

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from kdtoolkit import fileio
-from kdtoolkit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from kdtoolkit.report.metrics import summarise
 from kdtoolkit.report.writer import (
     plot_cam_pairs,

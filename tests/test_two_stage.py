@@ -15,16 +15,16 @@ import torch
 from torch.utils.data import DataLoader
 
 import kdtoolkit
-from kdtoolkit.plugins import manager as plugin
-from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.errors import KdError
-from kdtoolkit.engine.evaluate import two_stage_logits
-from kdtoolkit.data.manifest import read_manifest
-from kdtoolkit.engine.run import view_config
 from kdtoolkit.config.recipe import RecipeError, load_recipe
-from kdtoolkit.plugins.roi import RoiProvider, RoiResult
-from kdtoolkit.engine.train import predict_logits
+from kdtoolkit.data.manifest import read_manifest
 from kdtoolkit.data.view import KdDataset, crop_roi, load_image, normalise
+from kdtoolkit.engine.evaluate import two_stage_logits
+from kdtoolkit.engine.run import view_config
+from kdtoolkit.engine.train import predict_logits
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.plugins import manager as plugin
+from kdtoolkit.plugins.roi import RoiProvider, RoiResult
 from tests.conftest import CLASSES, kd
 from tests.test_yolo import empty_home, offline  # noqa: F401  (fixtures)
 

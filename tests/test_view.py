@@ -11,7 +11,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import (
@@ -29,6 +28,7 @@ from kdtoolkit.data.view import (
     transform_points,
     transform_roi,
 )
+from kdtoolkit.errors import KdError
 
 # Plain pixels: no normalisation, so tensors read as [0, 1] intensities.
 PLAIN = {"channels": 1, "mean": (0.0,), "std": (1.0,)}

@@ -16,9 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from kdtoolkit.errors import KdError
-from kdtoolkit.config.option import check_options
-from kdtoolkit.plugins.roi import RoiRequest
 from kdtoolkit.builtin.yolo.provider import (
     YoloProvider,
     _stage_image,
@@ -31,6 +28,9 @@ from kdtoolkit.builtin.yolo.provider import (
     ultralytics_device,
     yolo_label,
 )
+from kdtoolkit.config.option import check_options
+from kdtoolkit.errors import KdError
+from kdtoolkit.plugins.roi import RoiRequest
 
 try:
     from kdtoolkit.data.manifest import Sample

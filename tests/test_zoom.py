@@ -7,11 +7,11 @@ import math
 import numpy as np
 import torch
 
-from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.data.geometry import roi_corners
-from kdtoolkit.plugins.loss import LossContext
-from kdtoolkit.data.view import crop_roi, roi_mask
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss, mask_moments, roi_grid
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.data.view import crop_roi, roi_mask
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.plugins.loss import LossContext
 
 H = W = 96
 BOX, ANGLE = (30.0, 40.0, 70.0, 60.0), 35.0  # 40×20 px, rotated 35° counter-clockwise
@@ -79,8 +79,8 @@ def test_roi_zoom_trains_its_locator_with_roi_box():
 def test_init_from_teacher_copies_the_teacher_into_the_classifier():
     import pytest
 
-    from kdtoolkit.errors import KdError
     from kdtoolkit.engine.run import init_from_teacher
+    from kdtoolkit.errors import KdError
 
     torch.manual_seed(0)
     teacher = build_backbone("resnet10t", 3, 1, {})

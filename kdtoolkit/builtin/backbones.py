@@ -4,9 +4,9 @@ head, and ``roi_zoom``, a full-image student that locates and resamples its ROI.
 
 from __future__ import annotations
 
+from kdtoolkit.builtin.roi_zoom import roi_zoom
 from kdtoolkit.models.backbone import convnext_attn
 from kdtoolkit.plugins.hookspec import hookimpl
-from kdtoolkit.builtin.roi_zoom import roi_zoom
 
 
 @hookimpl

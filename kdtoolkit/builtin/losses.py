@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
+from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
+from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.gradcam import EPS, gradcam, unwrap
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
-from kdtoolkit.config.option import Range
-from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 
 
 def _mask_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.plugins.loss import LossContext, LossTerm
 from kdtoolkit.config.option import Range
+from kdtoolkit.plugins.loss import LossContext, LossTerm
 
 
 def mask_moments(masks: torch.Tensor) -> torch.Tensor:

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.config.option import Range, check_options, check_value
+from kdtoolkit.errors import KdError, suggestion
 
 
 class RecipeError(KdError):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.errors import KdError, suggestion
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED = ("image", "label")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.errors import KdError
 
 Box = tuple[float, float, float, float]
 #: ITU-R BT.601 luma weights, used to turn RGB into grey.

@@ -10,7 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kdtoolkit.data.view import crop_roi, load_image, normalise, student_view
+from kdtoolkit.engine.train import autocast, predict_logits
 from kdtoolkit.models.gradcam import cam_for_images
+from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.metrics import (
     ROWS,
     attention_metrics,
@@ -19,9 +22,6 @@ from kdtoolkit.report.metrics import (
     gap_closure,
     summarise,
 )
-from kdtoolkit.plugins.roi import RoiResult
-from kdtoolkit.engine.train import autocast, predict_logits
-from kdtoolkit.data.view import crop_roi, load_image, normalise, student_view
 
 if TYPE_CHECKING:
     from kdtoolkit.engine.run import Runner
@@ -167,8 +167,8 @@ def _history(runner: Runner, k: int) -> dict[str, list[dict]]:
 
 def finish_run(runner: Runner, per_fold: dict[int, dict[str, Any]]):
     """Aggregate the folds into results.json/csv, figures and report.md."""
-    from kdtoolkit.report import writer as report
     from kdtoolkit.engine.run import RunResult
+    from kdtoolkit.report import writer as report
 
     out = runner.out
     folds = [per_fold[k]["metrics"] for k in sorted(per_fold)]

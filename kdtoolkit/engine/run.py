@@ -20,21 +20,21 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from kdtoolkit.config.recipe import ModelConfig, Recipe
 from kdtoolkit.data import fold as folds_mod
-from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
-from kdtoolkit.models.checkpoint import save_checkpoint
+from kdtoolkit.data.manifest import Manifest, read_manifest
+from kdtoolkit.data.view import KdDataset, ViewConfig
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.checkpoint import save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
-from kdtoolkit.data.manifest import Manifest, read_manifest
 from kdtoolkit.plugins.manager import registries
-from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.config.recipe import ModelConfig, Recipe
 from kdtoolkit.plugins.roi import RoiRequest, RoiResult
 from kdtoolkit.plugins.task import Task
-from kdtoolkit.engine.train import Stage, train_stage
-from kdtoolkit.data.view import KdDataset, ViewConfig
 
 #: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
 #: free memory.

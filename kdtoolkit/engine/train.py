@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kdtoolkit.config.recipe import ModelConfig
 from kdtoolkit.data.bank import BankLoader
 from kdtoolkit.models.checkpoint import load_state, save_state
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.report.metrics import classification_metrics
-from kdtoolkit.config.recipe import ModelConfig
 
 View = Literal["crop", "image"]
 #: Batches of views: per-sample (``DataLoader`` of a ``KdDataset``) or device-resident.

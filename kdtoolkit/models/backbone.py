@@ -22,8 +22,8 @@ import timm
 import torch
 from torch import nn
 
-from kdtoolkit.errors import KdError, close_matches, suggestion
 from kdtoolkit.config.option import Range, check_options
+from kdtoolkit.errors import KdError, close_matches, suggestion
 
 log = logging.getLogger(__name__)
 

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdtoolkit.engine.train import split_weights
+from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.models.checkpoint import load_checkpoint
-from kdtoolkit.errors import KdError
-from kdtoolkit.engine.train import split_weights
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 

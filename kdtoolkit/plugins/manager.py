@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pluggy
 
-from kdtoolkit.plugins import hookspec
 from kdtoolkit.errors import KdError
+from kdtoolkit.plugins import hookspec
 from kdtoolkit.plugins.registry import Registry
 
 GROUP = "kdtoolkit"

@@ -44,9 +44,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from PIL import Image
 
-from kdtoolkit.errors import KdError, suggestion
-from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.config.option import Range
+from kdtoolkit.data.geometry import enclosing_box
+from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
 
 Box = tuple[float, float, float, float]

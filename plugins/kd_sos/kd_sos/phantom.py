@@ -36,8 +36,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from kdtoolkit.errors import KdError
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.errors import KdError
 
 STAGES = ("stage_1", "stage_2", "stage_3", "stage_4", "stage_5")
 PAPER_COUNTS = (158, 88, 92, 124, 252)

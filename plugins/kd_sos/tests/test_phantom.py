@@ -25,9 +25,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import kdtoolkit.plugins.hookspec
-from kdtoolkit.errors import KdError
-from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.config.option import check_options
+from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.errors import KdError
 from kdtoolkit.plugins.registry import Registry
 
 
