@@ -25,9 +25,10 @@ from rich.console import Console
 from rich.table import Table
 
 from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.engine.device import autocast
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import Runner, build_loss
-from kdtoolkit.engine.train import Stage, autocast, make_context
+from kdtoolkit.engine.train import Stage, make_context
 
 ROLES = {"teacher": "crop", "student": "image", "baseline": "image"}
 

@@ -37,12 +37,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from kdtoolkit.config.override import apply_overrides, parse_override
 from kdtoolkit.config.recipe import (
     Recipe,
     RecipeError,
-    apply_overrides,
     load_recipe,
-    parse_override,
     read_toml,
     task_defaults,
 )

@@ -20,8 +20,8 @@ __all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
 
 if TYPE_CHECKING:
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.predict import predict
     from kdtoolkit.engine.run import run
-    from kdtoolkit.models.inference import predict
 
 
 def __getattr__(name: str) -> Any:
@@ -31,7 +31,7 @@ def __getattr__(name: str) -> Any:
 
         return run
     if name == "predict":
-        from kdtoolkit.models.inference import predict
+        from kdtoolkit.engine.predict import predict
 
         return predict
     if name == "load_recipe":

@@ -133,7 +133,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
     """Stage full images with a student alone: no crops, no detector."""
-    from kdtoolkit.models.inference import predict as predict_images
+    from kdtoolkit.engine.predict import predict as predict_images
 
     results = predict_images(checkpoint, paths, cam_dir=cam, device=device)
     if as_json:

@@ -222,7 +222,7 @@ def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
 
 
 def test_cam_names_never_overwrite_each_other(tmp_path):
-    from kdtoolkit.models.inference import _cam_name
+    from kdtoolkit.engine.predict import _cam_name
 
     used: set[str] = set()
     names = [_cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from kdtoolkit.config.recipe import RecipeError, load_recipe, parse_override
+from kdtoolkit.config.override import parse_override
+from kdtoolkit.config.recipe import RecipeError, load_recipe
 from kdtoolkit.errors import KdError
 from tests.conftest import kd
 

@@ -1,4 +1,4 @@
-"""Built-in backbones. Any timm model name works without registration (``kdtoolkit.models.backbone``);
+"""Built-in backbones. Any timm model name works without registration (the timm resolver);
 this plugin adds ``convnext_attn``, ConvNeXt with a spatial-attention or attention-pooling
 head, and ``roi_zoom``, a full-image student that locates and resamples its ROI."""
 

@@ -7,7 +7,6 @@ validation, the value read as a TOML value (a bare word is a string).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from kdtoolkit.config.option import Range, check_options, check_value
+from kdtoolkit.config.override import OPTION_SECTIONS, apply_overrides, deep_merge
 from kdtoolkit.errors import KdError, suggestion
 
 
@@ -165,73 +165,6 @@ class Recipe:
         return Path(self.experiment.output or f"runs/{self.experiment.name}")
 
 
-# Sections whose extra keys are component options (validated by the component).
-_OPTION_SECTIONS = {"task": "name", "roi": "provider"}
-_FREE_KEYS = {"roi": {"mask"}}
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``'a.b=value'`` -> (['a', 'b'], value); the value is read as TOML, else a string."""
-    if "=" not in text:
-        raise KdError(f"--set {text!r}: expected KEY=VALUE, e.g. --set cv.folds=3")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise KdError(f"--set {text!r}: the key must be dotted names, e.g. teacher.epochs")
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key.split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``a.b=value`` in a copy of ``raw``. ``loss.N.key`` indexes the loss list.
-
-    An override that names another component (``roi.provider``, ``task.name``) than ``raw``
-    drops the options ``raw`` gave the old one (they belong to it); options set with
-    ``--set`` stay."""
-    out = copy.deepcopy(raw)
-    parsed = [(text, *parse_override(text)) for text in overrides]
-    for _text, path, value in parsed:
-        section = path[0]
-        table = out.get(section)
-        switched = len(path) == 2 and _OPTION_SECTIONS.get(section) == path[1]
-        if switched and isinstance(table, dict) and table.get(path[1]) != value:
-            keep = {path[1], *_FREE_KEYS.get(section, ())}
-            out[section] = {k: v for k, v in table.items() if k in keep}
-    for text, path, value in parsed:
-        node: Any = out
-        for i, part in enumerate(path[:-1]):
-            if isinstance(node, list):
-                try:
-                    node = node[int(part)]
-                except (ValueError, IndexError):
-                    raise KdError(
-                        f"--set {text!r}: {'.'.join(path[: i + 1])} is not an index of a "
-                        f"list of {len(node)}"
-                    ) from None
-                continue
-            if not isinstance(node, dict):
-                raise KdError(f"--set {text!r}: {'.'.join(path[:i])} is not a table")
-            node = node.setdefault(part, {})
-        if isinstance(node, list):
-            raise KdError(f"--set {text!r}: use an index, e.g. loss.0.weight")
-        node[path[-1]] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """``top`` over ``base``, tables merged recursively, lists and values replaced."""
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def _build_section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     """Instantiate dataclass ``cls`` from ``raw``, recording problems; returns an instance
     (defaults where values were bad) so validation can go on."""
@@ -241,7 +174,7 @@ def _build_section(cls: type, raw: Any, path: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     section = path.split(".")[-1].split("[")[0]
-    option_key = _OPTION_SECTIONS.get(section)
+    option_key = OPTION_SECTIONS.get(section)
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for key, value in raw.items():

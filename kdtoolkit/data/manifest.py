@@ -24,7 +24,7 @@ REQUIRED = ("image", "label")
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 OPTIONAL = ("angle", "crop", "group", "fold")
 KNOWN_COLUMNS = (*REQUIRED, *BOX_COLUMNS, *OPTIONAL)
-#: Pixel modes :func:`kdtoolkit.data.view.load_image` can convert (8/16-bit grey, RGB, palette, alpha).
+#: Pixel modes :func:`load_image` can convert (8/16-bit grey, RGB, palette, alpha).
 SUPPORTED_MODES = frozenset(
     {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L",
      "I;16B", "I;16N", "F"}

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from kdtoolkit.data.view import crop_roi, load_image, normalise, student_view
-from kdtoolkit.engine.train import autocast, predict_logits
+from kdtoolkit.engine.device import autocast
+from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.models.gradcam import cam_for_images
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.metrics import (

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import random
 import time
 import zlib
 from dataclasses import dataclass
@@ -25,12 +24,13 @@ from kdtoolkit.data import fold as folds_mod
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
 from kdtoolkit.data.manifest import Manifest, read_manifest
 from kdtoolkit.data.view import KdDataset, ViewConfig
+from kdtoolkit.engine.device import resolve_device, seed_everything
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.models.checkpoint import save_checkpoint
+from kdtoolkit.models.checkpoint import load_model, save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiRequest, RoiResult
@@ -48,27 +48,6 @@ class RunResult:
     output: Path
     report: Path
     results: dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise KdError(
-            f"experiment.device: unknown device {name!r} (auto, cpu, cuda, cuda:N)"
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise KdError(f"experiment.device: {name!r} asked for but no CUDA device is available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def task_of(recipe: Recipe) -> Task | None:
@@ -305,8 +284,6 @@ class Runner:
 
     def load_model(self, path: Path) -> torch.nn.Module:
         """A trained stage's model, rebuilt from its checkpoint's own metadata."""
-        from kdtoolkit.models.inference import load_model
-
         return load_model(path, self.device)[0]
 
     def train(

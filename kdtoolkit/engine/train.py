@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from kdtoolkit.config.recipe import ModelConfig
 from kdtoolkit.data.bank import BankLoader
-from kdtoolkit.models.checkpoint import load_state, save_state
+from kdtoolkit.engine.device import autocast
+from kdtoolkit.models.checkpoint import load_state, save_state, weights_of
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.report.metrics import classification_metrics
 
@@ -38,13 +38,6 @@ class Stage:
     teacher: nn.Module | None = None
     class_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA, nothing on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -203,17 +196,3 @@ def train_stage(
         on_epoch(epoch + 1, record)
     assert best is not None
     return best
-
-
-def weights_of(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
-    """Model weights plus the loss terms' trainable parameters (``loss.`` prefix), on CPU."""
-    out = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    out.update({f"loss.{k}": v.detach().cpu().clone() for k, v in loss.state_dict().items()})
-    return out
-
-
-def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
-    """(model weights, loss-term weights) from ``weights_of`` output."""
-    model = {k: v for k, v in weights.items() if not k.startswith("loss.")}
-    loss = {k[5:]: v for k, v in weights.items() if k.startswith("loss.")}
-    return model, loss

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
+from torch import nn
 
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text
+from kdtoolkit.models.backbone import build_backbone
 
 META_KEY = "kdtoolkit"
 
@@ -57,3 +59,27 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
 
 def load_state(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights_of(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
+    """Model weights plus the loss terms' trainable parameters (``loss.`` prefix), on CPU."""
+    out = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    out.update({f"loss.{k}": v.detach().cpu().clone() for k, v in loss.state_dict().items()})
+    return out
+
+
+def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """(model weights, loss-term weights) from ``weights_of`` output."""
+    model = {k: v for k, v in weights.items() if not k.startswith("loss.")}
+    loss = {k[5:]: v for k, v in weights.items() if k.startswith("loss.")}
+    return model, loss
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
+    """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
+    weights, meta = load_checkpoint(Path(checkpoint))
+    model_weights, _ = split_weights(weights)
+    options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
+    model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
+    model.load_state_dict(model_weights)
+    return model.to(device).eval(), meta

@@ -58,7 +58,7 @@ def kd_register_losses(registry: Registry) -> None:
 
 @hookspec
 def kd_register_tasks(registry: Registry) -> None:
-    """Register tasks: ``kdtoolkit.plugins.task.Task`` instances (classes, ordinal flag, crop aspect,
+    """Register tasks: ``Task`` instances (classes, ordinal flag, crop aspect,
     recipe defaults, and an optional built-in data source that writes a manifest)."""
 
 

@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdtoolkit.engine.train import split_weights
+from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.models.checkpoint import load_checkpoint
+from kdtoolkit.models.checkpoint import load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -32,19 +31,6 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
-    from kdtoolkit.engine.run import resolve_device
-
-    weights, meta = load_checkpoint(Path(checkpoint))
-    model_weights, _ = split_weights(weights)
-    options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
-    model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
-    model.load_state_dict(model_weights)
-    device = resolve_device(device) if isinstance(device, str) else device
-    return model.to(device).eval(), meta
-
-
 def predict(
     checkpoint: str | Path,
     paths: Sequence[str | Path],
@@ -58,7 +44,7 @@ def predict(
     """
     from kdtoolkit.data.view import ViewConfig, load_image, student_view
 
-    model, meta = load_model(checkpoint, device)
+    model, meta = load_model(checkpoint, resolve_device(device))
     if meta.get("view") != "image":
         raise KdError(
             f"{checkpoint}: a {meta.get('role')} checkpoint that takes crops; "
