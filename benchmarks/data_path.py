@@ -24,11 +24,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.config.recipe import ModelConfig, load_recipe
+from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.device import autocast
+from kdtoolkit.engine.loss import build_loss, cross_entropy
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.run import Runner, build_loss
 from kdtoolkit.engine.train import Stage, make_context
+from kdtoolkit.models.backbone import build_backbone
 
 ROLES = {"teacher": "crop", "student": "image", "baseline": "image"}
 
@@ -38,17 +40,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(runner: Runner, role: str, batches: int) -> dict[str, float]:
+def _model(ctx: RunContext, config: ModelConfig) -> torch.nn.Module:
+    options = dict(config.backbone_options)
+    return build_backbone(config.backbone, ctx.num_classes, ctx.view.channels, options)
+
+
+def measure(ctx: RunContext, role: str, batches: int) -> dict[str, float]:
     """Images/s of view building alone and of full training steps of ``role``."""
-    r, device = runner.recipe, runner.device
+    r, device = ctx.recipe, ctx.device
     config = r.teacher if role == "teacher" else r.student
     view = ROLES[role]
-    loss = build_loss(r, None if role == "student" else [("ce", 1.0, {})])
-    teacher = runner.new_model(r.teacher).to(device).eval() if loss.needs_teacher else None
+    loss = build_loss(r.loss) if role == "student" else cross_entropy()
+    teacher = _model(ctx, r.teacher).to(device).eval() if loss.needs_teacher else None
     views = ("image", "crop") if teacher is not None else (view,)
-    train_idx = runner.fold_indices(0)[0]
-    loader = runner.loader(train_idx, True, config.batch_size, seed=0, views=views)
-    model = runner.new_model(config).to(device).train()
+    train_idx = ctx.fold_indices(0)[0]
+    loader = ctx.loaders(train_idx, True, config.batch_size, seed=0, views=views)
+    model = _model(ctx, config).to(device).train()
     loss.setup(model.num_features, teacher.num_features if teacher is not None else None)
     loss.to(device)
     stage = Stage(role, model, view, loss, config, teacher=teacher)
@@ -110,9 +117,9 @@ def main(
             ]
             r = load_recipe(recipe, [*(overrides or []), *extra])
             with RunProgress(Path(scratch) / f"{path}.log", quiet=True) as progress:
-                runner = Runner(r, progress)
-                rows.append((path, measure(runner, role, batches)))
-    table = Table(title=f"{recipe.name}, {role}, {batches} batches, {runner.device}")
+                ctx = RunContext.open(r, progress)
+                rows.append((path, measure(ctx, role, batches)))
+    table = Table(title=f"{recipe.name}, {role}, {batches} batches, {ctx.device}")
     for column in ("data path", "views img/s", "training step img/s"):
         table.add_column(column, justify="right")
     for path, speed in rows:

@@ -1,41 +1,103 @@
 """kdtoolkit: knowledge distillation from ROI-crop teachers to full-image students.
 
-Library first: the ``kd`` CLI is a thin layer over these functions::
+Library first: the ``kd`` CLI is a thin layer over these names (docs/api.md)::
 
     import kdtoolkit
-    recipe = kdtoolkit.load_recipe("recipes/sos-quick.toml", ["cv.folds=2"])
+    recipe = kdtoolkit.load_recipe("recipes/sos-quick.toml", cv={"folds": 2})
     result = kdtoolkit.run(recipe)
-    kdtoolkit.predict("runs/x/fold_0/student/model.safetensors", ["slice.png"])
+    model = kdtoolkit.KdModel.load(result.output / "fold_0/student/model.safetensors")
+    model.predict(["slice.png"])
+
+A plugin imports everything it needs from here: ``hookimpl``, ``LossTerm``, ``LossContext``,
+``RoiProvider``, ``RoiRequest``, ``RoiResult``, ``Task``, ``Range``, ``KdError``, ``Registry``.
+Names are resolved on first use, so ``import kdtoolkit`` stays light.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
-
-from kdtoolkit.plugins.hookspec import hookimpl
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "hookimpl", "load_recipe", "predict", "run"]
+#: Public name → the module that defines it.
+EXPORTS = {
+    "load_recipe": "kdtoolkit.config.recipe",
+    "Recipe": "kdtoolkit.config.recipe",
+    "Range": "kdtoolkit.config.option",
+    "run": "kdtoolkit.engine.run",
+    "RunResult": "kdtoolkit.engine.run",
+    "KdModel": "kdtoolkit.engine.predict",
+    "Prediction": "kdtoolkit.engine.predict",
+    "create_backbone": "kdtoolkit.models.backbone",
+    "Backbone": "kdtoolkit.models.backbone",
+    "list_components": "kdtoolkit.plugins.manager",
+    "registries": "kdtoolkit.plugins.manager",
+    "hookimpl": "kdtoolkit.plugins.hookspec",
+    "Registry": "kdtoolkit.plugins.registry",
+    "LossTerm": "kdtoolkit.plugins.loss",
+    "LossContext": "kdtoolkit.plugins.loss",
+    "RoiProvider": "kdtoolkit.plugins.roi",
+    "RoiRequest": "kdtoolkit.plugins.roi",
+    "RoiResult": "kdtoolkit.plugins.roi",
+    "Task": "kdtoolkit.plugins.task",
+    "KdError": "kdtoolkit.errors",
+    "read_manifest": "kdtoolkit.data.manifest",
+    "Manifest": "kdtoolkit.data.manifest",
+    "Sample": "kdtoolkit.data.manifest",
+}
+
+__all__ = [
+    "__version__",
+    "load_recipe",
+    "Recipe",
+    "Range",
+    "run",
+    "RunResult",
+    "KdModel",
+    "Prediction",
+    "create_backbone",
+    "Backbone",
+    "list_components",
+    "registries",
+    "hookimpl",
+    "Registry",
+    "LossTerm",
+    "LossContext",
+    "RoiProvider",
+    "RoiRequest",
+    "RoiResult",
+    "Task",
+    "KdError",
+    "read_manifest",
+    "Manifest",
+    "Sample",
+]
 
 if TYPE_CHECKING:
-    from kdtoolkit.config.recipe import load_recipe
-    from kdtoolkit.engine.predict import predict
-    from kdtoolkit.engine.run import run
+    from kdtoolkit.config.option import Range
+    from kdtoolkit.config.recipe import Recipe, load_recipe
+    from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
+    from kdtoolkit.engine.predict import KdModel, Prediction
+    from kdtoolkit.engine.run import RunResult, run
+    from kdtoolkit.errors import KdError
+    from kdtoolkit.models.backbone import Backbone, create_backbone
+    from kdtoolkit.plugins.hookspec import hookimpl
+    from kdtoolkit.plugins.loss import LossContext, LossTerm
+    from kdtoolkit.plugins.manager import list_components, registries
+    from kdtoolkit.plugins.registry import Registry
+    from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
+    from kdtoolkit.plugins.task import Task
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy, so that `import kdtoolkit` (e.g. by a plugin for `hookimpl`) stays light.
-    if name == "run":
-        from kdtoolkit.engine.run import run
+    module = EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kdtoolkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-        return run
-    if name == "predict":
-        from kdtoolkit.engine.predict import predict
 
-        return predict
-    if name == "load_recipe":
-        from kdtoolkit.config.recipe import load_recipe
-
-        return load_recipe
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted(__all__)

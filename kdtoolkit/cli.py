@@ -6,14 +6,19 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from kdtoolkit import __version__
+from kdtoolkit.data_cli import data_app
 from kdtoolkit.errors import KdError
+
+if TYPE_CHECKING:
+    from kdtoolkit.report.comparison import Comparison
+    from kdtoolkit.report.results import RunResults
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,6 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(data_app, name="data")
 
 SetOption = Annotated[
     list[str] | None,
@@ -67,21 +73,21 @@ def run(
         overrides.append(f"experiment.device={json.dumps(device)}")
     result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
     if not quiet:
-        console.print(results_table(result.results))
+        console.print(results_table(result.run))
     console.print(f"[green]done[/]: {result.report}")
 
 
-def results_table(results: dict) -> Table:
-    """The paper-style table of a run's ``results.json``: percent, mean ± std over folds."""
-    gap = results.get("gap_closure")
+def results_table(results: RunResults) -> Table:
+    """The results table of a run: percent, mean ± std over its folds, and the gap closure."""
+    from kdtoolkit.report.results import ordered_rows, row_label
+
+    gap = results.gap_closure()
     caption = "gap closure: " + ("n/a" if gap is None else f"{100 * gap:.1f}%")
     table = Table(title="held-out folds (mean ± std, %)", caption=caption)
     table.add_column("setting")
     for metric in ("acc", "prec", "rec", "F1"):
         table.add_column(metric, justify="right")
-    from kdtoolkit.report.writer import ordered_rows, row_label
-
-    summary = results["summary"]
+    summary = results.summary
     for row in ordered_rows(summary):
         metrics = summary[row]
         cells = []
@@ -90,6 +96,64 @@ def results_table(results: dict) -> Table:
             mean, std = value.get("mean"), value.get("std")
             cells.append("n/a" if mean is None else f"{100 * mean:.2f} ± {100 * (std or 0):.2f}")
         table.add_row(row_label(row), *cells)
+    return table
+
+
+@app.command()
+def compare(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            help="NAME:key=value,key=value (repeatable); 'NAME:' is the recipe as it is.",
+        ),
+    ] = None,
+    set_: SetOption = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the run folder + -gap_closure).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    force: Annotated[bool, typer.Option(help="Reuse an output folder of another recipe.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
+) -> None:
+    """Gap closure of student variants against one crop teacher and one full-image baseline."""
+    from kdtoolkit.engine.compare import compare as compare_variants
+    from kdtoolkit.engine.compare import parse_variant
+
+    sets = list(set_ or [])
+    if device is not None:
+        sets.append(f"experiment.device={json.dumps(device)}")
+    variants = [parse_variant(text) for text in (variant or ["recipe:"])]
+    comparison = compare_variants(recipe, variants, sets, output, force, quiet)
+    out = Console(width=None if sys.stdout.isatty() else 120)
+    out.print(comparison_table(comparison))
+    for v in comparison.variants:
+        out.print(f"  {v.name}: {', '.join(v.overrides) or '(recipe as is)'}", highlight=False)
+    folder = comparison.output
+    out.print(
+        f"written: {folder / 'gap_closure.json'}, {folder / 'gap_closure.md'}", highlight=False
+    )
+
+
+def comparison_table(comparison: Comparison) -> Table:
+    """The variants' table: accuracy and F1 (mean ± std, %) and gap closure per setting."""
+    from kdtoolkit.report.comparison import gap_text, mean_std_percent
+
+    n = len(comparison.results.folds)
+    table = Table(title=f"Gap closure over {n} fold(s): {comparison.recipe}")
+    table.add_column("setting", no_wrap=True)
+    table.add_column("accuracy %", justify="right", no_wrap=True)
+    table.add_column("F1 %", justify="right", no_wrap=True)
+    table.add_column("gap closure", justify="right", no_wrap=True)
+    summary = comparison.summary
+    for row in comparison.rows:
+        table.add_row(
+            row,
+            mean_std_percent(summary, row, "accuracy"),
+            mean_std_percent(summary, row, "f1"),
+            gap_text(comparison, row),
+        )
     return table
 
 
@@ -111,16 +175,15 @@ def validate(
 
 @app.command()
 def plugins() -> None:
-    """List every registered component by kind, with the plugin that provides it."""
-    from kdtoolkit.plugins.manager import registries
+    """List every registered component by kind, with the plugin that provides it, and the
+    resolvers that accept whole families of names (e.g. any timm model name)."""
+    from kdtoolkit.plugins.manager import list_components
 
     table = Table(title="kdtoolkit components")
     for column in ("kind", "name", "plugin"):
         table.add_column(column)
-    for kind, registry in registries().kinds().items():
-        for name in registry.list():
-            table.add_row(kind, name, registry.owner(name))
-    table.add_row("backbone", "<any timm model>", "timm")
+    for c in list_components():
+        table.add_row(c.kind, f"<{c.name}>" if c.resolver else c.name, c.plugin)
     console.print(table)
 
 
@@ -135,18 +198,25 @@ def predict(
     """Stage full images with a student alone: no crops, no detector."""
     from kdtoolkit.engine.predict import predict as predict_images
 
-    results = predict_images(checkpoint, paths, cam_dir=cam, device=device)
+    report = predict_images(checkpoint, paths, cam_dir=cam, device=device)
     if as_json:
-        for r in results:
-            print(json.dumps(r))
-        return
-    table = Table(title=f"predictions of {checkpoint.name}")
-    table.add_column("image")
-    table.add_column("class")
-    table.add_column("p", justify="right")
-    for r in results:
-        table.add_row(r["image"], r["class"], f"{r['probabilities'][r['class']]:.3f}")
-    console.print(table)
+        for r in report.results:
+            print(json.dumps(r, allow_nan=False))
+    else:
+        table = Table(title=f"predictions of {checkpoint.name}")
+        table.add_column("image")
+        table.add_column("class")
+        table.add_column("p", justify="right")
+        for r in report.results:
+            table.add_row(r["image"], r["class"], f"{r['probabilities'][r['class']]:.3f}")
+        console.print(table)
+    for path, reason in report.skipped:
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
+    if report.skipped:
+        raise KdError(
+            f"{len(report.skipped)} of {len(report.skipped) + len(report.results)} images could "
+            "not be read (listed above); the others were predicted"
+        )
 
 
 def _add_plugin_commands() -> None:

@@ -6,20 +6,22 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from kdtoolkit.builtin.convnext_attn import ConvNeXtAttn, convnext_attn
+from kdtoolkit.builtin.timm import timm_backbone
 from kdtoolkit.config.option import check_options
 from kdtoolkit.errors import KdError
-from kdtoolkit.models import backbone as bb
 from kdtoolkit.models.backbone import (
     RESERVED,
-    ConvNeXtAttn,
-    TimmBackbone,
+    Backbone,
     backbone_options_factory,
     build_backbone,
-    convnext_attn,
+    create_backbone,
     is_known_backbone,
-    load_pretrained,
-    timm_backbone,
+    unknown_message,
 )
+from kdtoolkit.models.timm import TimmBackbone
+from kdtoolkit.models.weights import load_pretrained
+from kdtoolkit.plugins import manager
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.registry import Registry
 
@@ -60,15 +62,22 @@ def test_token_features_are_rejected():
         build_backbone("vit_tiny_patch16_224", 5, 3, {})
 
 
-def test_kd_register_backbones_adds_convnext_attn_and_roi_zoom():
-    from kdtoolkit.builtin import backbones
-    from kdtoolkit.builtin.roi_zoom import roi_zoom
+def test_each_backbone_plugin_registers_its_own_component():
+    from kdtoolkit.builtin import convnext_attn as attn_plugin
+    from kdtoolkit.builtin import roi_zoom as zoom_plugin
+    from kdtoolkit.builtin import timm as timm_plugin
 
     registry = Registry("backbone")
-    backbones.kd_register_backbones(registry=registry)
+    attn_plugin.kd_register_backbones(registry=registry)
+    zoom_plugin.kd_register_backbones(registry=registry)
     assert registry.list() == ["convnext_attn", "roi_zoom"]
     assert registry.get("convnext_attn") is convnext_attn
-    assert registry.get("roi_zoom") is roi_zoom
+    assert registry.get("roi_zoom") is zoom_plugin.roi_zoom
+    assert "resnet18" not in registry
+    timm_plugin.kd_register_backbones(registry=registry)
+    assert registry.list() == ["convnext_attn", "roi_zoom"]  # a resolver registers no names
+    assert "resnet18" in registry and [r.name for r in registry.resolvers()] == ["timm"]
+    assert "timm model name" in registry.resolvers()[0].describe
 
 
 def test_names_resolve_in_registry_then_timm():
@@ -86,7 +95,34 @@ def test_names_resolve_in_registry_then_timm():
 def test_unknown_name_lists_close_matches():
     with pytest.raises(KdError, match="unknown backbone 'resnet81'.*'resnet18'"):
         build_backbone("resnet81", 5, 1, {})
-    assert "'convnext_attn'" in bb.unknown_message("convnext_atn")
+    assert "'convnext_attn'" in unknown_message("convnext_atn")
+    assert "any timm model name" in unknown_message("convnext_atn")
+
+
+def test_without_the_timm_plugin_timm_names_are_unknown(monkeypatch):
+    monkeypatch.setenv("KD_DISABLE_PLUGINS", "kdtoolkit.builtin.timm")
+    regs = manager.collect_registries(manager.make_plugin_manager(load_entry_points=False))
+    assert "convnext_attn" in regs.backbones and "resnet18" not in regs.backbones
+    assert regs.backbones.resolvers() == []
+    with pytest.raises(KdError, match="unknown backbone 'resnet18'"):
+        regs.backbones["resnet18"]
+
+
+def test_the_timm_resolver_belongs_to_its_plugin():
+    backbones = registries().backbones
+    assert backbones.owner("resnet18") == backbones.owner("convnext_attn")
+    assert backbones.owner("resnet18").startswith("kdtoolkit ")
+    assert backbones.get("resnet18").__name__ == "timm_backbone[resnet18]"
+
+
+def test_backbones_satisfy_the_protocol_and_create_backbone_builds_them():
+    torch.manual_seed(0)
+    model = create_backbone("convnext_attn", num_classes=4, variant="convnext_atto")
+    assert isinstance(model, ConvNeXtAttn) and isinstance(model, Backbone)
+    assert model(torch.randn(1, 1, 64, 64)).shape == (1, 4)
+    resnet = create_backbone("resnet18", num_classes=3, in_chans=3, drop_rate=0.1)
+    assert isinstance(resnet, Backbone) and resnet.model.drop_rate == 0.1
+    assert not isinstance(torch.nn.Linear(2, 2), Backbone)
 
 
 def test_options_are_declared_by_the_factory():
@@ -115,7 +151,7 @@ def test_timm_weights_only_on_request(monkeypatch):
         calls.append(pretrained)
         return real(name, pretrained=False, **kwargs)
 
-    monkeypatch.setattr(bb.timm, "create_model", spy)
+    monkeypatch.setattr(timm, "create_model", spy)
     timm_backbone("resnet18", 5, 1)
     timm_backbone("resnet18", 5, 1, pretrained="timm")
     convnext_attn(5, 1, variant="convnext_atto", pretrained="timm")

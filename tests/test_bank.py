@@ -11,8 +11,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
+from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.manifest import Sample
-from kdtoolkit.data.view import KdDataset, ViewConfig
+from kdtoolkit.data.view import ViewConfig
 
 NO_NOISE = {"noise": 0.0}
 

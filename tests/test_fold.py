@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kdtoolkit.data.fold import assign_folds, fold_split, split_validation
+from kdtoolkit.data.fold import assign_folds, split_validation
 from kdtoolkit.errors import KdError
 
 LABELS = np.repeat(np.arange(4), [30, 20, 25, 45])  # 120 samples, imbalanced
@@ -78,7 +78,7 @@ def test_small_class_is_named() -> None:
 def test_validation_split_is_grouped_and_inside_the_training_part() -> None:
     folds = assign_folds(LABELS, GROUPS, None, k=5, seed=0)
     for fold in range(5):
-        train, test = fold_split(folds, fold)
+        train, test = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
         fit, val = split_validation(train, LABELS, GROUPS, fraction=0.2, seed=0)
         assert len(val) > 0 and not set(val) & set(test) and not set(fit) & set(test)
         assert not set(fit) & set(val)
@@ -104,8 +104,6 @@ def test_validation_split_stratified_without_groups() -> None:
 
 
 def test_validation_split_with_classes_smaller_than_the_splits():
-    from kdtoolkit.data.fold import split_validation
-
     labels = np.array([0, 1, 2, 3, 4] * 3)
     train, val = split_validation(np.arange(15), labels, None, fraction=0.15, seed=0)
     assert len(val) > 0 and len(train) > 0

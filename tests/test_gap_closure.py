@@ -1,18 +1,19 @@
-"""benchmarks/gap_closure.py: variants against one teacher and baseline, at a tiny size."""
+"""``kd compare`` (and benchmarks/gap_closure.py): variants against one teacher and baseline,
+at a tiny size."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 
+from kdtoolkit.engine import compare as gc
+from kdtoolkit.engine.plan import EvaluateSpec, RoiSpec, TrainSpec, compare_plan, fold_plan
 from kdtoolkit.errors import KdError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,17 +21,7 @@ SCRIPT = ROOT / "benchmarks" / "gap_closure.py"
 ADD_ROI_FEATURE = "roi_feature:loss.3.name=roi_feature,loss.3.weight=0.5,loss.3.metric='mse'"
 
 
-def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gap_closure_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_variant_syntax_and_appended_loss_terms(tiny_recipe: Path) -> None:
-    gc = _script()
     v = gc.parse_variant(
         "x:data.crop_size=[16,32],student.backbone_options={a=1,b='c,d'},cv.folds=3"
     )
@@ -49,6 +40,33 @@ def test_variant_syntax_and_appended_loss_terms(tiny_recipe: Path) -> None:
     gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["student.lr=0.01"]))
     with pytest.raises(KdError, match="teacher.epochs"):
         gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["teacher.epochs=5"]))
+
+
+def test_compare_is_the_fold_plan_with_student_variants(tiny_recipe: Path) -> None:
+    base = gc.load_variant_recipe(tiny_recipe, [])
+    kl = gc.load_variant_recipe(tiny_recipe, ["loss.0.weight=0"])
+    run = fold_plan(base)
+    assert [(type(s).__name__, getattr(s, "role", None)) for s in run.stages] == [
+        ("TrainSpec", "teacher"),
+        ("RoiSpec", "roi"),
+        ("TrainSpec", "student"),
+        ("TrainSpec", "baseline_full"),
+        ("EvaluateSpec", None),
+    ]
+    plan = compare_plan(base, [("paper", base), ("kl", kl)])
+    roles = [s.role for s in plan.stages if isinstance(s, TrainSpec | RoiSpec)]
+    assert roles == ["teacher", "roi", "student_paper", "student_kl", "baseline_full"]
+    teacher, _, paper, kl_stage, baseline = plan.stages[:5]
+    assert teacher.loss == () and baseline.loss == ()  # the engine's cross-entropy
+    assert (paper.teacher, paper.rois, kl_stage.recipe) == ("teacher", True, kl)
+    assert kl_stage.loss[0].weight == 0 and paper.loss[0].weight == 0.2
+    assert isinstance(plan.evaluation, EvaluateSpec) and not plan.evaluation.cache
+    assert plan.evaluation.rows == (
+        ("baseline_full", "baseline_full"),
+        ("student_paper", "student_paper"),
+        ("student_kl", "student_kl"),
+    )
+    assert plan.teachers() == {"teacher"}
 
 
 def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from kdtoolkit.models.backbone import timm_backbone
+from kdtoolkit.builtin.timm import timm_backbone
 from kdtoolkit.models.gradcam import cam_for_images, gradcam, unwrap
 
 

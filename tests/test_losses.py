@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdtoolkit.builtin.convnext_attn import convnext_attn
 from kdtoolkit.builtin.losses import (
     AttentionKLLoss,
     AttentionMSELoss,
@@ -17,9 +18,9 @@ from kdtoolkit.builtin.losses import (
     RoiFeatureLoss,
 )
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
+from kdtoolkit.builtin.timm import timm_backbone
 from kdtoolkit.config.option import check_options
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.backbone import convnext_attn, timm_backbone
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.plugins.manager import registries
 

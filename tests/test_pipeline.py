@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
 
 import kdtoolkit
-from kdtoolkit.builtin.roi_providers import ManualProvider
+from kdtoolkit.builtin.manual import ManualProvider
 from kdtoolkit.config.recipe import load_recipe
-from kdtoolkit.engine import run as pipeline
+from kdtoolkit.engine import stage as engine_stage
 from kdtoolkit.engine import train
+from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.checkpoint import load_checkpoint
+from kdtoolkit.report.results import read_results
 from tests.conftest import kd
 
 METRICS = {"accuracy", "precision", "recall", "f1", "macro_f1"}
@@ -81,7 +85,7 @@ def test_no_held_out_sample_reaches_training(tmp_path, tiny_recipe, monkeypatch)
         seen.append({"stage": "roi", "train": set(request.train), "val": set()})
         return original_provide(self, request)
 
-    monkeypatch.setattr(pipeline, "train_stage", spy_train)
+    monkeypatch.setattr(engine_stage, "train_stage", spy_train)
     monkeypatch.setattr(ManualProvider, "provide", spy_provide)
     recipe = load_recipe(tiny_recipe, ["teacher.epochs=1", "student.epochs=1"])
     kdtoolkit.run(recipe, quiet=True)
@@ -116,7 +120,7 @@ def test_interrupted_run_resumes_with_same_folds(tmp_path, tiny_recipe, monkeypa
             kwargs["on_epoch"] = stop_after_first
         return original(stage, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "train_stage", interrupt_student)
+    monkeypatch.setattr(engine_stage, "train_stage", interrupt_student)
     with pytest.raises(KeyboardInterrupt):
         kdtoolkit.run(recipe, quiet=True)
     run = tmp_path / "run"
@@ -126,7 +130,7 @@ def test_interrupted_run_resumes_with_same_folds(tmp_path, tiny_recipe, monkeypa
     assert not (run / "fold_0" / "student" / "model.safetensors").exists()
     teacher_bytes = (run / "fold_0" / "teacher" / "model.safetensors").read_bytes()
 
-    monkeypatch.setattr(pipeline, "train_stage", original)
+    monkeypatch.setattr(engine_stage, "train_stage", original)
     result = kdtoolkit.run(recipe, quiet=True)
     assert (run / "folds.json").read_text() == folds_before
     assert (run / "fold_0" / "teacher" / "model.safetensors").read_bytes() == teacher_bytes
@@ -159,8 +163,8 @@ def test_predict_reproduces_evaluation(tmp_path, tiny_recipe, loader):
     probs = np.array([[r["probabilities"][c] for c in ("low", "mid", "high")] for r in lines])
     np.testing.assert_allclose(probs, evaluation["predictions"]["student_probabilities"], atol=1e-4)
     assert len(list((tmp_path / "cams").glob("*_cam.png"))) == len(images)
-    same = kdtoolkit.predict(ckpt, images[:2], device="cpu")
-    assert [r["class"] for r in same] == [r["class"] for r in lines[:2]]
+    same = kdtoolkit.KdModel.load(ckpt, "cpu").predict(images[:2])
+    assert [p.label for p in same] == [r["class"] for r in lines[:2]]
 
 
 def test_bad_manifest_keeps_earlier_results(tmp_path, tiny_recipe, tiny_manifest):
@@ -222,10 +226,10 @@ def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
 
 
 def test_cam_names_never_overwrite_each_other(tmp_path):
-    from kdtoolkit.engine.predict import _cam_name
+    from kdtoolkit.engine.predict import cam_name
 
     used: set[str] = set()
-    names = [_cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]
+    names = [cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]
     assert names == ["slice_cam.png", "b_slice_cam.png", "b_slice_2_cam.png"]
 
 
@@ -240,8 +244,8 @@ def test_folds_run_on_another_machine_join_the_report(tmp_path, tiny_recipe):
     root = folds.pop("root")
     folds_path.write_text(json.dumps(folds))  # the older form: absolute paths, no root
     with RunProgress(tmp_path / "check.log", quiet=True) as progress:
-        runner = pipeline.Runner(load_recipe(tiny_recipe, overrides), progress)
-    assert runner.fold_of.tolist() == [s["fold"] for s in folds["samples"]]
+        ctx = RunContext.open(load_recipe(tiny_recipe, overrides), progress)
+    assert ctx.fold_of.tolist() == [s["fold"] for s in folds["samples"]]
     folds["root"] = "/gpu/box/data"
     for s in folds["samples"]:
         s["image"] = s["image"].replace(root, "/gpu/box/data")
@@ -259,3 +263,105 @@ def test_folds_run_on_another_machine_join_the_report(tmp_path, tiny_recipe):
     folds_path.write_text(json.dumps(folds))
     with pytest.raises(KdError, match="fold assignment was made for other data"):
         kdtoolkit.run(load_recipe(tiny_recipe, [*overrides, "cv.only=[1]"]), quiet=True)
+
+
+def test_fold_ids_are_real_in_results_and_report(tmp_path, tiny_recipe):
+    """A run of ``cv.only=[1]`` names its fold 1 in results.json, results.csv and report.md."""
+    overrides = ["teacher.epochs=1", "student.epochs=1", "cv.only=[1]", "evaluate.cam_examples=0"]
+    recipe = load_recipe(tiny_recipe, [*overrides, "evaluate.baseline=false"])
+    result = kdtoolkit.run(recipe, quiet=True)
+    run = tmp_path / "run"
+    assert result.results["folds_run"] == [1]
+    with open(run / "results.csv", newline="") as fh:
+        lines = list(csv.DictReader(fh))
+    assert {line["fold"] for line in lines} == {"1", "mean", "std"}
+    per_fold = (run / "report.md").read_text().split("## Accuracy per fold (%)")[1]
+    fold_lines = [line for line in per_fold.split("##")[0].splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in fold_lines] == ["fold", "1"]
+    again = read_results(run)
+    assert again.fold_ids == [1] and again.summary == result.run.summary
+    assert json.loads((run / "fold_1" / "eval.json").read_text())["fold"] == 1
+
+
+def test_engine_cross_entropy_is_the_builtin_ce():
+    """Teacher and baselines train with the engine's own cross-entropy; it gives the numbers
+    of the built-in ``ce`` term (no label smoothing), with and without class weights."""
+    from kdtoolkit.engine.loss import cross_entropy
+    from kdtoolkit.plugins.loss import CompositeLoss, LossContext
+    from kdtoolkit.plugins.manager import collect_registries, make_plugin_manager
+
+    builtin = collect_registries(make_plugin_manager(load_entry_points=False)).losses.get("ce")
+    reference = CompositeLoss([("ce", 1.0, builtin())])
+    torch.manual_seed(0)
+    logits = torch.randn(8, 3, requires_grad=True)
+    labels = torch.randint(0, 3, (8,))
+    for weights in (None, torch.tensor([0.5, 1.0, 2.0])):
+        ctx = LossContext(
+            student=torch.nn.Identity(),
+            images=torch.zeros(8, 1, 4, 4),
+            features=torch.zeros(8, 2, 1, 1),
+            logits=logits,
+            labels=labels,
+            boxes=None,
+            masks=None,
+            class_weights=weights,
+        )
+        (mine, parts), (theirs, their_parts) = cross_entropy()(ctx), reference(ctx)
+        assert torch.equal(mine, theirs) and parts == their_parts
+        (grad,) = torch.autograd.grad(mine, logits)
+        (their_grad,) = torch.autograd.grad(theirs, logits)
+        assert torch.equal(grad, their_grad)
+
+
+PLAIN_CE_PLUGIN = """
+import torch.nn.functional as F
+
+from kdtoolkit import hookimpl
+from kdtoolkit.plugins.loss import LossTerm
+
+
+class PlainCE(LossTerm):
+    def forward(self, ctx):
+        return F.cross_entropy(ctx.logits.float(), ctx.labels)
+
+
+@hookimpl
+def kd_register_losses(registry):
+    registry.register("plain_ce", PlainCE)
+"""
+
+
+def test_builtin_losses_disabled_a_plugin_loss_still_trains_teacher_and_baseline(
+    tmp_path, tiny_recipe
+):
+    """``KD_DISABLE_PLUGINS=kdtoolkit.builtin.losses``: a recipe using only a plugin's loss
+    runs; teacher and baseline do not need the built-in ``ce``."""
+    site = tmp_path / "site"
+    (site / "kd_plain").mkdir(parents=True)
+    (site / "kd_plain" / "__init__.py").write_text(PLAIN_CE_PLUGIN)
+    info = site / "kd_plain-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kd-plain\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[kdtoolkit]\nplain = kd_plain\n")
+    text = tiny_recipe.read_text().split("[[loss]]")[0]
+    text += '[[loss]]\nname = "plain_ce"\n\n[evaluate]\ncam_examples = 0\n'
+    tiny_recipe.write_text(text)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "KD_DISABLE_PLUGINS": "kdtoolkit.builtin.losses",
+    }
+    listed = kd("plugins", env=env)
+    assert "plain_ce" in listed.stdout and " ce " not in listed.stdout
+    result = kd(
+        "run", str(tiny_recipe), "--quiet", "--set", "teacher.epochs=1", "--set",
+        "student.epochs=1", "--set", "cv.only=[0]", env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "run"
+    for role in ("teacher", "student", "baseline_full"):
+        meta = json.loads((run / "fold_0" / role / "model.json").read_text())
+        key = "train_plain_ce" if role == "student" else "train_ce"
+        assert key in meta["history"][0], role
+    results = json.loads((run / "results.json").read_text())
+    assert set(results["summary"]) == {"teacher_crop", "baseline_full", "student"}

@@ -57,7 +57,34 @@ def test_blocked_builtin_plugin(monkeypatch):
     monkeypatch.setenv("KD_DISABLE_PLUGINS", "kdtoolkit.builtin.losses")
     regs = plugin.collect_registries(plugin.make_plugin_manager(load_entry_points=False))
     assert "ce" not in regs.losses
+    assert "roi_box" in regs.losses  # registered by kdtoolkit.builtin.roi_zoom
     assert "manual" in regs.roi_providers
+
+
+def test_every_builtin_module_is_a_plugin_module():
+    import importlib
+
+    for name in plugin.BUILTIN_PLUGINS:
+        module = importlib.import_module(name)
+        hooks = [n for n in vars(module) if n.startswith("kd_register_")]
+        assert hooks, f"{name} registers nothing"
+
+
+def test_list_components_includes_resolvers():
+    rows = plugin.list_components()
+    assert ("loss", "ce") in {(r.kind, r.name) for r in rows if not r.resolver}
+    (timm_row,) = [r for r in rows if r.resolver]
+    assert timm_row.kind == "backbone" and "timm model name" in timm_row.name
+
+
+def test_kd_plugins_lists_resolvers_and_honours_blocking():
+    result = kd("plugins")
+    assert result.returncode == 0, result.stderr
+    line = next(x for x in result.stdout.splitlines() if "timm model name" in x)
+    assert "backbone" in line and "kdtoolkit" in line
+    blocked = kd("plugins", env={**os.environ, "KD_DISABLE_PLUGINS": "kdtoolkit.builtin.timm"})
+    assert blocked.returncode == 0, blocked.stderr
+    assert "timm model name" not in blocked.stdout and "convnext_attn" in blocked.stdout
 
 
 def test_duplicate_component_across_plugins_names_both():

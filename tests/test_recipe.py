@@ -125,6 +125,25 @@ def test_overrides_are_toml_values_and_validated(tmp_path):
         load_recipe(path, ["cv.folds=many"])
 
 
+def test_python_values_override_like_set_strings(tmp_path):
+    path = write(tmp_path, BASE.format(out="o"))
+    by_strings = load_recipe(path, ["cv.folds=4", "loss.1.temperature=2", "teacher.lr=0.5"])
+    by_values = load_recipe(path, cv={"folds": 4}, teacher={"lr": 0.5}, **{"loss.1.temperature": 2})
+    assert by_values.to_dict() == by_strings.to_dict()
+    mixed = load_recipe(path, ["cv.folds=2"], data={"classes": ["x", "y"]})
+    assert mixed.cv.folds == 2 and mixed.data.classes == ["x", "y"]
+    with pytest.raises(RecipeError, match="cv.folds: expected an integer"):
+        load_recipe(path, cv={"folds": "many"})
+    with pytest.raises(KdError, match="a list of strings"):
+        load_recipe(path, "cv.folds=2")
+
+
+def test_a_folder_given_as_recipe_is_a_one_line_error(tmp_path):
+    result = kd("validate", str(tmp_path))
+    assert result.returncode == 2 and "is a folder" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1"])
 def test_bad_override_syntax(bad):
     with pytest.raises(KdError):

@@ -55,3 +55,49 @@ def test_duplicate_names_both_owners():
 def test_names_must_be_snake_case(bad):
     with pytest.raises(KdError, match="lower_snake_case"):
         Registry("loss").register(bad, object)
+
+
+def test_mapping_access():
+    reg = Registry("loss")
+    reg.register("kl", int)
+    reg.register("ce", float)
+    assert reg["kl"] is int and reg.get("ce") is float
+    assert reg.get("nope", None) is None and reg.get("nope", str) is str
+    assert list(reg) == ["ce", "kl"] and len(reg) == 2
+    reg.register("focal", bool)
+    with pytest.raises(KeyError) as e:
+        reg["focla"]
+    assert isinstance(e.value, KdError)
+    assert str(e.value).startswith("unknown loss 'focla' (did you mean 'focal'?)")
+    assert 3 not in reg
+
+
+def _tiny(name):
+    return f"tiny:{name}" if name.startswith("tiny_") else None
+
+
+def test_resolvers_come_after_registered_names():
+    reg = Registry("backbone")
+    reg.register("tiny_special", "registered")
+    with reg.owned_by("kd-tiny 1.0"):
+        resolver = reg.add_resolver(
+            "tiny", _tiny, "any tiny_* name", candidates=lambda: ["tiny_a", "tiny_b"]
+        )
+    assert resolver.owner == "kd-tiny 1.0" and reg.resolvers() == [resolver]
+    assert reg.get("tiny_special") == "registered" and reg["tiny_x"] == "tiny:tiny_x"
+    assert "tiny_x" in reg and "huge_x" not in reg
+    assert reg.owner("tiny_x") == "kd-tiny 1.0" and reg.owner("tiny_special") == "python"
+    assert reg.list() == ["tiny_special"] and len(reg) == 1  # resolved names are not listed
+    message = reg.unknown_message("tiny_aa")
+    assert "'tiny_a'" in message and "any tiny_* name" in message and "\n" not in message
+
+
+def test_resolvers_are_tried_in_order_and_named_once():
+    reg = Registry("backbone")
+    reg.add_resolver("first", lambda n: "first" if n == "x" else None, "x")
+    reg.add_resolver("second", lambda n: "second", "anything")
+    assert reg["x"] == "first" and reg["y"] == "second"
+    with pytest.raises(KdError, match="resolver 'first' is added twice"):
+        reg.add_resolver("first", lambda n: None, "again")
+    with pytest.raises(KdError, match="lower_snake_case"):
+        reg.add_resolver("Bad-Name", lambda n: None, "bad")

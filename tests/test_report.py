@@ -13,15 +13,15 @@ import pytest
 from kdtoolkit import fileio
 from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
-from kdtoolkit.report.metrics import summarise
-from kdtoolkit.report.writer import (
+from kdtoolkit.report.figures import (
     plot_cam_pairs,
     plot_confusions,
     plot_curves,
     plot_results_table,
-    write_report,
-    write_results,
 )
+from kdtoolkit.report.markdown import write_report
+from kdtoolkit.report.metrics import summarise
+from kdtoolkit.report.results import FoldResult, RunResults, read_results, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["stage1", "stage2", "stage3", "stage4", "stage5"]
@@ -60,28 +60,49 @@ def _assert_png(path: Path) -> None:
     assert len(data) > 5000
 
 
-def test_write_results_shape(tmp_path: Path, folds: list[dict]) -> None:
-    summary = summarise(folds)
-    path = write_results(
-        tmp_path, folds, summary, extra={"gap_closure": 0.457, "latency_ms": {"student": 12.8}}
+def _results(folds: list[dict], ids: list[int] | None = None, **fields) -> RunResults:
+    ids = list(range(len(folds))) if ids is None else ids
+    return RunResults(
+        folds=[FoldResult(fold=k, n_test=10, metrics=m) for k, m in zip(ids, folds, strict=True)],
+        classes=CLASSES,
+        **fields,
     )
+
+
+def test_write_results_shape(tmp_path: Path, folds: list[dict]) -> None:
+    results = _results(folds, [4, 2, 3])  # folds keep their ids, and are sorted by them
+    for f in results.folds:
+        f.latency_ms = {"student": 12.8}
+    path = write_results(tmp_path, results)
     assert path == tmp_path / "results.json"
     doc = json.loads(path.read_text())
-    assert set(doc) == {"summary", "folds", "gap_closure", "latency_ms"}
+    assert list(doc) == [
+        "summary",
+        "folds",
+        "gap_closure",
+        "classes",
+        "folds_run",
+        "roi",
+        "latency_ms",
+        "recipe_digest",
+        "models",
+    ]
     assert set(doc["summary"]) == {"teacher_crop", "baseline_full", "two_stage", "student"}
     for row in doc["summary"].values():
         for stats in row.values():
             assert set(stats) == {"mean", "std"}
     assert doc["summary"]["student"]["accuracy"]["mean"] == pytest.approx(0.8375)
     assert doc["summary"]["student"]["accuracy"]["std"] == pytest.approx(0.01)
-    assert len(doc["folds"]) == 3
-    assert doc["folds"][1]["student"]["accuracy"] == pytest.approx(0.8375)
-    assert doc["gap_closure"] == 0.457
+    assert doc["folds_run"] == [2, 3, 4] and len(doc["folds"]) == 3
+    assert doc["folds"][0]["student"]["accuracy"] == pytest.approx(0.8375)  # fold 2
+    assert doc["gap_closure"] == pytest.approx(0.457, abs=5e-4)
+    assert doc["latency_ms"] == {"student": pytest.approx(12.8)}
+    assert doc["roi"] == {"2": {}, "3": {}, "4": {}}
 
     with open(tmp_path / "results.csv", newline="") as fh:
         lines = list(csv.DictReader(fh))
     assert len(lines) == 3 * 4 + 2 * 4
-    assert [r["fold"] for r in lines[:4]] == ["0"] * 4
+    assert [r["fold"] for r in lines[:12:4]] == ["2", "3", "4"]
     assert lines[0]["row"] == "teacher_crop"
     mean_student = next(r for r in lines if r["fold"] == "mean" and r["row"] == "student")
     assert float(mean_student["accuracy"]) == pytest.approx(0.8375)
@@ -90,35 +111,63 @@ def test_write_results_shape(tmp_path: Path, folds: list[dict]) -> None:
     assert teacher0["pointing_game"] == ""  # metric the row lacks
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
+    again = read_results(tmp_path)
+    assert again.fold_ids == [2, 3, 4] and again.summary == results.summary
+    assert again.gap_closure() == results.gap_closure()
+    assert again.to_json() == doc
+
 
 def test_write_results_json_is_strict(tmp_path: Path) -> None:
-    folds = [{"student": {"accuracy": np.float32(0.5), "qwk": float("nan")}}]
-    write_results(tmp_path, folds, summarise(folds), extra={"roi": [{"map50": np.float64(0.7)}]})
+    results = _results([{"student": {"accuracy": np.float32(0.5), "qwk": float("nan")}}])
+    results.folds[0].roi = {"map50": np.float64(0.7)}
+    write_results(tmp_path, results)
     text = (tmp_path / "results.json").read_text()
     assert "NaN" not in text
     doc = json.loads(text)
     assert doc["folds"][0]["student"]["qwk"] is None
-    assert doc["roi"] == [{"map50": 0.7}]
-    with pytest.raises(ValueError, match="summary"):
-        write_results(tmp_path, folds, summarise(folds), extra={"summary": {}})
+    assert doc["roi"] == {"0": {"map50": 0.7}}
+
+
+def test_fold_result_round_trip(tmp_path: Path) -> None:
+    fold = FoldResult(
+        fold=3,
+        n_test=2,
+        metrics={"student": {"accuracy": 0.5}},
+        confusion={"student": [[1, 0], [1, 0]]},
+        predictions={"index": [4, 9], "student": [0, 0]},
+        latency_ms={"student": 1.5},
+        roi={"mean_iou": 0.8},
+    )
+    fold.write(tmp_path / "eval.json")
+    doc = json.loads((tmp_path / "eval.json").read_text())
+    assert list(doc) == [
+        "fold",
+        "n_test",
+        "metrics",
+        "confusion",
+        "predictions",
+        "latency_ms",
+        "roi",
+    ]
+    assert FoldResult.read(tmp_path / "eval.json") == fold
 
 
 def test_write_report(tmp_path: Path, folds: list[dict]) -> None:
-    summary = summarise(folds)
+    results = _results(
+        folds, [0, 1, 3], models={"teacher_crop": "convnext_tiny", "student": "convnext_tiny"}
+    )
+    for f, roi in zip(
+        results.folds, ({"map50": 0.72, "latency_ms": 5.0}, {"map50": 0.74}, {}), strict=True
+    ):
+        f.roi = roi
+        f.latency_ms = {"student": 12.8, "two_stage": 26.3}
     (tmp_path / "figures").mkdir()
     path = write_report(
         tmp_path,
-        summary,
-        folds,
-        CLASSES,
+        results,
         figures={
             "Confusion matrices": "figures/confusion.png",
             "Grad-CAM": tmp_path / "figures" / "cams.png",
-        },
-        extra={
-            "models": {"teacher_crop": "convnext_tiny", "student": "convnext_tiny"},
-            "roi": {"0": {"map50": 0.72, "latency_ms": 5.0}, "1": {"map50": 0.74}},
-            "latency_ms": {"student": 12.8, "two_stage": {"mean": 26.3, "std": 0.4}},
         },
     )
     assert path == tmp_path / "report.md"
@@ -136,16 +185,25 @@ def test_write_report(tmp_path: Path, folds: list[dict]) -> None:
     assert "pointing game" in text and "CAM IoU" in text
     assert "| full image, student (KD) | 90.00 ± 0.00 | 0.400 ± 0.000 |" in text
     assert "| full image, baseline | 30.00 ± 0.00 | 0.100 ± 0.000 |" in text
-    assert "| map50 | 73.00 ± 1.41 % |" in text
+    assert "| metric | mean ± std | fold 0 | fold 1 | fold 3 | meaning |" in text
+    assert "| map50 | 73.00 ± 1.41 % | 72.00 | 74.00 | – |" in text
     assert "| latency_ms | 5.000 ± 0.000 |" in text
-    assert "12.8" in text and "26.3 ± 0.4" in text
+    assert "| student alone, full image | 12.8 |" in text
+    assert "| two-stage: detector + crop + teacher | 26.3 |" in text
+    per_fold = text.split("## Accuracy per fold (%)")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in per_fold.splitlines() if line[:2] == "| "] == [
+        "| fold",
+        "| 0",
+        "| 1",
+        "| 3",
+    ]
     assert "![Confusion matrices](figures/confusion.png)" in text
     assert "![Grad-CAM](figures/cams.png)" in text  # absolute path made relative
 
 
 def test_write_report_partial_rows(tmp_path: Path) -> None:
     folds = [{"baseline_full": {"accuracy": 0.7, "precision": 0.7, "recall": 0.7, "f1": 0.7}}]
-    text = write_report(tmp_path, summarise(folds), folds, CLASSES, {}, None).read_text()
+    text = write_report(tmp_path, _results(folds)).read_text()
     assert "full image, baseline" in text
     assert "crops (teacher" not in text and "student (KD)" not in text
     assert "Gap closure: not available" in text
@@ -213,7 +271,7 @@ def test_atomic_write_keeps_old_file_on_failure(
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new")
     with pytest.raises(OSError, match="disk full"):
-        write_results(tmp_path, [], {})
+        write_results(tmp_path, RunResults([], []))
     monkeypatch.undo()
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import matplotlib.font_manager  # noqa: F401  (its font cache is built before HOME is emptied)
 import numpy as np
@@ -16,10 +15,11 @@ from torch.utils.data import DataLoader
 
 import kdtoolkit
 from kdtoolkit.config.recipe import RecipeError, load_recipe
+from kdtoolkit.data.dataset import KdDataset
+from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import read_manifest
-from kdtoolkit.data.view import KdDataset, crop_roi, load_image, normalise
+from kdtoolkit.data.view import crop_roi, normalise, view_config
 from kdtoolkit.engine.evaluate import two_stage_logits
-from kdtoolkit.engine.run import view_config
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
@@ -72,8 +72,7 @@ def test_two_stage_on_expert_boxes_reproduces_the_teacher_crop_row(tiny_recipe):
         angles=np.array([s.angle for s in samples]),
         found=np.ones(len(samples), dtype=bool),
     )
-    runner = SimpleNamespace(cfg=cfg, samples=samples, device=torch.device("cpu"))
-    logits, crop_ms = two_stage_logits(runner, teacher, test_idx, rois)
+    logits, crop_ms = two_stage_logits(teacher, samples, test_idx, rois, cfg, torch.device("cpu"))
     assert logits.argmax(1).tolist() == expected.argmax(1).tolist()
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
     assert crop_ms > 0

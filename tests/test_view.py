@@ -11,23 +11,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from kdtoolkit.data.augment import random_affine, transform_roi
+from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import Sample
-from kdtoolkit.data.view import (
-    KdDataset,
-    ViewConfig,
-    crop_roi,
-    crop_view,
-    letterbox,
-    load_image,
-    map_points,
-    normalise,
-    random_affine,
-    roi_mask,
-    student_view,
-    transform_points,
-    transform_roi,
-)
+from kdtoolkit.data.mask import roi_mask
+from kdtoolkit.data.view import ViewConfig, crop_roi, normalise, student_view, view_config
+from kdtoolkit.data.warp import letterbox_matrix, transform_points, warp
 from kdtoolkit.errors import KdError
 
 # Plain pixels: no normalisation, so tensors read as [0, 1] intensities.
@@ -130,13 +121,14 @@ def test_crop_with_margin_shows_background() -> None:
 def test_letterbox_round_trip_and_content() -> None:
     image = np.zeros((100, 200, 1), np.float32)
     image[40:50, 120:130] = 1.0  # a block centred at (125, 45)
-    out, scale, pad = letterbox(image, (128, 128))
+    matrix, scale, pad = letterbox_matrix(image.shape[:2], (128, 128))
+    out = warp(image, matrix, (128, 128))
     assert out.shape == (128, 128, 1)
     assert scale == pytest.approx(0.64) and pad == pytest.approx((0.0, 32.0))
     points = np.array([[0.0, 0.0], [200.0, 100.0], [125.0, 45.0], [3.3, 77.7]])
-    mapped = map_points(points, scale, pad)
+    mapped = transform_points(points, matrix)
     np.testing.assert_allclose(mapped[:2], [[0, 32], [128, 96]])
-    np.testing.assert_allclose(map_points(mapped, scale, pad, inverse=True), points)
+    np.testing.assert_allclose(transform_points(mapped, np.linalg.inv(matrix)), points)
     ys, xs = np.nonzero(out[..., 0] > 0.5)
     assert abs(xs.mean() + 0.5 - mapped[2, 0]) < 1 and abs(ys.mean() + 0.5 - mapped[2, 1]) < 1
     assert out[:31].max() == 0 and out[97:].max() == 0  # padding
@@ -285,7 +277,6 @@ def test_student_and_crop_views_equal_evaluation_items(
     assert item["image"].shape == (channels, 64, 80) and item["crop"].shape == (channels, 24, 48)
     for source in (path, load_image(path, channels)):
         torch.testing.assert_close(student_view(source, cfg), item["image"], rtol=0, atol=0)
-        torch.testing.assert_close(crop_view(source, box, angle, cfg), item["crop"], rtol=0, atol=0)
     crop = crop_roi(load_image(path, channels), box, angle, cfg.crop_size)  # the two-stage path
     torch.testing.assert_close(normalise(crop, cfg), item["crop"], rtol=0, atol=0)
 
@@ -347,3 +338,48 @@ def test_view_config_reports_every_problem() -> None:
     with pytest.raises(KdError, match="mean needs 1 value for 1 channels"):
         ViewConfig(channels=1, mean=(0.1, 0.2, 0.3))
     assert ViewConfig(channels=1).mean == (0.449,) and len(ViewConfig().std) == 3
+
+
+# --------------------------------------------------------------------------- recipe
+
+
+def _recipe(*overrides: str):
+    from kdtoolkit.config.recipe import load_recipe
+
+    return load_recipe({"data": {"manifest": "m.csv"}, "loss": [{"name": "ce"}]}, list(overrides))
+
+
+def test_view_config_takes_every_augment_key_with_unchanged_defaults() -> None:
+    cfg = view_config(_recipe())
+    defaults = ViewConfig(channels=1)
+    for name in ("flip_p", "degrees", "scale", "translate", "brightness", "contrast"):
+        assert getattr(cfg, name) == pytest.approx(getattr(defaults, name))
+    assert (cfg.gamma, cfg.noise) == (defaults.gamma, defaults.noise) == (0.1, 0.01)
+    cfg = view_config(_recipe("augment.gamma=0.3", "augment.noise=0"))
+    assert (cfg.gamma, cfg.noise) == (0.3, 0.0)
+    assert cfg.crop_size == cfg.image_size == (224, 224)  # neutral: tasks set their own
+
+
+def test_augment_keys_enter_the_digest_and_data_loading_does_not() -> None:
+    base = _recipe().digest()
+    assert _recipe("augment.gamma=0").digest() != base
+    assert _recipe("augment.noise=0").digest() != base
+    assert _recipe("data.workers=3", "data.loader=workers").digest() == base
+
+
+def test_sos_task_sets_its_crop_shape() -> None:
+    from kdtoolkit.config.recipe import load_recipe
+
+    recipe = load_recipe({"task": {"name": "sos"}})
+    assert recipe.size("crop") == (112, 224) and recipe.data.channels == 1
+
+
+def test_zero_gamma_and_noise_turn_them_off(tmp_path: Path) -> None:
+    dataset, _ = _bright_rect_dataset(tmp_path, **NO_AUG)  # no jitter at all
+    plain = KdDataset(dataset.samples, [0], dataset.cfg, train=False, seed=0)[0]
+    for key in ("image", "crop"):  # exponent 1, gain 1, bias 0: equal up to rounding
+        torch.testing.assert_close(dataset[0][key], plain[key], rtol=0, atol=1e-6)
+    for on in ({"gamma": 0.3}, {"noise": 0.05}):
+        view = ViewConfig(**{**dataset.cfg.__dict__, **on})
+        item = KdDataset(dataset.samples, [0], view, train=True, seed=7)[0]
+        assert not torch.equal(item["image"], plain["image"])

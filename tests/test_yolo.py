@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
-from kdtoolkit.builtin.yolo.provider import (
-    YoloProvider,
-    _stage_image,
-    average_precision,
-    box_iou,
-    detection_map,
-    detector_latency_ms,
-    packaged_detect_models,
-    split_validation,
-    ultralytics_device,
-    yolo_label,
-)
+from kdtoolkit.builtin.yolo.dataset import split_samples, stage_image, yolo_label
+from kdtoolkit.builtin.yolo.metrics import average_precision, box_iou, detection_map
+from kdtoolkit.builtin.yolo.options import packaged_detect_models, ultralytics_device
+from kdtoolkit.builtin.yolo.provider import YoloProvider, detector_latency_ms
 from kdtoolkit.config.option import check_options
+from kdtoolkit.data.fold import split_validation
+from kdtoolkit.data.manifest import Sample
 from kdtoolkit.errors import KdError
 from kdtoolkit.plugins.roi import RoiRequest
-
-try:
-    from kdtoolkit.data.manifest import Sample
-except ImportError:  # the manifest module is written elsewhere; same fields
-
-    @dataclass(frozen=True)
-    class Sample:  # type: ignore[no-redef]
-        index: int
-        row: int
-        image: Path
-        label: int
-        box: tuple[float, float, float, float] | None
-        angle: float
-        crop: Path | None
-        group: str | None
-        fold: int | None
-        width: int
-        height: int
 
 
 def sample(index, image=Path("x.png"), box=(0, 0, 1, 1), angle=0.0, group=None, size=(64, 64)):
@@ -177,7 +152,8 @@ def test_registered_as_yolo():
 
 
 def test_importing_the_module_does_not_import_ultralytics():
-    code = "import sys, kdtoolkit.builtin.yolo.provider; assert 'ultralytics' not in sys.modules"
+    modules = ", ".join(f"kdtoolkit.builtin.yolo.{m}" for m in ("provider", "session", "options"))
+    code = f"import sys, {modules}; assert 'ultralytics' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -195,23 +171,27 @@ def test_device_names():
 
 def test_validation_split_keeps_groups_together():
     samples = [sample(i, group=f"p{i // 2}") for i in range(20)]
-    train, val = split_validation(samples, 0.15, seed=0)
-    assert len(train) + len(val) == 20 and len(val) >= 3
+    train, val = split_samples(samples, 0.15, seed=0)
+    assert len(train) + len(val) == 20 and len(val) >= 2
     assert not {s.group for s in train} & {s.group for s in val}
-    assert split_validation(samples, 0.0, seed=0) == (samples, samples)
+    fit, held = split_validation(range(20), [0] * 20, [s.group for s in samples], 0.15, 0)
+    assert [s.index for s in train] == fit.tolist() and [s.index for s in val] == held.tolist()
+    assert split_samples(samples, 0.0, seed=0) == (samples, samples)
+    one_group = [sample(i, group="p") for i in range(5)]
+    assert split_samples(one_group, 0.15, seed=0) == (one_group, one_group)
 
 
 def test_staging_symlinks_8_bit_and_stretches_16_bit(tmp_path):
     grey8 = tmp_path / "a.png"
     Image.fromarray(np.full((12, 12), 7, np.uint8)).save(grey8)
-    staged = _stage_image(sample(3, grey8), tmp_path / "out8")
+    staged = stage_image(sample(3, grey8), tmp_path / "out8")
     assert staged.is_symlink() and staged.resolve() == grey8.resolve()
 
     grey16 = tmp_path / "b.png"
     arr = np.zeros((12, 12), np.uint16)
     arr[:, 6:] = 4000  # a 12-bit range, dark as 8-bit high bytes
     Image.fromarray(arr).save(grey16)
-    staged = _stage_image(sample(4, grey16), tmp_path / "out16")
+    staged = stage_image(sample(4, grey16), tmp_path / "out16")
     out = np.asarray(Image.open(staged))
     assert out.dtype == np.uint8 and out.min() == 0 and out.max() == 255
 
@@ -356,7 +336,7 @@ def test_ultralytics_leaves_pil_alone(tmp_path):
     """After a YOLO session, PIL still raises its own error on an unreadable image."""
     from PIL import Image, UnidentifiedImageError
 
-    from kdtoolkit.builtin.yolo.provider import ultralytics_session
+    from kdtoolkit.builtin.yolo.session import ultralytics_session
 
     with ultralytics_session(tmp_path / "work", lambda line: None):
         pass

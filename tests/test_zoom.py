@@ -9,7 +9,8 @@ import torch
 
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss, mask_moments, roi_grid
 from kdtoolkit.data.geometry import roi_corners
-from kdtoolkit.data.view import crop_roi, roi_mask
+from kdtoolkit.data.mask import roi_mask
+from kdtoolkit.data.view import crop_roi
 from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.plugins.loss import LossContext
 
@@ -79,7 +80,7 @@ def test_roi_zoom_trains_its_locator_with_roi_box():
 def test_init_from_teacher_copies_the_teacher_into_the_classifier():
     import pytest
 
-    from kdtoolkit.engine.run import init_from_teacher
+    from kdtoolkit.engine.stage import init_from_teacher
     from kdtoolkit.errors import KdError
 
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
-"""Built-in loss terms (a plugin module like any other).
+"""Built-in plugin: the loss terms ``ce``, ``kl``, ``attention_mse``, ``attention_kl``,
+``roi_feature``, ``roi_ce`` and ``attention_pool`` (``roi_box`` comes with ``roi_zoom``).
 
 Notation: z student logits, t teacher logits, y labels, A the student's last feature map
 (B×C×h×w, ``ctx.features``), Â its Grad-CAM map (``kdtoolkit.models.gradcam``, max-normalised to
@@ -14,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.gradcam import EPS, gradcam, unwrap
+from kdtoolkit.models.timm import TimmBackbone
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
 
@@ -190,8 +191,6 @@ class RoiCELoss(LossTerm):
         self.output_size = output_size
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        from kdtoolkit.models.backbone import TimmBackbone
-
         model = unwrap(ctx.student)
         pooled = roi_pool(ctx, self.output_size).to(ctx.features.dtype)
         if isinstance(model, TimmBackbone):
@@ -226,5 +225,4 @@ def kd_register_losses(registry):
     registry.register("attention_kl", AttentionKLLoss)
     registry.register("roi_feature", RoiFeatureLoss)
     registry.register("roi_ce", RoiCELoss)
-    registry.register("roi_box", RoiBoxLoss)
     registry.register("attention_pool", AttentionPoolLoss)

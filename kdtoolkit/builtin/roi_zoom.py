@@ -1,4 +1,5 @@
-"""A full-image student that looks closer: locate the ROI, resample it, stage the resampled ROI.
+"""Built-in plugin: ``roi_zoom``, a full-image student that looks closer (locate the ROI,
+resample it, stage the resampled ROI), and ``roi_box``, the loss that teaches it where to look.
 
 ``RoiZoom`` is one network on the uncropped image (no detector, no external crop at
 deployment). A *locator* trunk predicts the ROI as ``(cx, cy, half_w, half_h, cos 2a, sin 2a)``
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtoolkit.config.option import Range
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.gradcam import unwrap
+from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
 
 
@@ -174,8 +179,6 @@ def roi_zoom(
     ``detach_roi``: the classifier's losses do not move the locator (only ``roi_box`` does).
     With ``student.init_from_teacher`` the classifier starts as the crop teacher (same
     backbone name as the teacher)."""
-    from kdtoolkit.models.backbone import build_backbone
-
     size = tuple(crop_size or (64, 128))
     return RoiZoom(
         build_backbone(locator, num_classes, in_chans, {}),
@@ -191,11 +194,18 @@ class RoiBoxLoss(LossTerm):
     ROI mask (``mask_moments``), summed over the 6 parameters, batch mean."""
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        from kdtoolkit.errors import KdError
-        from kdtoolkit.models.gradcam import unwrap
-
         roi = getattr(unwrap(ctx.student), "last_roi", None)
         if roi is None or ctx.masks is None:
             raise KdError("loss 'roi_box' needs a roi_zoom student and ROI masks")
         target = mask_moments(ctx.masks.to(roi.device))
         return F.smooth_l1_loss(roi.float(), target, beta=0.05, reduction="none").sum(1).mean()
+
+
+@hookimpl
+def kd_register_backbones(registry):
+    registry.register("roi_zoom", roi_zoom)
+
+
+@hookimpl
+def kd_register_losses(registry):
+    registry.register("roi_box", RoiBoxLoss)

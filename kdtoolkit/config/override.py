@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdtoolkit.errors import KdError
@@ -11,6 +12,8 @@ from kdtoolkit.errors import KdError
 # Sections whose extra keys are component options (validated by the component).
 OPTION_SECTIONS = {"task": "name", "roi": "provider"}
 FREE_KEYS = {"roi": {"mask"}}
+#: A parsed override: the dotted key as parts, and its value.
+Override = tuple[list[str], Any]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -28,14 +31,35 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set each ``a.b=value`` in a copy of ``raw``. ``loss.N.key`` indexes the loss list.
+def flatten_values(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[Override]:
+    """Python override values → ``(path, value)`` pairs: nested tables become dotted paths
+    (``{"teacher": {"epochs": 2}}`` → ``(["teacher", "epochs"], 2)``); lists and scalars are
+    values."""
+    out: list[Override] = []
+    for key, value in values.items():
+        path = (*prefix, *str(key).split("."))
+        if isinstance(value, Mapping) and value:
+            out += flatten_values(value, path)
+        else:
+            out.append((list(path), value))
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
+    """Set each override in a copy of ``raw``: an ``"a.b=value"`` string (the value read as
+    TOML) or an already parsed ``(["a", "b"], value)`` pair. ``loss.N.key`` indexes the loss
+    list.
 
     An override that names another component (``roi.provider``, ``task.name``) than ``raw``
     drops the options ``raw`` gave the old one (they belong to it); options set with
-    ``--set`` stay."""
+    overrides stay."""
     out = copy.deepcopy(raw)
-    parsed = [(text, *parse_override(text)) for text in overrides]
+    parsed = [
+        (item, *parse_override(item))
+        if isinstance(item, str)
+        else (".".join(item[0]) + "=" + repr(item[1]), list(item[0]), item[1])
+        for item in overrides
+    ]
     for _text, path, value in parsed:
         section = path[0]
         table = out.get(section)
@@ -48,6 +72,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
                 try:
+                    if int(part) < 0:
+                        raise IndexError(part)
                     node = node[int(part)]
                 except (ValueError, IndexError):
                     raise KdError(

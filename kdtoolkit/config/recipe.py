@@ -12,12 +12,18 @@ import hashlib
 import json
 import tomllib
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from kdtoolkit.config.option import Range, check_options, check_value
-from kdtoolkit.config.override import OPTION_SECTIONS, apply_overrides, deep_merge
+from kdtoolkit.config.override import (
+    OPTION_SECTIONS,
+    apply_overrides,
+    deep_merge,
+    flatten_values,
+)
 from kdtoolkit.errors import KdError, suggestion
 
 
@@ -48,7 +54,7 @@ class DataConfig:
     manifest: str = ""
     classes: list[str] = field(default_factory=list)
     image_size: Size = 224
-    crop_size: Size = field(default_factory=lambda: [112, 224])
+    crop_size: Size = 224
     channels: Literal[1, 3] = 1
     letterbox: bool = True
     limit: Annotated[int, Range(ge=0)] = 0
@@ -59,12 +65,19 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
+    """Training augmentation (``[augment]``): random flip, rotation (``degrees``), zoom
+    (``scale``: ±), shift (``translate``: fraction of the size) and intensity jitter
+    (``brightness`` ±, ``contrast`` ± gain, ``gamma``: exponent exp(±gamma), ``noise``:
+    Gaussian std) on [0, 1] pixels; 0 turns a term off."""
+
     flip_p: Annotated[float, Range(ge=0, le=1)] = 0.5
     degrees: Annotated[float, Range(ge=0, le=180)] = 10.0
     scale: Annotated[float, Range(ge=0, lt=1)] = 0.1
     translate: Annotated[float, Range(ge=0, lt=1)] = 0.05
     brightness: Annotated[float, Range(ge=0, le=1)] = 0.1
     contrast: Annotated[float, Range(ge=0, le=1)] = 0.1
+    gamma: Annotated[float, Range(ge=0, le=1)] = 0.1
+    noise: Annotated[float, Range(ge=0, le=1)] = 0.01
 
 
 @dataclass
@@ -260,18 +273,17 @@ def _check_sizes(recipe: Recipe) -> list[str]:
 
 def _check_components(recipe: Recipe) -> list[str]:
     """Registry names and component options, with close matches."""
-    from kdtoolkit.models import backbone
     from kdtoolkit.plugins.manager import registries
 
     regs = registries()
     problems: list[str] = []
     for role in ("teacher", "student"):
         config: ModelConfig = getattr(recipe, role)
-        if not backbone.is_known_backbone(config.backbone):
-            problems.append(f"{role}.backbone: {backbone.unknown_message(config.backbone)}")
+        if config.backbone not in regs.backbones:
+            problems.append(f"{role}.backbone: {regs.backbones.unknown_message(config.backbone)}")
         else:
             problems += check_options(
-                backbone.backbone_options_factory(config.backbone),
+                regs.backbones.get(config.backbone),
                 config.backbone_options,
                 f"{role}.backbone_options",
                 reserved=("num_classes", "in_chans"),
@@ -347,17 +359,27 @@ def task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_recipe(
-    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+    source: str | Path | dict[str, Any],
+    overrides: Sequence[str] = (),
+    **values: Any,
 ) -> Recipe:
-    """Read (a path) or take (a dict) a recipe, apply ``--set`` overrides and the named
-    task's defaults, and validate it. Relative data paths are taken relative to the recipe
-    file's folder."""
+    """Read (a path) or take (a dict) a recipe, apply overrides and the named task's defaults,
+    and validate it.
+
+    ``overrides`` are ``--set`` strings (``"cv.folds=2"``, values read as TOML); ``values``
+    are the same with Python values, by section (``teacher={"epochs": 2}``) or as a dotted
+    key in a dict (``**{"cv.folds": 2}``). Relative data paths are taken relative to the
+    recipe file's folder."""
+    if isinstance(overrides, str):
+        raise KdError(f"load_recipe: overrides must be a list of strings, not {overrides!r}")
     if isinstance(source, dict):
         raw, name, base = source, "<python>", Path.cwd()
     else:
         path = Path(source)
+        if path.is_dir():
+            raise KdError(f"{path}: is a folder; give the recipe's .toml file")
         raw, name, base = read_toml(path), str(path), path.resolve().parent
-    raw = apply_overrides(raw, list(overrides))
+    raw = apply_overrides(raw, [*overrides, *flatten_values(values)])
     raw = deep_merge(task_defaults(raw), raw)
     recipe = validate(raw, name)
     if recipe.data.manifest and not Path(recipe.data.manifest).is_absolute():

@@ -1,11 +1,11 @@
 """Images kept on the training device, and batches of views cut from them there (design §5).
 
-:class:`~kdtoolkit.data.view.KdDataset` builds each sample's views on the CPU, which keeps a GPU
+:class:`~kdtoolkit.data.dataset.KdDataset` builds each sample's views on the CPU, which keeps a GPU
 waiting for data-loader workers. An :class:`ImageBank` decodes every image once into one
 zero-padded tensor on the device; a :class:`BankDataset` plans each sample's views exactly as
 ``KdDataset`` does (:func:`~kdtoolkit.data.view.plan_views`: the same matrices, masks and jitter
 draws) and samples a whole batch with one ``grid_sample`` per view
-(:func:`~kdtoolkit.data.view.warp_stack`). Only the pixel noise differs: it is drawn on the device
+(:func:`~kdtoolkit.data.warp.warp_stack`). Only the pixel noise differs: it is drawn on the device
 from a generator seeded by (seed, epoch, batch), not per sample; without noise the batches
 equal ``KdDataset``'s. :class:`BankLoader` batches it as a ``DataLoader`` would.
 """
@@ -20,19 +20,13 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
-from kdtoolkit.data.view import (
-    Box,
-    KdDataset,
-    ViewConfig,
-    _normalise,
-    _read_native,
-    _to_float,
-    apply_jitter,
-    jitter_tensors,
-    masks_and_boxes,
-    plan_views,
-    warp_stack,
-)
+from kdtoolkit.data.augment import apply_jitter, jitter_tensors
+from kdtoolkit.data.dataset import KdDataset
+from kdtoolkit.data.geometry import Box
+from kdtoolkit.data.imageio import read_native, to_float
+from kdtoolkit.data.mask import masks_and_boxes
+from kdtoolkit.data.view import ViewConfig, normalise_views, plan_views
+from kdtoolkit.data.warp import warp_stack
 
 
 def bank_bytes(sizes: Sequence[tuple[int, int]], channels: int) -> int:
@@ -52,7 +46,7 @@ class ImageBank:
     def __init__(self, paths: Sequence[Path], channels: int, device: torch.device) -> None:
         unique = list(dict.fromkeys(paths))
         self.row = {path: i for i, path in enumerate(unique)}
-        arrays = [_to_float(_read_native(path), channels) for path in unique]
+        arrays = [to_float(read_native(path), channels) for path in unique]
         self.sizes = [(a.shape[0], a.shape[1]) for a in arrays]
         height = max((h for h, _ in self.sizes), default=1)
         width = max((w for _, w in self.sizes), default=1)
@@ -68,7 +62,7 @@ class ImageBank:
 
 class BankDataset(KdDataset):
     """The views of ``samples[i] for i in indices`` built a batch at a time on the bank's
-    device: the same items as :class:`~kdtoolkit.data.view.KdDataset` with the same arguments
+    device: the same items as :class:`~kdtoolkit.data.dataset.KdDataset` with the same arguments
     (``image``, ``mask`` and ``crop`` on the device; ``box``, ``label``, ``index`` on the
     CPU). ``images`` holds every full image, ``crops`` every expert crop file the samples
     name (None when none do)."""
@@ -161,7 +155,7 @@ class BankDataset(KdDataset):
                 shape, device = views.shape, views.device
                 noise = torch.randn(shape, generator=generator, device=device) * self.cfg.noise
             views = apply_jitter(views, *jitter, noise)
-        return _normalise(views, self.cfg)
+        return normalise_views(views, self.cfg)
 
 
 class BankLoader:

@@ -110,12 +110,6 @@ def assign_folds(
     return folds
 
 
-def fold_split(folds: np.ndarray, fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train, test)`` indices of ``fold``: test is the held-out fold, train the rest."""
-    folds = np.asarray(folds)
-    return np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-
-
 def split_validation(
     indices: Sequence[int] | np.ndarray,
     labels: Sequence[int] | np.ndarray,

@@ -12,8 +12,11 @@ import math
 
 import numpy as np
 
+#: An axis-aligned box ``x0, y0, x1, y1`` in pixels (the ROI before its rotation).
+Box = tuple[float, float, float, float]
 
-def roi_corners(box: tuple[float, float, float, float], angle: float = 0.0) -> np.ndarray:
+
+def roi_corners(box: Box, angle: float = 0.0) -> np.ndarray:
     """The ROI's 4 corners, shape (4, 2) as (x, y): top-left, top-right, bottom-right,
     bottom-left of the unrotated box, after rotation."""
     x0, y0, x1, y1 = box
@@ -26,7 +29,7 @@ def roi_corners(box: tuple[float, float, float, float], angle: float = 0.0) -> n
     return np.stack([cx + dx * c + dy * s, cy - dx * s + dy * c], axis=1)
 
 
-def enclosing_box(box: tuple[float, float, float, float], angle: float = 0.0) -> np.ndarray:
+def enclosing_box(box: Box, angle: float = 0.0) -> np.ndarray:
     """Axis-aligned box ``[x0, y0, x1, y1]`` around the rotated ROI."""
     corners = roi_corners(box, angle)
     return np.array([*corners.min(axis=0), *corners.max(axis=0)])

@@ -14,23 +14,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
-from kdtoolkit.data.geometry import roi_corners
-from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.data.geometry import Box
+from kdtoolkit.data.manifest_fields import (
+    BOX_COLUMNS,
+    check_bounds,
+    check_image,
+    label_resolver,
+    parse_box,
+)
+from kdtoolkit.errors import KdError
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED = ("image", "label")
-BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 OPTIONAL = ("angle", "crop", "group", "fold")
 KNOWN_COLUMNS = (*REQUIRED, *BOX_COLUMNS, *OPTIONAL)
-#: Pixel modes :func:`load_image` can convert (8/16-bit grey, RGB, palette, alpha).
-SUPPORTED_MODES = frozenset(
-    {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "I", "I;16", "I;16L",
-     "I;16B", "I;16N", "F"}
-)  # fmt: skip
-#: How far (pixels) an ROI corner may stick out of the image before it is an error.
-BOUNDS_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -41,7 +38,7 @@ class Sample:
     row: int  # line number in manifest.csv (header is line 1)
     image: Path  # absolute path
     label: int  # 0-based class index
-    box: tuple[float, float, float, float] | None  # expert ROI x0,y0,x1,y1, full-image pixels
+    box: Box | None  # expert ROI x0,y0,x1,y1, full-image pixels
     angle: float  # degrees, kdtoolkit.data.geometry convention, 0 if absent
     crop: Path | None  # expert crop image, absolute
     group: str | None  # patient id
@@ -161,7 +158,7 @@ def _check(
         i = col.get(name)
         return values[i] if i is not None and i < len(values) else ""
 
-    label_of = _label_resolver([cell(v, "label") for v in rows] if "label" in col else [], classes)
+    label_of = label_resolver([cell(v, "label") for v in rows] if "label" in col else [], classes)
     resolved_classes = label_of.classes
     fold_rows = [bool(cell(v, "fold")) for v in rows] if "fold" in col else []
     any_fold = any(fold_rows)
@@ -181,7 +178,7 @@ def _check(
         image_path: Path | None = None
         size: tuple[int, int] | None = None
         if "image" in col:
-            image_path, size, problem = _check_image(root, cell(values, "image"), "image")
+            image_path, size, problem = check_image(root, cell(values, "image"), "image")
             if problem:
                 report(row, problem)
                 ok = False
@@ -207,14 +204,14 @@ def _check(
                 angle, ok = 0.0, False
 
         # box
-        box: tuple[float, float, float, float] | None = None
+        box: Box | None = None
         if has_box:
-            box, problem = _parse_box([cell(values, c) for c in BOX_COLUMNS], require_boxes)
+            box, problem = parse_box([cell(values, c) for c in BOX_COLUMNS], require_boxes)
             if problem:
                 report(row, problem)
                 ok = False
             elif box is not None and size is not None:
-                problem = _check_bounds(box, angle, size)
+                problem = check_bounds(box, angle, size)
                 if problem:
                     report(row, problem)
                     ok = False
@@ -226,7 +223,7 @@ def _check(
         crop_path: Path | None = None
         crop_text = cell(values, "crop")
         if crop_text:
-            crop_path, _, problem = _check_image(root, crop_text, "crop")
+            crop_path, _, problem = check_image(root, crop_text, "crop")
             if problem:
                 report(row, problem)
                 ok = False
@@ -271,138 +268,3 @@ def _check(
     if problems:
         raise ManifestError(problems)
     return Manifest(path=path, classes=resolved_classes, samples=samples)
-
-
-def _check_image(
-    root: Path, text: str, what: str
-) -> tuple[Path | None, tuple[int, int] | None, str | None]:
-    """Resolve and open an image file (header only). Returns (path, (W, H), problem)."""
-    if not text:
-        return None, None, f"{what} path is empty — give the file path relative to the manifest"
-    file = Path(text).expanduser()
-    file = (file if file.is_absolute() else root / file).resolve()
-    if not file.is_file():
-        return (
-            None,
-            None,
-            f"missing {what} file '{text}' (looked for {file}) — paths are relative to the "
-            "manifest's folder",
-        )
-    try:
-        with Image.open(file) as im:
-            size, mode = im.size, im.mode
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return None, None, f"unreadable {what} '{text}' ({reason}) — use PNG, JPEG or TIFF"
-    if mode not in SUPPORTED_MODES:
-        return (
-            None,
-            None,
-            f"unsupported pixel mode '{mode}' in {what} '{text}' — save it as 8- or 16-bit grey "
-            "or 8-bit RGB",
-        )
-    if size[0] < 1 or size[1] < 1:
-        return None, None, f"{what} '{text}' has no pixels ({size[0]}x{size[1]}) — replace it"
-    return file, size, None
-
-
-def _parse_box(
-    texts: list[str], required: bool
-) -> tuple[tuple[float, float, float, float] | None, str | None]:
-    if not any(texts):
-        if required:
-            return None, "box is empty — fill x0,y0,x1,y1 (expert ROI in full-image pixels)"
-        return None, None
-    values: list[float] = []
-    bad: list[str] = []
-    for name, text in zip(BOX_COLUMNS, texts, strict=True):
-        try:
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
-            values.append(value)
-        except ValueError:
-            bad.append(f"{name}='{text}'")
-    if bad:
-        return None, (
-            f"box not numeric ({', '.join(bad)}) — give x0,y0,x1,y1 as numbers in full-image pixels"
-        )
-    x0, y0, x1, y1 = values
-    if x1 <= x0 or y1 <= y0:
-        return None, (
-            f"box is empty ({x0:g},{y0:g},{x1:g},{y1:g}: needs x1 > x0 and y1 > y0) — give the "
-            "top-left corner first"
-        )
-    return (x0, y0, x1, y1), None
-
-
-def _check_bounds(
-    box: tuple[float, float, float, float], angle: float, size: tuple[int, int]
-) -> str | None:
-    width, height = size
-    tol = BOUNDS_TOLERANCE
-    if angle == 0.0:
-        x0, y0, x1, y1 = box
-        if x0 < -tol or y0 < -tol or x1 > width + tol or y1 > height + tol:
-            return (
-                f"box ({x0:g},{y0:g},{x1:g},{y1:g}) is outside the image ({width}x{height}) — "
-                "boxes are in full-image pixels, 0 <= x <= width, 0 <= y <= height"
-            )
-        return None
-    corners = roi_corners(box, angle)
-    xs, ys = corners[:, 0], corners[:, 1]
-    if xs.min() < -tol or ys.min() < -tol or xs.max() > width + tol or ys.max() > height + tol:
-        pts = " ".join(f"({x:.1f},{y:.1f})" for x, y in corners)
-        return (
-            f"rotated ROI corners outside the image ({width}x{height}): {pts} — shrink the box "
-            "or check the angle (degrees, counter-clockwise)"
-        )
-    return None
-
-
-class _LabelResolver:
-    """Maps label text to a class index; ``classes`` are the resolved class names."""
-
-    def __init__(self, classes: tuple[str, ...], by_index: bool) -> None:
-        self.classes = classes
-        self.by_index = by_index
-        self._lookup = {name: i for i, name in enumerate(classes)}
-
-    def __call__(self, text: str) -> tuple[int | None, str | None]:
-        if not text:
-            return None, "label is empty — give a class name or a 0-based class index"
-        listing = ", ".join(self.classes)
-        if self.by_index:
-            value = int(text)
-            if 0 <= value < len(self.classes):
-                return value, None
-            return None, (
-                f"label index {value} out of range — use 0..{len(self.classes) - 1} "
-                f"(classes: {listing})"
-            )
-        if text in self._lookup:
-            return self._lookup[text], None
-        return None, (
-            f"unknown label '{text}'{suggestion(text, self.classes)} — use one of: {listing}"
-        )
-
-
-def _label_resolver(labels: list[str], classes: Sequence[str] | None) -> _LabelResolver:
-    filled = [t for t in labels if t]
-    all_int = bool(filled) and all(_is_int(t) for t in filled)
-    if classes is not None:
-        names = tuple(str(c) for c in classes)
-        all_names = all(t in names for t in filled)
-        return _LabelResolver(names, by_index=all_int and not all_names)
-    if all_int:  # negative indices are reported as out of range
-        top = max(0, *(int(t) for t in filled))
-        return _LabelResolver(tuple(str(i) for i in range(top + 1)), by_index=True)
-    return _LabelResolver(tuple(sorted(set(filled))), by_index=False)
-
-
-def _is_int(text: str) -> bool:
-    try:
-        int(text)
-    except ValueError:
-        return False
-    return True

@@ -1,19 +1,131 @@
-"""Serving a student: stage full images with no crop and no detector."""
+"""Serving a trained model: ``KdModel`` owns its preprocessing (from the checkpoint's metadata),
+so a student stages full images with no crop and no detector."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from kdtoolkit.data.view import ViewConfig, student_view
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.checkpoint import load_model
+from kdtoolkit.models.gradcam import cam_for_images
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+#: An image for ``KdModel``: a file path, or an H×W / H×W×C array (uint8, uint16, or float in
+#: [0, 1]).
+ImageLike = str | Path | np.ndarray
+
+
+@dataclass
+class Prediction:
+    """One image's result: the predicted class, its index and every class's probability."""
+
+    image: str
+    label: str
+    index: int
+    probabilities: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"image", "class", "index", "probabilities"}`` (strict JSON: finite numbers)."""
+        return {
+            "image": self.image,
+            "class": self.label,
+            "index": self.index,
+            "probabilities": self.probabilities,
+        }
+
+
+class KdModel:
+    """A trained kdtoolkit model with the preprocessing it was trained with.
+
+    >>> model = KdModel.load("runs/x/fold_0/student/model.safetensors")  # doctest: +SKIP
+    >>> model.predict(["slice.png"])[0].label                            # doctest: +SKIP
+    """
+
+    def __init__(self, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.metadata = metadata
+        self.classes: list[str] = list(metadata["classes"])
+        self.view: str = metadata.get("view", "image")
+        size = (int(metadata["input_size"][0]), int(metadata["input_size"][1]))
+        # a crop model takes crops as given: stretched to its input, as the teacher saw them
+        self.config = ViewConfig(
+            image_size=size,
+            crop_size=size,
+            channels=metadata["channels"],
+            letterbox=metadata["letterbox"] if self.view == "image" else False,
+            mean=metadata["normalisation"]["mean"],
+            std=metadata["normalisation"]["std"],
+        )
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: str | torch.device = "auto") -> KdModel:
+        """The model of a kdtoolkit checkpoint (``model.safetensors`` of a stage) on
+        ``device`` (``auto``: CUDA when present)."""
+        dev = resolve_device(device) if isinstance(device, str) else device
+        model, meta = load_model(checkpoint, dev)
+        return cls(model, meta)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """The model's input batch (N×C×H×W, normalised) for ``images``."""
+        return torch.stack([student_view(image, self.config) for image in images])
+
+    def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Raw class scores, N×K."""
+        with torch.no_grad():
+            return self.model(self.preprocess(images).to(self.device)).float().cpu().numpy()
+
+    def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> list[Prediction]:
+        """Class and probabilities of every image; a non-finite output is an error."""
+        out: list[Prediction] = []
+        for chunk in batches(images, batch_size):
+            logits = torch.from_numpy(self.logits(chunk))
+            probs = torch.softmax(logits, 1).numpy()
+            for image, p in zip(chunk, probs, strict=True):
+                if not np.isfinite(p).all():
+                    raise KdError(
+                        f"{describe(image)}: the model gave non-finite scores; the checkpoint "
+                        "holds diverged weights (retrain with a lower learning rate)"
+                    )
+                k = int(np.argmax(p))
+                out.append(
+                    Prediction(
+                        describe(image),
+                        self.classes[k],
+                        k,
+                        {c: float(v) for c, v in zip(self.classes, p, strict=True)},
+                    )
+                )
+        return out
+
+    def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
+        """Grad-CAM of the predicted class for every image, N×H×W in [0, 1] at the model's
+        input resolution (letterboxed as the model sees the image)."""
+        cams = [
+            cam_for_images(self.model, self.preprocess(chunk).to(self.device)).float().cpu()
+            for chunk in batches(images, batch_size)
+        ]
+        return torch.cat(cams).numpy()
+
+
+def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def describe(image: ImageLike) -> str:
+    return str(image) if isinstance(image, str | Path) else f"array {np.shape(image)}"
 
 
 def image_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -31,60 +143,46 @@ def image_paths(paths: Sequence[str | Path]) -> list[Path]:
     return out
 
 
+@dataclass
+class PredictReport:
+    """``predict``'s outcome: results for the readable images, and the files it skipped with
+    the reason."""
+
+    results: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
 def predict(
     checkpoint: str | Path,
     paths: Sequence[str | Path],
     cam_dir: str | Path | None = None,
     device: str = "auto",
     batch_size: int = 16,
-) -> list[dict[str, Any]]:
-    """Class and probabilities for every image; optional Grad-CAM overlays in ``cam_dir``.
-
-    Each result: ``{"image", "class", "index", "probabilities": {class: p}}``.
-    """
-    from kdtoolkit.data.view import ViewConfig, load_image, student_view
-
-    model, meta = load_model(checkpoint, resolve_device(device))
-    if meta.get("view") != "image":
+) -> PredictReport:
+    """Stage every image with a student checkpoint; Grad-CAM overlays in ``cam_dir`` when
+    given. Unreadable files are skipped and listed in ``skipped``."""
+    model = KdModel.load(checkpoint, device)
+    if model.view != "image":
         raise KdError(
-            f"{checkpoint}: a {meta.get('role')} checkpoint that takes crops; "
+            f"{checkpoint}: a {model.metadata.get('role')} checkpoint that takes crops; "
             f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
         )
-    dev = next(model.parameters()).device
-    cfg = ViewConfig(
-        image_size=tuple(meta["input_size"]),
-        crop_size=tuple(meta["input_size"]),
-        channels=meta["channels"],
-        letterbox=meta["letterbox"],
-        mean=meta["normalisation"]["mean"],
-        std=meta["normalisation"]["std"],
-    )
-    classes = meta["classes"]
-    files = image_paths(paths)
-    results: list[dict[str, Any]] = []
-    cam_names: set[str] = set()
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        images = [load_image(f, cfg.channels) for f in chunk]
-        x = torch.stack([student_view(im, cfg) for im in images]).to(dev)
-        with torch.no_grad():
-            probs = torch.softmax(model(x).float(), 1).cpu().numpy()
-        for f, p in zip(chunk, probs, strict=False):
-            k = int(np.argmax(p))
-            results.append(
-                {
-                    "image": str(f),
-                    "class": classes[k],
-                    "index": k,
-                    "probabilities": {c: float(v) for c, v in zip(classes, p, strict=False)},
-                }
-            )
-        if cam_dir is not None:
-            _write_cams(Path(cam_dir), model, x, chunk, cam_names)
-    return results
+    readable: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for path in image_paths(paths):
+        try:
+            model.preprocess([path])
+        except (KdError, OSError, ValueError) as e:
+            skipped.append((str(path), str(e).splitlines()[0]))
+        else:
+            readable.append(path)
+    results = [p.to_dict() for p in model.predict(readable, batch_size)]
+    if cam_dir is not None and readable:
+        write_cams(Path(cam_dir), model, readable, batch_size)
+    return PredictReport(results, skipped)
 
 
-def _cam_name(path: Path, used: set[str]) -> str:
+def cam_name(path: Path, used: set[str]) -> str:
     """``<stem>_cam.png``, or with the parent folder's name (and a number) when taken."""
     name = f"{path.stem}_cam.png"
     k = 1
@@ -95,24 +193,23 @@ def _cam_name(path: Path, used: set[str]) -> str:
     return name
 
 
-def _write_cams(
-    cam_dir: Path, model: torch.nn.Module, x: torch.Tensor, files: list[Path], used: set[str]
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import cm
+def write_cams(cam_dir: Path, model: KdModel, files: list[Path], batch_size: int) -> None:
+    """One overlay PNG per image: the model's input in grey with its Grad-CAM on top."""
+    from matplotlib import colormaps
     from PIL import Image
 
-    from kdtoolkit.models.gradcam import cam_for_images
+    from kdtoolkit.fileio import atomic_path
 
     cam_dir.mkdir(parents=True, exist_ok=True)
-    cams = cam_for_images(model, x).cpu().numpy()
-    for f, image, cam in zip(files, x.cpu().numpy(), cams, strict=False):
-        grey = image.mean(0)
-        grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
-        heat = cm.jet(cam)[..., :3]
-        overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
-        Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8)).save(
-            cam_dir / _cam_name(f, used)
-        )
+    used: set[str] = set()
+    for chunk in batches(files, batch_size):
+        cams = model.cam(chunk)
+        inputs = model.preprocess(chunk).numpy()
+        for f, image, cam in zip(chunk, inputs, cams, strict=True):
+            grey = image.mean(0)
+            grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
+            heat = colormaps["jet"](cam)[..., :3]
+            overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
+            pixels = Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8))
+            with atomic_path(cam_dir / cam_name(f, used)) as tmp:
+                pixels.save(tmp, format="PNG")

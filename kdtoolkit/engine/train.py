@@ -1,4 +1,5 @@
-"""Training one model (teacher, student or baseline) with resume, and evaluating it."""
+"""The epoch loop: training one model (teacher, student or baseline) with resume, and its
+validation."""
 
 from __future__ import annotations
 
@@ -11,18 +12,15 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from kdtoolkit.config.recipe import ModelConfig
-from kdtoolkit.data.bank import BankLoader
 from kdtoolkit.engine.device import autocast
+from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.models.checkpoint import load_state, save_state, weights_of
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.report.metrics import classification_metrics
 
 View = Literal["crop", "image"]
-#: Batches of views: per-sample (``DataLoader`` of a ``KdDataset``) or device-resident.
-Loader = DataLoader | BankLoader
 
 
 @dataclass

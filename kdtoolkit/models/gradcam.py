@@ -72,7 +72,7 @@ def cam_for_images(
 ) -> torch.Tensor:
     """Inference Grad-CAM for ``images`` (B×C×H×W): B×H×W maps in [0, 1], upsampled
     bilinearly to the image size. ``target`` defaults to the predicted class. ``model`` has
-    ``forward_features``/``forward_head`` (a backbone from ``kdtoolkit.models.backbone``). A model
+    ``forward_features``/``forward_head`` (a ``kdtoolkit.models.backbone.Backbone``). A model
     whose features are not in image coordinates provides ``image_attention(images)`` instead
     (B×H×W in [0, 1], e.g. ``roi_zoom``: where it looks), used for figures and metrics."""
     model = unwrap(model)

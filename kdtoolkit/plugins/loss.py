@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -30,7 +30,6 @@ class LossContext:
     teacher_logits: torch.Tensor | None = None
     teacher_features: torch.Tensor | None = None
     class_weights: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class LossTerm(nn.Module):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
-from types import ModuleType
+from typing import NamedTuple
 
 import pluggy
 
@@ -16,15 +17,20 @@ from kdtoolkit.plugins.registry import Registry
 
 GROUP = "kdtoolkit"
 BUILTIN_PLUGINS = (
-    "kdtoolkit.builtin.backbones",
+    "kdtoolkit.builtin.timm",
+    "kdtoolkit.builtin.convnext_attn",
+    "kdtoolkit.builtin.roi_zoom",
     "kdtoolkit.builtin.losses",
-    "kdtoolkit.builtin.roi_providers",
+    "kdtoolkit.builtin.manual",
+    "kdtoolkit.builtin.yolo.provider",
 )
+"""The built-in plugin modules, registered like installed plugins (and blocked the same way,
+by module name, in ``KD_DISABLE_PLUGINS``)."""
 
 
 @dataclass
 class Registries:
-    """One registry per component kind."""
+    """One registry per component kind (registered names and resolvers, see ``Registry``)."""
 
     backbones: Registry
     roi_providers: Registry
@@ -55,7 +61,7 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         pm.set_blocked(name)
     for module_name in BUILTIN_PLUGINS:
         if module_name not in blocked:
-            pm.register(_import(module_name), name=module_name)
+            pm.register(importlib.import_module(module_name), name=module_name)
     if load_entry_points:
         try:
             pm.load_setuptools_entrypoints(GROUP)
@@ -73,19 +79,13 @@ def check_plugins(pm: pluggy.PluginManager) -> None:
         raise KdError(f"plugin {pm.get_name(e.plugin)!r}: {e}") from None
 
 
-def _import(module_name: str) -> ModuleType:
-    import importlib
-
-    return importlib.import_module(module_name)
-
-
 def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
     """'name version' of a plugin: its distribution's version, or kdtoolkit's for built-ins."""
     name = pm.get_name(plugin) or repr(plugin)
     for p, dist in pm.list_plugin_distinfo():
         if p is plugin:
             return f"{dist.project_name} {dist.version}"
-    if name.startswith("kdtoolkit."):
+    if name in BUILTIN_PLUGINS:
         return f"kdtoolkit {metadata.version('kdtoolkit')}"
     return name
 
@@ -124,7 +124,20 @@ def registries() -> Registries:
     return collect_registries(plugin_manager())
 
 
-def reset() -> None:
-    """Forget the cached plugin manager and registries (tests, or after installing plugins)."""
-    plugin_manager.cache_clear()
-    registries.cache_clear()
+class Component(NamedTuple):
+    """One row of ``list_components``: a registered component, or a resolver (``resolver``
+    True, ``name`` then says what it resolves, e.g. "any timm model name (1371 names)")."""
+
+    kind: str
+    name: str
+    plugin: str
+    resolver: bool = False
+
+
+def list_components() -> list[Component]:
+    """Every registered component and every resolver, by kind (what ``kd plugins`` shows)."""
+    rows = []
+    for kind, registry in registries().kinds().items():
+        rows += [Component(kind, name, registry.owner(name)) for name in registry.list()]
+        rows += [Component(kind, r.describe, r.owner, True) for r in registry.resolvers()]
+    return rows

@@ -26,9 +26,6 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-#: Canonical result rows, in report order.
-ROWS = ("teacher_crop", "baseline_full", "two_stage", "student")
-
 Box = Sequence[float] | np.ndarray
 
 

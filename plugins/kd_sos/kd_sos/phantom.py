@@ -29,7 +29,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ STAGES = ("stage_1", "stage_2", "stage_3", "stage_4", "stage_5")
 PAPER_COUNTS = (158, 88, 92, 124, 252)
 """Scans per stage in the paper (Halimi Milani et al. 2025); they sum to 714 (of 723 scans)."""
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the drawing changes, so cached phantoms are regenerated."""
 
 MANIFEST_COLUMNS = ("image", "label", "x0", "y0", "x1", "y1", "angle", "group")
@@ -66,6 +66,11 @@ class Difficulty:
     ``noise``: σ of the additive Gaussian noise, in units of the full intensity range.
     ``pattern_contrast``: multiplies the cleft darkness and scar brightness (1 = default).
     ``max_rotation`` (degrees), ``scale_jitter``, ``max_shift`` (fraction of the image): pose.
+    ``age_cues``: strength of the global maturity cues (skull size, sphenoid sinus, dentition,
+    face height, vault thickness, vertebrae); 0 draws none. ``age_spread``: σ, in stages, of the
+    maturity around the stage (the overlap between stages seen through the cues).
+
+    The defaults are the ``"paper"`` regime; :func:`preset` names the others.
     """
 
     band_width: float = 0.125
@@ -76,6 +81,8 @@ class Difficulty:
     max_rotation: float = 15.0
     scale_jitter: float = 0.1
     max_shift: float = 0.05
+    age_cues: float = 1.0
+    age_spread: float = 0.45
 
     def check(self) -> None:
         """Raise ``KdError`` for values the generator cannot draw."""
@@ -97,8 +104,27 @@ class Difficulty:
             problems.append(f"scale_jitter must be in [0, 0.25], got {self.scale_jitter}")
         if not 0 <= self.max_shift <= 0.15:
             problems.append(f"max_shift must be in [0, 0.15], got {self.max_shift}")
+        if not 0 <= self.age_cues <= 2:
+            problems.append(f"age_cues must be in [0, 2], got {self.age_cues}")
+        if not 0 < self.age_spread <= 3:
+            problems.append(f"age_spread must be in (0, 3], got {self.age_spread}")
         if problems:
             raise KdError("phantom: " + "; ".join(problems))
+
+
+PRESETS = {
+    "paper": Difficulty(),
+    "hard": Difficulty(age_cues=0.0),
+}
+"""Named regimes. ``paper``: global maturity cues let a full-image model stage most slices, as
+on real scans. ``hard``: no such cues; only the synchondrosis tells the stage."""
+
+
+def preset(name: str, **overrides) -> Difficulty:
+    """The named :data:`PRESETS` regime with ``overrides`` (``None`` values are ignored)."""
+    if name not in PRESETS:
+        raise KdError(f"phantom: unknown difficulty {name!r} (known: {', '.join(PRESETS)})")
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,8 @@ class PhantomSample:
     angle: float
     decoys: list[tuple[float, float, float, float, float, int]] = field(default_factory=list)
     """Decoy ROIs as ``(x0, y0, x1, y1, angle, pattern_stage)``."""
+    cues: dict[str, float] = field(default_factory=dict)
+    """Maturity behind each global cue (0 ≈ stage 1, 1 ≈ stage 5); empty without cues."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,6 +321,19 @@ def _bone_bar(cv: _Canvas, tex: np.ndarray, cx, cy, angle, length, bone, level) 
 # one slice
 
 
+CUES = ("skull", "sinus", "teeth", "face", "vault", "spine")
+"""The global maturity cues (all absent at ``age_cues = 0``)."""
+CUE_NOISE = 0.08
+"""σ of each cue's own variation around the slice's maturity (0..1 scale)."""
+
+
+def _maturity(rng: np.random.Generator, stage: int, d: Difficulty) -> dict[str, float]:
+    """Maturity behind each cue: the slice's maturity, ``(stage + N(0, age_spread)) / 4``, plus
+    a little independent variation per cue (0 ≈ stage 1, 1 ≈ stage 5)."""
+    m = (stage + rng.normal(0.0, d.age_spread)) / (len(STAGES) - 1)
+    return {c: float(m + rng.normal(0.0, CUE_NOISE)) for c in CUES}
+
+
 def _pose(rng: np.random.Generator, d: Difficulty) -> tuple[float, float, tuple[float, float]]:
     rotation = rng.uniform(-d.max_rotation, d.max_rotation)
     scale = rng.uniform(1 - d.scale_jitter, 1 + d.scale_jitter) * BASE_ZOOM
@@ -306,9 +347,13 @@ def render(
 ) -> PhantomSample:
     """Draw one slice of 0-based ``stage`` with the random generator ``rng``."""
     d = difficulty or Difficulty()
+    age = _maturity(rng, stage, d) if d.age_cues > 0 else {}
 
     def j(spread: float) -> float:  # symmetric jitter
         return rng.uniform(-spread, spread)
+
+    def grow(cue: str, amount: float) -> float:  # 1 ± amount/2 from immature to mature
+        return 1 + d.age_cues * amount * (age[cue] - 0.5) if age else 1.0
 
     # anatomy (canonical units)
     width = 2 * d.band_width / BASE_ZOOM  # ROI width; the image is 2 canonical units wide
@@ -316,7 +361,7 @@ def render(
     bone = 0.8 * height  # clivus thickness; the ROI keeps a margin above and below
     cc = (-0.12 + j(0.03), -0.22 + j(0.03))
     ax, ay = 0.80 * (1 + j(0.04)), 0.64 * (1 + j(0.04))
-    vault_t = 0.07 * (1 + j(0.15))
+    vault_t = 0.07 * (1 + j(0.15)) * grow("vault", 0.5)
     sph = (0.15 + j(0.02), 0.10 + j(0.02))
     sph_angle = -8 + j(6)
     clivus_angle = 57 + j(6)  # ROI angle of the band: its long axis points to the sphenoid
@@ -332,6 +377,7 @@ def render(
     # pose: the whole ROI must lie inside the image
     for _ in range(100):
         rotation, scale, shift = _pose(rng, d)
+        scale *= grow("skull", 0.14)
         cv = _Canvas(size, rotation, scale, shift)
         angle = clivus_angle + rotation
         corners = _corners(cv, band_c, clivus_angle, width, height)
@@ -403,7 +449,16 @@ def render(
     for k in range(2):
         ty = palate_y + 0.07 + 0.11 * k
         cv.paint(full, _sdf_ellipse(x, y, 0.57 + j(0.01), ty, 0.03, 0.05), TOOTH)
-    chin = _sdf_ellipse(x, y, 0.52 + j(0.02), 0.70 + j(0.02), 0.07, 0.11)
+    if age:  # unerupted permanent teeth in the alveolar bone, fewer as the dentition matures
+        buds = int(np.clip(round(d.age_cues * 3.5 * (0.8 - age["teeth"])), 0, 3))
+        for k in range(buds):
+            bx, by = 0.48 - 0.08 * k + j(0.01), palate_y + (0.06 if k % 2 else 0.2) + j(0.01)
+            cv.paint(full, _sdf_ellipse(x, y, bx, by, 0.04, 0.045), SOFT + 0.04)
+            cv.paint(full, _sdf_ellipse(x, y, bx, by, 0.028, 0.033), TOOTH)
+    face = grow("face", 0.3)
+    chin = _sdf_ellipse(
+        x, y, 0.52 + j(0.02), 0.70 + j(0.02) + (face - 1) / 2, 0.07 * face, 0.11 * face
+    )
     cv.paint(full, chin, CORTEX)
     cv.paint(full, chin + 0.02, BONE - 0.05 + TRABECULAR * tex)
 
@@ -412,9 +467,10 @@ def render(
     cv.paint(full, canal, CSF)
     cv.paint(full, canal + 0.025, SOFT + 0.03)
     cv.paint(full, _sdf_ellipse(x, y, spine_x + 0.09, basion[1] + 0.07, 0.035, 0.03), CORTEX)
+    vert = grow("spine", 0.4)  # vertebral bodies deepen with maturation
     for top_y, bottom_y in ((basion[1] + 0.03, basion[1] + 0.33), (basion[1] + 0.37, 1.02)):
         mid = (top_y + bottom_y) / 2
-        _bone_bar(cv, tex, spine_x, mid, 90, bottom_y - top_y, 0.16, BONE - 0.05)
+        _bone_bar(cv, tex, spine_x, mid, 90, bottom_y - top_y, 0.16 * vert, BONE - 0.05)
     _bone_bar(cv, tex, spine_x, 1.2, 90, 0.13, 0.16, BONE - 0.05)
 
     # sphenoid body with its sinus and the sella; the clivus down to the basion
@@ -424,7 +480,10 @@ def render(
         body = _sdf_rbox(u, v, 0.13, 0.09, 0.04)
         cv.paint(win, body, CORTEX)
         cv.paint(win, body + 0.012, BONE + TRABECULAR * tex[win])
-        sinus = _sdf_ellipse(u, v, 0.03 + j(0.01), 0.01, 0.07 + j(0.01), 0.05 + j(0.01))
+        pneu = grow("sinus", 1.0)
+        sinus = _sdf_ellipse(
+            u, v, 0.03 + j(0.01), 0.01, (0.07 + j(0.01)) * pneu, (0.05 + j(0.01)) * pneu
+        )
         cv.paint(win, sinus, AIR + 0.03)
         sella = _sdf_ellipse(cv.x[win], cv.y[win], sph[0] - 0.05, sph[1] - 0.09, 0.045, 0.04)
         cv.paint(win, sella, SOFT + 0.06)
@@ -474,7 +533,7 @@ def render(
     img = img * rng.uniform(0.85, 1.1) + rng.uniform(-0.03, 0.05)
     img += d.noise * rng.standard_normal(img.shape).astype(np.float32)
     img8 = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
-    return PhantomSample(img8, stage, _box(cv, band_c, width, height), angle, decoys)
+    return PhantomSample(img8, stage, _box(cv, band_c, width, height), angle, decoys, age)
 
 
 def _corners(cv: _Canvas, centre, angle: float, width: float, height: float) -> np.ndarray:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from kd_sos.phantom import STAGES, Difficulty, ensure_phantom, phantom_params
+from kd_sos.phantom import STAGES, ensure_phantom, phantom_params, preset
 from kdtoolkit.config.option import Range
 from kdtoolkit.plugins.task import Task
 
@@ -20,6 +20,7 @@ DESCRIPTIONS = (
 )
 
 DEFAULTS = {
+    "data": {"crop_size": [112, 224], "channels": 1},  # 2:1 crops of the grey synchondrosis
     "cv": {"folds": 5},
     "loss": [
         {"name": "ce", "weight": 0.2},
@@ -31,32 +32,37 @@ DEFAULTS = {
 }
 """The paper's settings (Halimi Milani et al. 2025): 5-fold CV, θ·CE + β·T²·KL + α·Grad-CAM MSE."""
 
-_D = Difficulty()
-
 
 def phantom_data(
     out_dir: Path,
     n: Annotated[int, Range(ge=1)] = 723,
     seed: int = 0,
     size: Annotated[int, Range(ge=64, le=4096)] = 256,
-    band_width: Annotated[float, Range(ge=0.05, le=0.2)] = _D.band_width,
-    min_decoys: Annotated[int, Range(ge=0, le=8)] = _D.min_decoys,
-    max_decoys: Annotated[int, Range(ge=0, le=8)] = _D.max_decoys,
-    noise: Annotated[float, Range(ge=0, le=0.5)] = _D.noise,
+    difficulty: Literal["paper", "hard"] = "paper",
+    band_width: Annotated[float | None, Range(ge=0.05, le=0.2)] = None,
+    min_decoys: Annotated[int | None, Range(ge=0, le=8)] = None,
+    max_decoys: Annotated[int | None, Range(ge=0, le=8)] = None,
+    noise: Annotated[float | None, Range(ge=0, le=0.5)] = None,
 ) -> Path:
     """The synthetic SOS phantom under ``out_dir`` (generated once, then reused); its manifest.
 
     Options (the recipe's ``[task]`` table): ``n`` slices, ``seed``, image ``size`` in pixels,
-    and the difficulty knobs of :class:`kd_sos.phantom.Difficulty`. Each set of options gets its
-    own subfolder, so runs with different options never overwrite each other's data.
+    the ``difficulty`` regime (:data:`kd_sos.phantom.PRESETS`: ``"paper"`` with global maturity
+    cues, ``"hard"`` without), and knobs of :class:`kd_sos.phantom.Difficulty` that override
+    the regime's value. Each set of options gets its own subfolder, so runs with different
+    options never overwrite each other's data.
     """
-    difficulty = Difficulty(
-        band_width=band_width, min_decoys=min_decoys, max_decoys=max_decoys, noise=noise
+    d = preset(
+        difficulty,
+        band_width=band_width,
+        min_decoys=min_decoys,
+        max_decoys=max_decoys,
+        noise=noise,
     )
-    params = phantom_params(n, seed, size, False, difficulty)
+    params = phantom_params(n, seed, size, False, d)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
     folder = Path(out_dir) / f"phantom-n{n}-seed{seed}-{size}px-{digest}"
-    return ensure_phantom(folder, n=n, seed=seed, size=size, difficulty=difficulty)
+    return ensure_phantom(folder, n=n, seed=seed, size=size, difficulty=d)
 
 
 SOS_TASK = Task(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -13,14 +14,20 @@ import pluggy
 import pytest
 import typer
 from kd_sos.phantom import (
+    CUES,
     PAPER_COUNTS,
+    PRESETS,
     STAGES,
     Difficulty,
+    _sample_rng,
     ensure_phantom,
+    preset,
+    render,
     stage_counts,
     stage_order,
     write_phantom,
 )
+from kd_sos.task import phantom_data
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -214,6 +221,57 @@ def test_expert_crop_matches_the_roi(dataset):
         assert np.corrcoef(expert.ravel(), mine.ravel())[0, 1] > 0.8
 
 
+# ------------------------------------------------------------------------------ difficulty
+
+HARD_IMAGES = {  # sha256 prefixes of the first slices of the "hard" phantom (generator v1)
+    (128, 0): ("4a0a0cf95a931c52", "0023bb92fcebe519", "b993f4b2394b6429", "71292966cb1b4e63"),
+    (96, 1): ("a0d04cbdb1f1cfcd", "0bad1f3f684ea23f", "5a22897e63eeca84", "136c1b368f3fc6eb"),
+}
+
+
+@pytest.mark.parametrize(("size", "seed"), sorted(HARD_IMAGES))
+def test_hard_draws_the_same_images_as_before(size, seed):
+    order = stage_order(300, seed)
+    for i, expected in enumerate(HARD_IMAGES[size, seed]):
+        sample = render(_sample_rng(seed, i), int(order[i]), size, PRESETS["hard"])
+        assert hashlib.sha256(sample.image.tobytes()).hexdigest()[:16] == expected
+        assert sample.cues == {}
+
+
+def test_presets():
+    assert preset("paper") == Difficulty() and Difficulty().age_cues > 0
+    assert PRESETS["hard"].age_cues == 0
+    assert preset("hard", noise=0.02, band_width=None) == Difficulty(age_cues=0.0, noise=0.02)
+    with pytest.raises(KdError) as err:
+        preset("easy")
+    assert str(err.value) == "phantom: unknown difficulty 'easy' (known: paper, hard)"
+    with pytest.raises(KdError, match="age_spread"):
+        Difficulty(age_spread=0).check()
+
+
+def paper_samples(n: int = 120, seed: int = 5, size: int = 64):
+    order = stage_order(n, seed)
+    return order, [render(_sample_rng(seed, i), int(order[i]), size) for i in range(n)]
+
+
+def test_paper_cues_track_the_stage():
+    """The global cues tell the stage well but not perfectly, and show in the image."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+
+    stages, samples = paper_samples()
+    majority = np.bincount(stages).max() / len(stages)
+    cues = np.array([[s.cues[c] for c in CUES] for s in samples])
+    model = LogisticRegression(max_iter=1000)
+    accuracy = cross_val_score(model, cues, stages, cv=3).mean()
+    assert majority + 0.15 < accuracy < 0.95
+    for k in range(len(STAGES) - 1):  # overlapping, ordered per stage
+        here, after = cues[stages == k].mean(1), cues[stages == k + 1].mean(1)
+        assert here.mean() < after.mean() and here.max() > after.min()
+    head = np.array([(s.image > 40).mean() for s in samples])  # the skull grows with maturity
+    assert np.corrcoef(head, stages)[0, 1] > 0.3
+
+
 # ------------------------------------------------------------------------------ cache
 
 
@@ -282,6 +340,24 @@ def test_registers_the_sos_task(tmp_path):
     assert task.make_data(tmp_path, n=5, seed=1, size=64) == manifest  # reused
     other = task.make_data(tmp_path, n=5, seed=2, size=64)  # beside it, not over it
     assert other.parent != manifest.parent and manifest.exists()
+
+
+def test_difficulty_option(tmp_path):
+    assert check_options(phantom_data, {"difficulty": "hard"}, "task", ("out_dir",)) == []
+    problems = check_options(phantom_data, {"difficulty": "easy"}, "task", ("out_dir",))
+    assert len(problems) == 1 and "\n" not in problems[0]
+    assert problems[0].startswith("task.difficulty: must be one of 'paper', 'hard', got 'easy'")
+    paper = phantom_data(tmp_path, n=3, size=64)
+    hard = phantom_data(tmp_path, n=3, size=64, difficulty="hard", noise=0.02)
+    assert paper.parent != hard.parent
+    params = json.loads((hard.parent / "phantom.json").read_text())["difficulty"]
+    assert params == {
+        **json.loads((paper.parent / "phantom.json").read_text())["difficulty"],
+        "age_cues": 0.0,
+        "noise": 0.02,
+    }
+    with pytest.raises(KdError, match="unknown difficulty"):
+        phantom_data(tmp_path, n=3, size=64, difficulty="easy")
 
 
 def test_phantom_command(tmp_path):

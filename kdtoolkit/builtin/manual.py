@@ -1,4 +1,4 @@
-"""Built-in ROI providers: ``manual`` (the manifest's expert boxes) and ``yolo``."""
+"""Built-in plugin: the ``manual`` ROI provider, the manifest's expert boxes."""
 
 from __future__ import annotations
 
@@ -23,8 +23,3 @@ class ManualProvider(RoiProvider):
 @hookimpl
 def kd_register_roi_providers(registry):
     registry.register("manual", ManualProvider)
-    try:
-        from kdtoolkit.builtin.yolo.provider import YoloProvider
-    except ImportError:  # the yolo module is optional until it lands
-        return
-    registry.register("yolo", YoloProvider)

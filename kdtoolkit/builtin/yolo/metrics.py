@@ -1,0 +1,75 @@
+"""Detection metrics of the ``yolo`` ROI provider: box IoU, single-class AP and mAP.
+
+One truth box per image; mAP@0.5:0.95 averages AP over the COCO IoU thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+#: IoU thresholds of mAP@0.5:0.95 (COCO): 0.50, 0.55, ..., 0.95.
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+#: Confidence down to which detections count for mAP (as ultralytics' own validation).
+MAP_CONF = 0.001
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of two N×4 arrays of ``x0, y0, x1, y1`` boxes (0 where both are empty)."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1]), 0, None)
+    inter = w * h
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def average_precision(
+    image_ids: Sequence[int],
+    scores: Sequence[float],
+    ious: Sequence[float],
+    n_truth: int,
+    threshold: float,
+) -> float:
+    """Single-class AP with one ground-truth box per image, all-point interpolation (VOC 2010+).
+
+    Detection ``k`` is on image ``image_ids[k]`` with confidence ``scores[k]`` and IoU
+    ``ious[k]`` with that image's truth box. In order of decreasing score (ties keep their
+    order), a detection is a true positive when its IoU ≥ ``threshold`` and its image's truth
+    is not matched yet; otherwise a false positive. With precision ``p`` and recall ``r``
+    (over ``n_truth`` images) after each detection, AP = Σ (r_k − r_{k−1}) · max_{j≥k} p_j.
+    NaN when ``n_truth`` is 0.
+    """
+    if n_truth <= 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, float), kind="stable")
+    matched: set[int] = set()
+    tp = np.zeros(len(order))
+    for rank, k in enumerate(order):
+        if ious[k] >= threshold and image_ids[k] not in matched:
+            matched.add(image_ids[k])
+            tp[rank] = 1
+    ctp, cfp = np.cumsum(tp), np.cumsum(1 - tp)
+    recall = np.concatenate([[0.0], ctp / n_truth, [1.0]])
+    precision = np.concatenate([[1.0], ctp / np.maximum(ctp + cfp, 1), [0.0]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # the precision envelope
+    steps = np.flatnonzero(recall[1:] != recall[:-1])
+    return float(np.sum((recall[steps + 1] - recall[steps]) * precision[steps + 1]))
+
+
+def detection_map(
+    detections: Sequence[tuple[int, float, Sequence[float]]], truth: dict[int, Sequence[float]]
+) -> tuple[float, float]:
+    """``(mAP@0.5, mAP@0.5:0.95)`` of ``detections`` ``(image id, score, [x0, y0, x1, y1])``
+    against one truth box per image (``truth``); detections on images without truth are
+    ignored. See :func:`average_precision`."""
+    kept = [d for d in detections if d[0] in truth]
+    ids = [d[0] for d in kept]
+    scores = [d[1] for d in kept]
+    boxes = np.array([d[2] for d in kept], float).reshape(-1, 4)
+    gts = np.array([truth[i] for i in ids], float).reshape(-1, 4)
+    ious = box_iou(boxes, gts)
+    aps = [average_precision(ids, scores, ious, len(truth), t) for t in IOU_THRESHOLDS]
+    return aps[0], float(np.mean(aps))

@@ -1,0 +1,231 @@
+"""Student variants against one crop teacher and one full-image baseline (``kd compare``).
+
+A variant is ``NAME:OVERRIDES``: a lower snake_case name, then ``--set``-style ``key=value``
+overrides separated by commas (commas inside ``[...]``, ``{...}`` or quotes belong to the
+value); ``NAME:`` (or ``NAME``) is the recipe as it is. ``loss.N.key=value`` with N equal to the
+number of loss terms appends a term. A variant may change only ``loss`` and ``student.*`` (not
+the student's backbone): folds, teacher, ROI provider and baseline are shared, trained once per
+fold; each variant trains its own student (stage ``student_<name>``) from the plain student's
+seed. It is the run's fold plan with one student stage per variant (``compare_plan``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdtoolkit.config.override import apply_overrides, parse_override
+from kdtoolkit.config.recipe import Recipe, RecipeError, load_recipe, read_toml, task_defaults
+from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.plan import compare_plan
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.engine.run import prepare_run_folder, run_folds
+from kdtoolkit.errors import KdError
+from kdtoolkit.report.comparison import Comparison, VariantInfo, write_comparison
+from kdtoolkit.report.results import (
+    BASELINE_FULL,
+    TEACHER_CROP,
+    FoldResult,
+    RunResults,
+    variant_row,
+)
+
+NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+@dataclass
+class Variant:
+    """A named list of recipe overrides."""
+
+    name: str
+    overrides: list[str]
+
+    @property
+    def role(self) -> str:
+        return variant_row(self.name)
+
+
+def split_overrides(text: str) -> list[str]:
+    """Split ``a=1,b=[2,3],c={x=1,y=2}`` at the commas outside brackets, braces and quotes."""
+    parts, current, depth, quote = [], [], 0, ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current).strip())
+    return [p for p in parts if p]
+
+
+def parse_variant(text: str) -> Variant:
+    """``'NAME:k=v,k=v'`` (or ``'NAME'``) → ``Variant``."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not NAME.fullmatch(name):
+        raise KdError(
+            f"--variant {text!r}: the name must be lower snake_case (a-z, 0-9, _), "
+            "e.g. --variant 'roi_feature:loss.3.name=roi_feature'"
+        )
+    if name in (TEACHER_CROP, BASELINE_FULL):
+        raise KdError(f"--variant {text!r}: {name!r} is the name of a reference row")
+    overrides = split_overrides(rest)
+    for item in overrides:
+        parse_override(item)  # a malformed one fails here, naming itself
+    return Variant(name, overrides)
+
+
+def with_new_loss_terms(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``raw`` with an empty ``[[loss]]`` table appended for each ``loss.N.…``
+    override whose N is the next free index, so ``--set`` style overrides can add a term."""
+    indices = set()
+    for text in overrides:
+        path, _ = parse_override(text)
+        if path[0] == "loss" and len(path) > 2 and path[1].isdigit():
+            indices.add(int(path[1]))
+    out = copy.deepcopy(raw)
+    losses = out.get("loss")
+    if losses is None:
+        losses = copy.deepcopy(task_defaults(out).get("loss", []))
+    if not isinstance(losses, list):
+        return out  # validation reports it
+    for index in sorted(indices):
+        if index == len(losses):
+            losses.append({})
+    if indices:
+        out["loss"] = losses
+    return out
+
+
+def load_variant_recipe(path: Path, overrides: list[str]) -> Recipe:
+    """``load_recipe(path, overrides)`` that also accepts overrides appending loss terms."""
+    raw = with_new_loss_terms(read_toml(path), overrides)
+    overrides = list(overrides)
+    # load_recipe reads relative data paths against the cwd for a dict; keep them file-relative
+    data = apply_overrides(raw, overrides).get("data")
+    manifest = data.get("manifest") if isinstance(data, dict) else None
+    if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
+        candidate = path.resolve().parent / manifest
+        if candidate.exists() or not Path(manifest).exists():
+            overrides.append(f"data.manifest={json.dumps(str(candidate))}")
+    try:
+        recipe = load_recipe(raw, overrides)
+    except RecipeError as e:
+        raise RecipeError(str(path), e.problems) from None
+    recipe.source = str(path)
+    return recipe
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_shared(base: Recipe, variant: Variant, recipe: Recipe) -> None:
+    """Refuse a variant that changes what the teacher, baseline or folds depend on."""
+    a, b = flat(base.to_dict()), flat(recipe.to_dict())
+
+    def free(key: str) -> bool:
+        return key == "loss" or (key.startswith("student.") and key != "student.backbone")
+
+    changed = sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k) != b.get(k))
+    if changed:
+        raise KdError(
+            f"variant {variant.name!r} changes {', '.join(changed)}; a variant may change only "
+            "loss.* and student.* settings (its backbone options, not its backbone), since the "
+            "folds, teacher, ROI provider and baseline are shared"
+        )
+
+
+def check_cached_student(out: Path, fold: int, variant: Variant, recipe: Recipe) -> None:
+    """Refuse a cached variant student trained for another definition of the variant."""
+    meta_path = out / f"fold_{fold}" / variant.role / "model.json"
+    if meta_path.exists():
+        saved = json.loads(meta_path.read_text()).get("recipe_digest")
+        if saved != recipe.digest():
+            raise KdError(
+                f"{meta_path.parent}: trained for another definition of variant "
+                f"{variant.name!r}; rename the variant, choose another --output, or --force"
+            )
+
+
+def compare(
+    recipe_path: Path,
+    variants: list[Variant],
+    sets: list[str],
+    output: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> Comparison:
+    """Train (or reuse) teacher, ROI provider, baseline and one student per variant on every
+    fold, evaluate them on the held-out folds and write ``gap_closure.json``/``.md`` into the
+    output folder (default: the run folder + ``-gap_closure``)."""
+    if not variants:
+        raise KdError("no --variant given, e.g. --variant 'paper:'")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise KdError(f"--variant: names must be unique, got {names}")
+    forced = ["evaluate.cam_examples=0"]  # no per-fold CAM files: the variants would overwrite
+    if output is None:
+        output = Path(f"{load_variant_recipe(recipe_path, sets + forced).output_dir}-gap_closure")
+    forced.append(f"experiment.output={json.dumps(str(output))}")
+    base = load_variant_recipe(recipe_path, sets + forced)
+    recipes = [load_variant_recipe(recipe_path, sets + v.overrides + forced) for v in variants]
+    for v, recipe in zip(variants, recipes, strict=True):
+        check_shared(base, v, recipe)
+
+    out = prepare_run_folder(base, force)
+    with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
+        progress.log(f"gap closure of {names} ({recipe_path}) -> {out}")
+        ctx = RunContext.open(base, progress)
+        folds = ctx.folds_to_run()
+        if not force:
+            for k in folds:
+                for v, recipe in zip(variants, recipes, strict=True):
+                    check_cached_student(out, k, v, recipe)
+        plan = compare_plan(base, [(v.name, r) for v, r in zip(variants, recipes, strict=True)])
+
+        def report_fold(result: FoldResult) -> None:
+            accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
+            progress.log(f"fold {result.fold} accuracy: {accuracy}")
+
+        per_fold = run_folds(ctx, plan, folds, on_fold=report_fold)
+
+    comparison = Comparison(
+        recipe=str(recipe_path),
+        recipe_digest=base.digest(),
+        output=out,
+        results=RunResults(folds=list(per_fold.values()), classes=list(ctx.classes)),
+        variants=[
+            VariantInfo(
+                name=v.name,
+                overrides=v.overrides,
+                recipe_digest=recipe.digest(),
+                loss=recipe.to_dict()["loss"],
+                student=recipe.to_dict()["student"],
+            )
+            for v, recipe in zip(variants, recipes, strict=True)
+        ],
+        teacher_model=base.teacher.backbone,
+        student_model=base.student.backbone,
+    )
+    write_comparison(comparison)
+    return comparison

@@ -1,0 +1,215 @@
+"""What every stage of a run works with: the recipe, the device, the samples and classes, the
+view config, the run folder's paths, the fold assignment and the loaders."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtoolkit.config.recipe import ModelConfig, Recipe
+from kdtoolkit.data import fold as folds_mod
+from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
+from kdtoolkit.data.view import ViewConfig, view_config
+from kdtoolkit.engine.device import resolve_device
+from kdtoolkit.engine.loaders import Loaders
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.plugins.manager import registries
+from kdtoolkit.plugins.task import Task
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files and folders of a run folder."""
+
+    root: Path
+
+    @property
+    def resolved_recipe(self) -> Path:
+        return self.root / "recipe.resolved.json"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.json"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    def fold(self, k: int) -> Path:
+        return self.root / f"fold_{k}"
+
+    def stage(self, k: int, role: str) -> Path:
+        """``fold_<k>/<role>/``: a stage's checkpoint, metadata and resume state."""
+        return self.fold(k) / role
+
+    def checkpoint(self, k: int, role: str) -> Path:
+        return self.stage(k, role) / "model.safetensors"
+
+    def evaluation(self, k: int) -> Path:
+        return self.fold(k) / "eval.json"
+
+    def cams(self, k: int) -> Path:
+        return self.fold(k) / "cams.npz"
+
+
+def task_of(recipe: Recipe) -> Task | None:
+    """The recipe's task (``task.name``), or None."""
+    return registries().tasks.get(recipe.task.name) if recipe.task.name else None
+
+
+def load_data(recipe: Recipe, progress: RunProgress | None = None) -> Manifest:
+    """The recipe's manifest (or the task's built-in data source), checked and limited."""
+    task = task_of(recipe)
+    if recipe.data.manifest:
+        path = Path(recipe.data.manifest)
+    else:
+        assert task is not None and task.make_data is not None
+        cache = Path(recipe.data.cache) / task.name
+        if progress:
+            progress.log(f"data: built-in {task.name} data source into {cache}")
+        path = task.make_data(out_dir=cache, **recipe.task.options)
+    classes = recipe.data.classes or (list(task.classes) if task else None)
+    manifest = read_manifest(path, classes, require_boxes=True)
+    if recipe.data.limit and recipe.data.limit < len(manifest.samples):
+        manifest = Manifest(manifest.path, manifest.classes, manifest.samples[: recipe.data.limit])
+    return manifest
+
+
+def groups_of(samples: list[Sample]) -> list | None:
+    """Every sample's group, or None when any lacks one."""
+    groups = [s.group for s in samples]
+    return groups if all(g is not None for g in groups) else None
+
+
+def assign_run_folds(path: Path, manifest: Manifest, recipe: Recipe) -> np.ndarray:
+    """Each sample's fold: read from ``folds.json`` (``path``) when the run folder has it (a
+    resumed run, or one run in parts), else assigned and written there."""
+    samples = manifest.samples
+    root = manifest.path.parent
+    if path.exists():
+        saved = json.loads(path.read_text())
+        # images relative to their manifest: a run folder moved to another machine stays valid
+        before = Path(saved.get("root", root))  # older files: absolute paths, here
+        names = [os.path.relpath(s["image"], before) for s in saved["samples"]]
+        if names == [os.path.relpath(s.image, root) for s in samples]:
+            return np.array([s["fold"] for s in saved["samples"]])
+        raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
+    predefined = [s.fold for s in samples]
+    assignment = folds_mod.assign_folds(
+        np.array([s.label for s in samples]),
+        groups_of(samples),
+        predefined if all(f is not None for f in predefined) else None,
+        recipe.cv.folds,
+        recipe.experiment.seed,
+    )
+    records = [
+        {
+            "index": s.index,
+            "image": str(s.image),
+            "group": s.group,
+            "label": int(s.label),
+            "fold": int(f),
+        }
+        for s, f in zip(samples, assignment, strict=False)
+    ]
+    document = {
+        "folds": recipe.cv.folds,
+        "seed": recipe.experiment.seed,
+        "root": str(root),
+        "samples": records,
+    }
+    atomic_write_text(path, json.dumps(document, indent=1))
+    return np.asarray(assignment)
+
+
+@dataclass
+class RunContext:
+    """One recipe's run: its data, device, view config, run folder and fold assignment."""
+
+    recipe: Recipe
+    device: torch.device
+    manifest: Manifest
+    classes: tuple[str, ...]
+    view: ViewConfig
+    paths: RunPaths
+    fold_of: np.ndarray
+    ordinal: bool
+    loaders: Loaders
+    progress: RunProgress
+
+    @classmethod
+    def open(cls, recipe: Recipe, progress: RunProgress) -> RunContext:
+        """Resolve the device, load the data and read (or make) the fold assignment."""
+        device = resolve_device(recipe.experiment.device)
+        cfg = view_config(recipe)
+        task = task_of(recipe)
+        manifest = load_data(recipe, progress)
+        paths = RunPaths(recipe.output_dir)
+        return cls(
+            recipe=recipe,
+            device=device,
+            manifest=manifest,
+            classes=tuple(manifest.classes),
+            view=cfg,
+            paths=paths,
+            fold_of=assign_run_folds(paths.folds, manifest, recipe),
+            ordinal=bool(task.ordinal) if task else False,
+            loaders=Loaders(manifest.samples, cfg, device, recipe.data, progress.log),
+            progress=progress,
+        )
+
+    @property
+    def samples(self) -> list[Sample]:
+        return self.manifest.samples
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples])
+
+    def log(self, message: str) -> None:
+        self.progress.log(message)
+
+    def fold_indices(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(train, val, test) sample indices of fold ``k``; test is the held-out fold."""
+        all_idx = np.arange(len(self.samples))
+        test = all_idx[self.fold_of == k]
+        rest = all_idx[self.fold_of != k]
+        train, val = folds_mod.split_validation(
+            rest,
+            self.labels,
+            groups_of(self.samples),
+            self.recipe.cv.val_fraction,
+            self.recipe.experiment.seed + k,
+        )
+        return np.asarray(train), np.asarray(val), test
+
+    def folds_to_run(self) -> list[int]:
+        """``cv.only``, or every fold."""
+        only = self.recipe.cv.only
+        bad = [k for k in only if not 0 <= k < self.recipe.cv.folds]
+        if bad:
+            raise KdError(f"cv.only: folds {bad} do not exist (0..{self.recipe.cv.folds - 1})")
+        return list(only) or list(range(self.recipe.cv.folds))
+
+    def class_weights(self, indices: np.ndarray, config: ModelConfig) -> torch.Tensor | None:
+        """Inverse-frequency class weights of ``indices`` when ``config.class_weights``."""
+        if not config.class_weights:
+            return None
+        counts = np.bincount(self.labels[indices], minlength=self.num_classes).astype(float)
+        weights = counts.sum() / np.maximum(counts, 1) / self.num_classes
+        return torch.tensor(weights, dtype=torch.float32, device=self.device)

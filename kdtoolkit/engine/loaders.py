@@ -1,0 +1,113 @@
+"""Batches of a run's samples: per-sample loading (``DataLoader`` workers) or images held on
+the device (``data.loader``), with decoded images shared by every loader of the run."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from kdtoolkit.config.recipe import DataConfig
+from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
+from kdtoolkit.data.dataset import KdDataset
+from kdtoolkit.data.manifest import Sample
+from kdtoolkit.data.view import ViewConfig
+
+#: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
+#: free memory.
+BANK_SHARE = 0.5
+
+#: Batches of views: per-sample (``DataLoader`` of a ``KdDataset``) or device-resident.
+Loader = DataLoader | BankLoader
+
+
+class Loaders:
+    """Makes the loaders of a run's stages."""
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        cfg: ViewConfig,
+        device: torch.device,
+        data: DataConfig,
+        log: Callable[[str], None],
+    ) -> None:
+        self.samples = samples
+        self.cfg = cfg
+        self.device = device
+        self.data = data
+        self.log = log
+        self.image_cache: dict = {}
+
+    def __call__(
+        self,
+        indices: np.ndarray,
+        train: bool,
+        batch_size: int,
+        seed: int,
+        mask_rois: dict[int, tuple] | None = None,
+        views: tuple[str, ...] = ("image", "crop"),
+    ) -> Loader:
+        """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
+        training batches are shuffled and augmented, deterministic given ``seed``."""
+        generator = torch.Generator().manual_seed(seed)
+        drop_last = train and len(indices) > batch_size
+        args = (self.samples, indices, self.cfg, train, seed, mask_rois)
+        if self.banks is not None:
+            dataset = BankDataset(*self.banks, *args, views=views)
+            return BankLoader(dataset, batch_size, train, drop_last, generator)
+        dataset = KdDataset(*args, views=views, cache=self.image_cache)
+        workers = self.workers()
+        if workers:
+            dataset.preload()  # decode once here; forked workers share it
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=drop_last,
+            generator=generator,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    @functools.cached_property
+    def banks(self) -> tuple[ImageBank, ImageBank | None] | None:
+        """Every image (and expert crop file) decoded once onto the device, when
+        ``data.loader`` is ``device`` (or ``auto`` on CUDA with room to spare); None:
+        per-sample loading."""
+        choice = self.data.loader
+        if choice == "workers" or (choice == "auto" and self.device.type != "cuda"):
+            return None
+        channels = self.cfg.channels
+        need = bank_bytes([(s.height, s.width) for s in self.samples], channels)
+        if choice == "auto":
+            free = torch.cuda.mem_get_info(self.device)[0]
+            if need > free * BANK_SHARE:
+                self.log(
+                    f"data: the images need {need / 2**30:.1f} GiB, more than "
+                    f"{BANK_SHARE:.0%} of the free GPU memory; views are built per sample "
+                    "on the CPU (data.loader)"
+                )
+                return None
+        started = time.perf_counter()
+        images = ImageBank([s.image for s in self.samples], channels, self.device)
+        crop_files = [s.crop for s in self.samples if s.crop is not None]
+        crops = ImageBank(crop_files, channels, self.device) if crop_files else None
+        self.log(
+            f"data: {len(images.sizes)} images ({images.stack.numel() * 4 / 2**20:.0f} MiB) "
+            f"held on {self.device} in {time.perf_counter() - started:.1f}s; views are built "
+            "there a batch at a time"
+        )
+        return images, crops
+
+    def workers(self) -> int:
+        """Data-loader processes of per-sample loading: ``data.workers``, or (-1) none on
+        CPU, up to 16 on CUDA."""
+        if self.data.workers >= 0:
+            return self.data.workers
+        return min(16, os.cpu_count() or 1) if self.device.type == "cuda" else 0

@@ -1,0 +1,222 @@
+"""One stage of a fold into the run folder: a trained model (checkpoint with its metadata,
+reused when present, resumed from its last epoch when interrupted) or the ROI provider's boxes
+(cached)."""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdtoolkit.config.recipe import ModelConfig, Recipe
+from kdtoolkit.data.view import ViewConfig
+from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.device import seed_everything
+from kdtoolkit.engine.plan import RoiSpec, TrainSpec
+from kdtoolkit.engine.train import Stage, train_stage
+from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.checkpoint import save_checkpoint
+from kdtoolkit.plugins.loss import CompositeLoss
+from kdtoolkit.plugins.manager import registries
+from kdtoolkit.plugins.roi import RoiRequest, RoiResult
+
+ROLE_SEEDS = {"teacher": 1, "student": 2, "baseline_full": 3}
+
+
+def role_seed(role: str) -> int:
+    """A stage's seed offset: ``ROLE_SEEDS[role]``; a variant ``<role>_<name>`` of a known role
+    (``student_kl``) shares that role's offset, so variants start from the same weights and
+    batch order and differ only in what they change; any other role, a stable hash of its name."""
+    if role in ROLE_SEEDS:
+        return ROLE_SEEDS[role]
+    base = role.split("_", 1)[0]
+    if base in ROLE_SEEDS:
+        return ROLE_SEEDS[base]
+    return 10 + zlib.crc32(role.encode()) % 1000
+
+
+def stage_seed(recipe: Recipe, fold: int, role: str) -> int:
+    """The seed of stage ``role`` on ``fold``: model initialisation, batch order, augmentation."""
+    return recipe.experiment.seed * 1000 + fold * 10 + role_seed(role)
+
+
+def model_metadata(
+    recipe: Recipe,
+    role: str,
+    config: ModelConfig,
+    classes: tuple[str, ...],
+    cfg: ViewConfig,
+    view: str,
+) -> dict[str, Any]:
+    """What ``kd predict`` and a user need to use a checkpoint on their own."""
+    size = cfg.crop_size if view == "crop" else cfg.image_size
+    return {
+        "role": role,
+        "classes": list(classes),
+        "backbone": config.backbone,
+        "backbone_options": config.backbone_options,
+        "input_size": list(size),
+        "view": view,
+        "channels": cfg.channels,
+        "letterbox": cfg.letterbox,
+        "normalisation": {"mean": cfg.mean, "std": cfg.std},
+        "recipe_digest": recipe.digest(),
+        "recipe": recipe.to_dict(),
+    }
+
+
+def init_from_teacher(model: torch.nn.Module, teacher: torch.nn.Module, role: str) -> None:
+    """Start ``model`` from the teacher's weights (``student.init_from_teacher``): a model with
+    a ``load_teacher`` method decides what to copy (``roi_zoom``: its classifier); any other
+    must have the teacher's architecture."""
+    state = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
+    loader = getattr(model, "load_teacher", None)
+    try:
+        if loader is not None:
+            loader(state)
+        else:
+            model.load_state_dict(state)
+    except RuntimeError as e:
+        raise KdError(
+            f"{role}.init_from_teacher: the teacher's weights do not fit the {role} "
+            f"({str(e).splitlines()[0]}); use the same backbone for both or set it false"
+        ) from None
+
+
+def check_input_size(
+    model: torch.nn.Module, role: str, config: ModelConfig, view: str, cfg: ViewConfig
+) -> None:
+    """A one-line error when the input is too small for the backbone's downsampling."""
+    size = cfg.crop_size if view == "crop" else cfg.image_size
+    key = "data.crop_size" if view == "crop" else "data.image_size"
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, cfg.channels, *size))
+    except RuntimeError as e:
+        raise KdError(
+            f"{role}: backbone {config.backbone!r} cannot take {size[0]}×{size[1]} inputs "
+            f"({str(e).splitlines()[0]}); raise {key}"
+        ) from None
+    model.train()
+
+
+def train_model(
+    ctx: RunContext,
+    fold: int,
+    spec: TrainSpec,
+    loss: CompositeLoss,
+    split: tuple[np.ndarray, np.ndarray],
+    teacher: torch.nn.Module | None = None,
+    mask_rois: dict[int, tuple] | None = None,
+) -> Path:
+    """Train ``spec`` on ``split`` (train, validation) unless its checkpoint exists; return the
+    checkpoint path. ``teacher``: the frozen model of the terms that need one."""
+    ckpt = ctx.paths.checkpoint(fold, spec.role)
+    if ckpt.exists():
+        ctx.log(f"fold {fold} {spec.role}: done before, reusing {ckpt}")
+        ctx.progress.advance_run()
+        return ckpt
+    stage_dir = ckpt.parent
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    config, view, cfg = spec.config, spec.view, ctx.view
+    seed = stage_seed(ctx.recipe, fold, spec.role)
+    seed_everything(seed)
+    model = build_backbone(
+        config.backbone, ctx.num_classes, cfg.channels, dict(config.backbone_options)
+    )
+    check_input_size(model, spec.role, config, view, cfg)
+    if teacher is not None and config.init_from_teacher:
+        init_from_teacher(model, teacher, spec.role)
+    loss.setup(model.num_features, teacher.num_features if teacher is not None else None)
+    train_idx, val_idx = split
+    views = ("image", "crop") if view == "image" and teacher is not None else (view,)
+    stage = Stage(
+        name=spec.role,
+        model=model,
+        view=view,
+        loss=loss,
+        config=config,
+        teacher=teacher,
+        class_weights=ctx.class_weights(train_idx, config),
+    )
+    description = f"fold {fold} {spec.role}"
+    ctx.progress.start_stage(description, config.epochs)
+    state_path = stage_dir / "last.pt"
+    if state_path.exists():
+        ctx.log(f"{description}: resuming from {state_path}")
+    started = time.perf_counter()
+    best = train_stage(
+        stage,
+        ctx.loaders(train_idx, True, config.batch_size, seed, mask_rois, views),
+        ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,)),
+        ctx.device,
+        state_path,
+        ctx.num_classes,
+        on_epoch=lambda e, r: ctx.progress.epoch(e, r, description),
+    )
+    seconds = time.perf_counter() - started
+    recipe = spec.recipe or ctx.recipe
+    meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
+    meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
+    save_checkpoint(ckpt, best, meta)
+    state_path.unlink(missing_ok=True)
+    ctx.progress.end_stage()
+    ctx.log(f"{description}: trained in {seconds:.1f}s -> {ckpt}")
+    return ckpt
+
+
+def provide_rois(
+    ctx: RunContext, fold: int, spec: RoiSpec, train_idx: np.ndarray
+) -> tuple[RoiResult, bool]:
+    """The ROI provider's boxes for every sample, fitted on ``train_idx`` (cached per fold),
+    and whether the provider learns (a detector: its boxes make the two-stage row)."""
+    provider_cls = registries().roi_providers.get(spec.provider)
+    workdir = ctx.paths.stage(fold, spec.role)
+    cache = workdir / "rois.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        ctx.progress.advance_run()
+        result = RoiResult(
+            boxes=np.array(saved["boxes"]),
+            angles=np.array(saved["angles"]),
+            found=np.array(saved["found"], dtype=bool),
+            metrics=saved["metrics"],
+        )
+        return result, provider_cls.learned
+    workdir.mkdir(parents=True, exist_ok=True)
+    provider = provider_cls(**spec.options)
+    ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
+    result = provider.provide(
+        RoiRequest(
+            fold=fold,
+            samples=ctx.samples,
+            train=train_idx,
+            predict=np.arange(len(ctx.samples)),
+            workdir=workdir,
+            device=str(ctx.device),
+            seed=ctx.recipe.experiment.seed + fold,
+            log=ctx.log,
+        )
+    )
+    saved = {
+        "boxes": result.boxes.tolist(),
+        "angles": result.angles.tolist(),
+        "found": result.found.tolist(),
+        "metrics": result.metrics,
+    }
+    atomic_write_text(cache, json.dumps(saved))
+    ctx.progress.end_stage()
+    return result, provider_cls.learned
+
+
+def mask_rois_of(rois: RoiResult) -> dict[int, tuple]:
+    """``{sample index: (box, angle)}``: the boxes the views' ROI masks are drawn from."""
+    return {int(i): (tuple(rois.boxes[i]), float(rois.angles[i])) for i in range(len(rois.boxes))}
