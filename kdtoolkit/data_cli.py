@@ -1,4 +1,4 @@
-"""``kd data``: dataset commands (import annotations as a manifest)."""
+"""``kd data``: dataset commands (import annotations as a manifest, check a data set)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ console = Console()
 
 data_app = typer.Typer(
     name="data",
-    help="Dataset tools: import annotations into manifest.csv.",
+    help="Dataset tools: import annotations into manifest.csv, check a data set.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -70,3 +70,76 @@ def import_(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@data_app.command("check")
+def check(
+    manifest: Annotated[
+        Path, typer.Argument(metavar="MANIFEST", help="manifest.csv or the folder holding it.")
+    ],
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="Recipe whose [data] keys (slice, window, spacing_mm, ...), classes, "
+                     "crop size and cv.folds to check with."),
+    ] = None,
+    folds: Annotated[
+        int | None, typer.Option(help="Folds each class must fill.", show_default="5 or cv.folds")
+    ] = None,
+    sheet: Annotated[
+        Path | None,
+        typer.Option(help="Contact sheet PNG to write.", show_default="MANIFEST_check.png"),
+    ] = None,
+    per_class: Annotated[int, typer.Option(help="Images per class on the sheet.")] = 4,
+) -> None:
+    """Read every image once and report every problem with its row (exit 2 if any), print a
+    summary and write a contact sheet: images with their ROI and the teacher's crop."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+    from rich.table import Table
+
+    from kdtoolkit.data.check import check_data, contact_sheet
+    from kdtoolkit.data.scan import ReadSpec, read_spec
+
+    read, classes, crop_size, k = ReadSpec(), None, (224, 224), 5
+    if recipe is not None:
+        from kdtoolkit.config.recipe import load_recipe
+
+        loaded = load_recipe(recipe, [f"data.manifest={str(manifest)!r}"])
+        read, crop_size, k = read_spec(loaded), loaded.size("crop"), loaded.cv.folds
+        classes = loaded.data.classes or None
+    if folds is not None:
+        if folds < 2:
+            raise KdError(f"--folds {folds}: give 2 or more folds")
+        k = folds
+    with Progress(
+        "[bold]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        tasks: dict[str, int] = {}
+
+        def advance(what: str, done: int, total: int) -> None:
+            if what not in tasks:
+                tasks[what] = bar.add_task(what, total=total)
+            bar.update(tasks[what], completed=done, total=total)
+
+        result = check_data(manifest, classes, read, k, advance)
+    for title, header, rows in result.tables:
+        table = Table(*header, title=title, title_justify="left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    found = result.manifest
+    target = sheet or Path(f"{found.path.parent.name or 'manifest'}_check.png")
+    if found.samples:
+        contact_sheet(found, target.expanduser().resolve(), crop_size, per_class)
+        console.print(f"contact sheet: {target}", highlight=False, soft_wrap=True)
+    if result.problems:
+        for line in result.problems:
+            console.print(f"[red]problem[/] {line}", highlight=False, soft_wrap=True)
+        raise KdError(
+            f"{found.path}: {len(result.problems)} problem(s) — fix the rows listed above"
+        )
+    console.print(f"[green]ok[/]: {len(found.samples)} rows, no problem found", highlight=False)

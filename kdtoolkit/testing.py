@@ -6,21 +6,38 @@
 - ``install_plugin(folder, module, source, dist="kd-demo", version="0.1")``: an installed-looking
   plugin distribution (module + dist-info with its ``kdtoolkit`` entry point) in ``folder``;
   returns the environment under which a ``kd`` subprocess discovers it;
-- ``kd_cli(*args, env=None, cwd=None)``: run ``kd`` as a user would, in a subprocess.
+- ``kd_cli(*args, env=None, cwd=None)``: run ``kd`` as a user would, in a subprocess;
+- ``use_plugins(*plugins)``: a context in which the process-wide registries (recipes, runs)
+  also hold ``plugins``, without installing them;
+- ``fake_loss_context(...)``: a small ``LossContext`` from a tiny real backbone, to call a
+  ``LossTerm`` directly;
+- ``tiny_manifest(folder, ...)`` and ``fake_roi_request(folder, ...)``: a few small images on
+  disk with their manifest, and an ``RoiRequest`` over them, to call a ``RoiProvider``
+  (check its result with ``kdtoolkit.plugins.roi.check_roi_result``);
+- ``run_tiny_recipe(tmp_path, *plugins, **overrides)``: a whole run (2 folds, 1 epoch,
+  32-pixel images) with ``plugins`` registered, returning the ``RunResult``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import importlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pluggy
+import torch
+from torch import nn
 
-from kdtoolkit.plugins import hookspec
+from kdtoolkit.plugins import hookspec, manager
+from kdtoolkit.plugins.loss import LossContext
 from kdtoolkit.plugins.manager import (
     BUILTIN_PLUGINS,
     GROUP,
@@ -28,6 +45,10 @@ from kdtoolkit.plugins.manager import (
     check_plugins,
     collect_registries,
 )
+from kdtoolkit.plugins.roi import RoiRequest
+
+if TYPE_CHECKING:
+    from kdtoolkit.engine.run import RunResult
 
 
 def fresh_plugin_manager(*plugins: object, builtins: bool = False) -> pluggy.PluginManager:
@@ -77,3 +98,173 @@ def kd_cli(
         text=True,
         timeout=timeout,
     )
+
+
+@contextlib.contextmanager
+def use_plugins(*plugins: object, installed: bool = True) -> Iterator[Registries]:
+    """Within the block, ``kdtoolkit.plugins.manager.registries()`` (what recipes and runs use)
+    holds the built-ins, the installed plugins (unless ``installed=False``) and ``plugins``."""
+    pm = manager.make_plugin_manager(load_entry_points=installed)
+    for plugin in plugins:
+        pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
+    check_plugins(pm)
+    saved = manager.plugin_manager
+    manager.registries.cache_clear()
+    manager.plugin_manager = lambda: pm  # type: ignore[assignment]
+    try:
+        yield manager.registries()
+    finally:
+        manager.plugin_manager = saved
+        manager.registries.cache_clear()
+
+
+class TinyBackbone(nn.Module):
+    """A two-layer backbone with the engine's protocol (``forward_features``,
+    ``forward_head``, ``num_features``): a stride-4 convolution and a linear head."""
+
+    def __init__(self, num_classes: int = 3, in_chans: int = 1, num_features: int = 8) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.stem = nn.Conv2d(in_chans, num_features, 4, stride=4)
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.stem(x))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.mean((2, 3)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def fake_loss_context(
+    batch: int = 2,
+    classes: int = 3,
+    size: int = 32,
+    channels: int = 1,
+    with_teacher: bool = False,
+    with_rois: bool = True,
+    class_weights: bool = False,
+    seed: int = 0,
+) -> LossContext:
+    """A ``LossContext`` as the engine builds it for a student batch: a ``TinyBackbone``
+    student (8 features at size/4) on random ``size``×``size`` images, labels ``i % classes``,
+    centred ROI boxes and box masks (``with_rois``), and a tiny teacher's logits and 12
+    features on the same images (``with_teacher``). Gradients flow to the student."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        student = TinyBackbone(classes, channels)
+        teacher = TinyBackbone(classes, channels, num_features=12) if with_teacher else None
+    images = torch.rand(batch, channels, size, size, generator=gen)
+    features = student.forward_features(images)
+    boxes = masks = None
+    if with_rois:
+        shift = torch.arange(batch, dtype=torch.float32) % 3
+        q = torch.full_like(shift, size / 4)
+        boxes = torch.stack([q + shift, q, 3 * q + shift, 3 * q - 1], 1)
+        grid = torch.arange(size, dtype=torch.float32) + 0.5
+        inside_x = (grid >= boxes[:, 0:1]) & (grid <= boxes[:, 2:3])
+        inside_y = (grid >= boxes[:, 1:2]) & (grid <= boxes[:, 3:4])
+        masks = (inside_y[:, :, None] & inside_x[:, None, :]).float()[:, None]
+    teacher_logits = teacher_features = None
+    if teacher is not None:
+        with torch.no_grad():
+            teacher_features = teacher.forward_features(images)
+            teacher_logits = teacher.forward_head(teacher_features)
+    return LossContext(
+        student=student,
+        images=images,
+        features=features,
+        logits=student.forward_head(features),
+        labels=torch.arange(batch) % classes,
+        boxes=boxes,
+        masks=masks,
+        teacher_logits=teacher_logits,
+        teacher_features=teacher_features,
+        class_weights=torch.linspace(0.5, 1.5, classes) if class_weights else None,
+    )
+
+
+def tiny_manifest(
+    folder: Path,
+    n: int = 12,
+    size: int = 32,
+    classes: Sequence[str] = ("low", "mid", "high"),
+    seed: int = 0,
+) -> Path:
+    """``n`` grey ``size``×``size`` PNGs in ``folder`` and their ``manifest.csv`` (image,
+    label, box, group): a bright 2:1 ROI whose dark stripe count is the class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        label = i % len(classes)
+        image = rng.integers(0, 60, (size, size), dtype=np.uint8)
+        w, h = size // 2, size // 4
+        x0, y0 = int(rng.integers(1, size - w - 1)), int(rng.integers(1, size - h - 1))
+        image[y0 : y0 + h, x0 : x0 + w] = 200
+        for s in range(label + 1):
+            image[y0 : y0 + h, x0 + 2 + 4 * s : x0 + 4 + 4 * s] = 40
+        Image.fromarray(image).save(folder / f"img_{i:03d}.png")
+        rows.append([f"img_{i:03d}.png", classes[label], x0, y0, x0 + w, y0 + h, f"p{i}"])
+    path = folder / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label", "x0", "y0", "x1", "y1", "group"])
+        writer.writerows(rows)
+    return path
+
+
+def fake_roi_request(
+    folder: Path, n: int = 6, size: int = 32, fold: int = 0, train: Sequence[int] | None = None
+) -> RoiRequest:
+    """An ``RoiRequest`` over a ``tiny_manifest`` of ``n`` images written to ``folder``: the
+    first two thirds train (unless ``train`` is given), every image is predicted, the
+    provider's ``workdir`` is ``folder/roi`` and ``log`` collects lines in ``request.lines``."""
+    from kdtoolkit.data.manifest import read_manifest
+
+    samples = read_manifest(tiny_manifest(Path(folder), n=n, size=size)).samples
+    workdir = Path(folder) / "roi"
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+    chosen = range(max(1, 2 * n // 3)) if train is None else train
+    request = RoiRequest(
+        fold=fold,
+        samples=samples,
+        train=np.asarray(list(chosen), dtype=np.int64),
+        predict=np.arange(n, dtype=np.int64),
+        workdir=workdir,
+        log=lines.append,
+    )
+    object.__setattr__(request, "lines", lines)
+    return request
+
+
+TINY_RECIPE: dict[str, Any] = {
+    "experiment": {"name": "tiny", "seed": 0, "device": "cpu"},
+    "data": {"classes": ["low", "mid", "high"], "image_size": 32, "crop_size": [16, 32]},
+    "cv": {"folds": 2, "val_fraction": 0.2},
+    "teacher": {"backbone": "resnet10t", "epochs": 1, "batch_size": 8},
+    "student": {"backbone": "resnet10t", "epochs": 1, "batch_size": 8},
+    "loss": [{"name": "ce", "weight": 0.5}, {"name": "kl", "weight": 0.5}],
+    "evaluate": {"cam_examples": 0, "baseline": False},
+}
+"""The recipe ``run_tiny_recipe`` starts from (``manifest`` and ``output`` are filled in)."""
+
+
+def run_tiny_recipe(tmp_path: Path, *plugins: object, **overrides: Any) -> RunResult:
+    """Run ``TINY_RECIPE`` on a 12-image ``tiny_manifest`` into ``tmp_path/run`` with
+    ``plugins`` registered (``use_plugins``); ``overrides`` as in ``kdtoolkit.load_recipe``
+    (``roi={"provider": "my_provider"}``, ``**{"student.epochs": 2}``)."""
+    from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.run import run
+
+    raw = {**TINY_RECIPE, "experiment": {**TINY_RECIPE["experiment"]}}
+    raw["experiment"]["output"] = str(tmp_path / "run")
+    raw["data"] = {**raw["data"], "manifest": str(tiny_manifest(tmp_path / "data"))}
+    with use_plugins(*plugins):
+        return run(load_recipe(raw, **overrides), quiet=True)

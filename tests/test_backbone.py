@@ -144,6 +144,11 @@ def test_options_are_declared_by_the_factory():
 
 
 def test_timm_weights_only_on_request(monkeypatch):
+    """``pretrained="timm"`` asks timm (the hub check is stubbed: no network in tests)."""
+    from kdtoolkit.models import timm as kd_timm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(kd_timm, "timm_hub_problem", lambda name, role="": None)
     calls = []
     real = timm.create_model
 

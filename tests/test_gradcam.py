@@ -1,5 +1,7 @@
 """Grad-CAM through the head, checked against the pytorch_grad_cam package."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from kdtoolkit.builtin.timm import timm_backbone
-from kdtoolkit.models.gradcam import cam_for_images, gradcam, unwrap
+from kdtoolkit.models.gradcam import cam_for_images, gradcam, paper_cam, unwrap
 
 
 def _model(name, in_chans):
@@ -152,3 +154,56 @@ def test_unwrap_compiled_and_parallel():
     model = _model("resnet18", 1)
     assert unwrap(torch.nn.DataParallel(model)) is model
     assert unwrap(model) is model
+
+
+def _gap_identity_head():
+    """GAP → linear with the identity weight (2 classes, 2 channels): s = mean_ij A."""
+    head = torch.nn.Linear(2, 2, bias=False)
+    head.weight.data.copy_(torch.eye(2))
+    return lambda a: head(a.mean(dim=(2, 3)))
+
+
+def _hand_features():
+    # sample 0: A^0 = [2, 0], A^1 = [0, 2] (h=1, w=2); sample 1: A^0 = [4, 0], A^1 = [0, 0]
+    return torch.tensor([[[[2.0, 0.0]], [[0.0, 2.0]]], [[[4.0, 0.0]], [[0.0, 0.0]]]])
+
+
+def test_standard_gradcam_by_hand():
+    """∂s_y/∂A^c_ij = W_yc / (hw): weights (0.5, 0) for y=0 and (0, 0.5) for y=1."""
+    features = _hand_features().requires_grad_(True)
+    raw = gradcam(_gap_identity_head(), features, torch.tensor([0, 1]), normalize=False)
+    # sample 0: 0.5·A^0 = [1, 0]; sample 1: 0.5·A^1 = [0, 0]
+    torch.testing.assert_close(raw, torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]]))
+    cam = gradcam(_gap_identity_head(), features, torch.tensor([0, 1]))
+    torch.testing.assert_close(cam, torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]]))
+
+
+def test_paper_cam_by_hand():
+    """Eqs. 7–8: w_c = mean_ij ∂CE/∂A^c_ij = Σ_k (p_k − δ_ky) W_kc / (hw), no ReLU, min–max.
+
+    Sample 0 (y=0): s = (1, 1), p = (½, ½), ∂CE/∂s = (−½, ½), w = (−¼, ¼),
+    map = −¼·[2, 0] + ¼·[0, 2] = [−½, ½] → [0, 1].
+    Sample 1 (y=1): s = (2, 0), p = (σ(2), 1 − σ(2)), ∂CE/∂s = (σ(2), −σ(2)),
+    w = (σ(2)/2, −σ(2)/2), map = [2σ(2), 0] → [1, 0]."""
+    features = _hand_features().requires_grad_(True)
+    target = torch.tensor([0, 1])
+    cam = paper_cam(_gap_identity_head(), features, target)
+    torch.testing.assert_close(cam, torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
+    # the raw weights, checked through a map without normalisation of a 3-pixel sample
+    three = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]]], requires_grad=True)
+    sigma = 1 / (1 + math.exp(-(2.0 - 0.0)))  # s = (2, 0), p_0 = σ(2)
+    w0 = (sigma - 1) / 3  # y = 0: ∂CE/∂s_0 = p_0 − 1
+    expected = torch.tensor([[[w0 * 1, w0 * 2, w0 * 3]]])
+    expected = (expected - expected.min()) / (expected.max() - expected.min())
+    torch.testing.assert_close(paper_cam(_gap_identity_head(), three, torch.tensor([0])), expected)
+    assert torch.allclose(expected, torch.tensor([[[1.0, 0.5, 0.0]]]))  # no ReLU: all negative
+
+
+def test_paper_cam_constant_map_is_zero_and_inference_has_no_graph():
+    features = torch.ones(1, 2, 2, 2)
+    cam = paper_cam(_gap_identity_head(), features, torch.tensor([0]))
+    assert torch.equal(cam, torch.zeros(1, 2, 2)) and not cam.requires_grad
+    features = _hand_features().requires_grad_(True)
+    cam = paper_cam(_gap_identity_head(), features, torch.tensor([0, 1]), create_graph=True)
+    cam[:, 0, 0].sum().backward()
+    assert torch.isfinite(features.grad).all()

@@ -167,6 +167,33 @@ def test_attention_mse_by_hand():
     assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
 
 
+def test_attention_mse_paper_cam_by_hand():
+    """``cam = "paper"``: for GAP → linear, ∂CE/∂A^c_ij = Σ_k (p_k − δ_ky) W_kc / (hw), so the
+    map is Σ_c w_c A^c without ReLU, min–max normalised per sample."""
+    ctx, _, mask = _grad_cam_case()
+    weight = ctx.student.fc.weight.detach()
+    features = ctx.features.detach()
+    h, w = features.shape[-2:]
+    p = torch.softmax(features.mean(dim=(2, 3)) @ weight.T, dim=1)
+    dlogits = p - F.one_hot(ctx.labels, 3).float()
+    weights = dlogits @ weight / (h * w)  # B×C
+    raw = torch.einsum("bc,bchw->bhw", weights, features)
+    low, high = raw.amin(dim=(1, 2), keepdim=True), raw.amax(dim=(1, 2), keepdim=True)
+    cam = (raw - low) / (high - low)
+    assert (raw < 0).any() and cam.min() == 0 and cam.max() == 1
+    value = AttentionMSELoss(cam="paper")(ctx)
+    torch.testing.assert_close(value, (cam - mask).pow(2).mean())
+    value.backward()
+    assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
+    assert check_options(AttentionMSELoss, {"cam": "paper"}, "loss[2]") == []
+    assert (
+        "must be one of 'gradcam', 'paper'"
+        in check_options(AttentionMSELoss, {"cam": "x"}, "loss[2]")[0]
+    )
+    with pytest.raises(KdError, match="cam must be"):
+        AttentionMSELoss(cam="x")
+
+
 def _attention_mse_grads(model, create_graph):
     torch.manual_seed(1)
     x = torch.randn(2, 1, 64, 64)

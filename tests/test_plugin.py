@@ -1,30 +1,40 @@
 """Plugin discovery: fresh plugin managers, a throwaway installed plugin, blocking, bad hooks."""
 
 import os
-import textwrap
 
-import pluggy
+import numpy as np
 import pytest
+import torch
 
-from kdtoolkit import hookimpl
+from kdtoolkit import LossTerm, RoiProvider, RoiResult, Task, hookimpl
 from kdtoolkit.errors import KdError
-from kdtoolkit.plugins import hookspec
 from kdtoolkit.plugins import manager as plugin
+from kdtoolkit.testing import fresh_plugin_manager as fresh_manager
+from kdtoolkit.testing import install_plugin
 from tests.conftest import kd
+
+
+class ZeroLoss(LossTerm):
+    def forward(self, ctx):
+        return ctx.logits.sum() * 0
+
+
+class CentreBox(RoiProvider):
+    def provide(self, request):
+        n = len(request.predict)
+        return RoiResult(np.tile([8.0, 8.0, 24.0, 24.0], (n, 1)), np.zeros(n), np.ones(n, bool))
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, num_classes, in_chans, width: int = 4):
+        super().__init__()
+        self.num_features = width
 
 
 class ThrowawayPlugin:
     @hookimpl
     def kd_register_losses(self, registry):
-        registry.register("zero_loss", object)
-
-
-def fresh_manager(*plugins):
-    pm = pluggy.PluginManager("kdtoolkit")
-    pm.add_hookspecs(hookspec)
-    for p in plugins:
-        pm.register(p, name=type(p).__name__)
-    return pm
+        registry.register("zero_loss", ZeroLoss)
 
 
 def test_register_on_fresh_manager():
@@ -91,39 +101,30 @@ def test_duplicate_component_across_plugins_names_both():
     class Again:
         @hookimpl
         def kd_register_losses(self, registry):
-            registry.register("zero_loss", object)
+            registry.register("zero_loss", ZeroLoss)
 
     with pytest.raises(KdError) as e:
         plugin.collect_registries(fresh_manager(ThrowawayPlugin(), Again()))
     assert "ThrowawayPlugin" in str(e.value) and "Again" in str(e.value)
 
 
+DUMMY = """
+from kdtoolkit import hookimpl
+from kdtoolkit.plugins.loss import LossTerm
+
+class DummyLoss(LossTerm):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+
+@hookimpl
+def kd_register_losses(registry):
+    registry.register("dummy_loss", DummyLoss)
+"""
+
+
 def _install_throwaway(tmp_path):
-    """A plugin distribution 'kd-dummy' with an entry point, installed on PYTHONPATH."""
-    pkg = tmp_path / "kd_dummy"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(
-        textwrap.dedent(
-            """
-            from kdtoolkit import hookimpl
-            from kdtoolkit.plugins.loss import LossTerm
-
-            class DummyLoss(LossTerm):
-                def __init__(self, scale: float = 1.0):
-                    super().__init__()
-
-            @hookimpl
-            def kd_register_losses(registry):
-                registry.register("dummy_loss", DummyLoss)
-            """
-        )
-    )
-    info = tmp_path / "kd_dummy-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kd-dummy\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text("[kdtoolkit]\ndummy = kd_dummy\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    return env
+    """A plugin distribution 'kd-dummy' with an entry point 'kd_dummy', on PYTHONPATH."""
+    return install_plugin(tmp_path, "kd_dummy", DUMMY, dist="kd-dummy", version="0.3")
 
 
 def test_installed_plugin_is_discovered_and_listed(tmp_path):
@@ -137,7 +138,7 @@ def test_installed_plugin_is_discovered_and_listed(tmp_path):
 
 def test_installed_plugin_can_be_blocked(tmp_path):
     env = _install_throwaway(tmp_path)
-    env["KD_DISABLE_PLUGINS"] = "dummy"
+    env["KD_DISABLE_PLUGINS"] = "kd_dummy"
     result = kd("plugins", env=env)
     assert result.returncode == 0, result.stderr
     assert "dummy_loss" not in result.stdout
@@ -145,7 +146,7 @@ def test_installed_plugin_can_be_blocked(tmp_path):
 
 def test_installed_plugin_with_bad_hook_is_a_one_line_error(tmp_path):
     env = _install_throwaway(tmp_path)
-    init = tmp_path / "kd_dummy" / "__init__.py"
+    init = tmp_path / "kd_dummy.py"
     init.write_text(init.read_text().replace("def kd_register_losses", "def kd_register_lossez"))
     result = kd("plugins", env=env)
     assert result.returncode == 2
@@ -160,15 +161,15 @@ def test_every_hook_on_a_fresh_manager():
     class Full:
         @hookimpl
         def kd_register_backbones(self, registry):
-            registry.register("tiny_net", object)
+            registry.register("tiny_net", TinyNet)
 
         @hookimpl
         def kd_register_roi_providers(self, registry):
-            registry.register("centre_box", object)
+            registry.register("centre_box", CentreBox)
 
         @hookimpl
         def kd_register_tasks(self, registry):
-            registry.register("molars", object)
+            registry.register("molars", Task("molars", ("a", "b")))
 
         @hookimpl
         def kd_register_commands(self, app):

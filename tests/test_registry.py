@@ -101,3 +101,30 @@ def test_resolvers_are_tried_in_order_and_named_once():
         reg.add_resolver("first", lambda n: None, "again")
     with pytest.raises(KdError, match="lower_snake_case"):
         reg.add_resolver("Bad-Name", lambda n: None, "bad")
+
+
+def test_keys_values_items_like_a_mapping():
+    reg = Registry("loss")
+    reg.register("kl", int)
+    reg.register("ce", float)
+    assert reg.keys() == ["ce", "kl"] and reg.values() == [float, int]
+    assert reg.items() == [("ce", float), ("kl", int)] and dict(reg.items())["kl"] is int
+    assert {name: reg[name] for name in reg} == dict(reg.items())
+
+
+def test_check_refuses_a_wrong_kind_naming_the_plugin():
+    reg = Registry("loss", check=lambda obj: None if obj is int else "expected int")
+    with reg.owned_by("kd-demo 0.1"), pytest.raises(KdError) as e:
+        reg.register("bad", str)
+    assert str(e.value) == "loss 'bad' from plugin 'kd-demo 0.1': expected int"
+    assert "bad" not in reg
+    reg.register("good", int)
+    assert reg["good"] is int
+
+
+def test_resolved_components_are_kind_checked():
+    reg = Registry("backbone", check=lambda obj: None if callable(obj) else "not callable")
+    with reg.owned_by("kd-bad 1.0"):
+        reg.add_resolver("strings", lambda name: f"made {name}", "any name")
+    with pytest.raises(KdError, match="backbone 'x' from plugin 'kd-bad 1.0': not callable"):
+        reg["x"]

@@ -17,7 +17,7 @@ from torchvision.ops import roi_align
 
 from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.gradcam import EPS, gradcam, unwrap
+from kdtoolkit.models.gradcam import EPS, gradcam, paper_cam, unwrap
 from kdtoolkit.models.timm import TimmBackbone
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
@@ -45,10 +45,12 @@ def _spatial_kl(mask: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(p, p) - p * q.log()).sum(dim=1).mean()
 
 
-def _student_cam(ctx: LossContext, create_graph: bool) -> torch.Tensor:
-    return gradcam(
-        unwrap(ctx.student).forward_head, ctx.features, ctx.labels, create_graph=create_graph
-    )
+def _student_cam(
+    ctx: LossContext, create_graph: bool, cam: Literal["gradcam", "paper"] = "gradcam"
+) -> torch.Tensor:
+    make = paper_cam if cam == "paper" else gradcam
+    head = unwrap(ctx.student).forward_head
+    return make(head, ctx.features, ctx.labels, create_graph=create_graph)
 
 
 class CELoss(LossTerm):
@@ -89,15 +91,23 @@ class KLLoss(LossTerm):
 
 class AttentionMSELoss(LossTerm):
     """The paper's Grad-CAM term: ``mean((Â − M)²)`` over batch and h×w, with Â the student's
-    Grad-CAM for the true class y, taken through the head only. ``create_graph``: keep the
-    Grad-CAM weights differentiable (second order through the head); False detaches them."""
+    Grad-CAM for the true class y, taken through the head only. ``cam``: ``"gradcam"`` (standard
+    Grad-CAM: class-score gradient, ReLU, max-normalised) or ``"paper"`` (the paper's Eqs. 7–8:
+    cross-entropy gradient, no ReLU, min–max normalised; ``kdtoolkit.models.gradcam.paper_cam``).
+    ``create_graph``: keep the Grad-CAM weights differentiable (second order through the head);
+    False detaches them."""
 
-    def __init__(self, create_graph: bool = True) -> None:
+    def __init__(
+        self, create_graph: bool = True, cam: Literal["gradcam", "paper"] = "gradcam"
+    ) -> None:
         super().__init__()
+        if cam not in ("gradcam", "paper"):
+            raise KdError(f"loss 'attention_mse': cam must be 'gradcam' or 'paper', not {cam!r}")
         self.create_graph = create_graph
+        self.cam = cam
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        cam = _student_cam(ctx, self.create_graph)
+        cam = _student_cam(ctx, self.create_graph, self.cam)
         return (cam - _mask_at(ctx.masks, cam.shape[-2:])).pow(2).mean()
 
 

@@ -1,12 +1,18 @@
 """Component options: declared as keyword parameters of the component's constructor.
 
 A component (backbone factory, loss term, ROI provider, task data source) declares its options
-as keyword parameters with type hints and defaults; ``Range`` inside ``Annotated`` adds bounds::
+as keyword parameters with type hints and defaults; ``Range`` inside ``Annotated`` adds bounds
+(``gt``/``ge`` below, ``lt``/``le`` above, any combination)::
 
     class KLLoss(LossTerm):
-        def __init__(self, temperature: Annotated[float, Range(gt=0)] = 3.0): ...
+        def __init__(
+            self,
+            temperature: Annotated[float, Range(gt=0)] = 3.0,
+            clip: Annotated[float, Range(ge=0, le=1)] = 1.0,
+        ): ...
 
-Recipes are checked against these declarations before anything runs.
+Recipes are checked against these declarations before anything runs, and ``kd plugins
+--options NAME`` prints them (``describe_options``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ class Range:
             return f"must be <= {self.le}"
         return None
 
+    def describe(self) -> str:
+        """The bounds as text, e.g. ``'> 0, <= 1'``."""
+        ops = ((">", self.gt), (">=", self.ge), ("<", self.lt), ("<=", self.le))
+        return ", ".join(f"{op} {bound:g}" for op, bound in ops if bound is not None)
+
 
 def declared_options(
     component: Callable[..., Any], reserved: tuple[str, ...] = ()
@@ -59,12 +70,59 @@ def declared_options(
 
 
 def type_name(annotation: Any) -> str:
+    """A readable type: ``float``, ``int | list[int]``, ``'kl' | 'bce'``, ``float | None``."""
     base, _ = _split_annotated(annotation)
-    if typing.get_origin(base) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(base))
+    origin, args = typing.get_origin(base), typing.get_args(base)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if base is type(None):
+        return "None"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(map(type_name, args))}]"
     if isinstance(base, type):
         return base.__name__
     return str(base).replace("typing.", "")
+
+
+def bounds_of(annotation: Any) -> str:
+    """The ``Range`` bounds of an option's annotation as text ('' when none); bounds on the
+    items of a list read ``each >= 8``."""
+    base, extras = _split_annotated(annotation)
+    parts = [e.describe() for e in extras if isinstance(e, Range)]
+    for arg in typing.get_args(base):
+        inner = bounds_of(arg)
+        if inner and typing.get_origin(base) in (list, tuple):
+            parts.append(f"each {inner}")
+        elif inner:
+            parts.append(inner)
+    return "; ".join(dict.fromkeys(p for p in parts if p))
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One declared option, as ``kd plugins --options`` prints it."""
+
+    name: str
+    type: str
+    bounds: str
+    default: str  # repr of the default; "required" when there is none
+    required: bool
+
+
+def describe_options(
+    component: Callable[..., Any], reserved: tuple[str, ...] = ()
+) -> list[OptionInfo]:
+    """The options ``check_options`` validates against, with type, bounds and default."""
+    out = []
+    for name, p in declared_options(component, reserved).items():
+        required = p.default is inspect.Parameter.empty
+        default = "required" if required else repr(p.default)
+        out.append(
+            OptionInfo(name, type_name(p.annotation), bounds_of(p.annotation), default, required)
+        )
+    return out
 
 
 def _split_annotated(annotation: Any) -> tuple[Any, list[Any]]:

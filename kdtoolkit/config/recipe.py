@@ -24,7 +24,9 @@ from kdtoolkit.config.override import (
     deep_merge,
     flatten_values,
 )
+from kdtoolkit.config.pretrained import check_model_pretrained
 from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.plugins.task import Task, crop_problems
 
 
 class RecipeError(KdError):
@@ -61,6 +63,19 @@ class DataConfig:
     cache: str = ".kdcache"
     workers: Annotated[int, Range(ge=-1)] = -1
     loader: Literal["auto", "device", "workers"] = "auto"
+    # scans (DICOM, NIfTI): which slice, intensity, pixel size (docs/recipes.md)
+    axis: Literal["sagittal", "coronal", "axial"] = "sagittal"
+    slice: int | str = "mid"
+    slab: Annotated[int, Range(ge=1)] = 1
+    projection: Literal["max", "mean", "min"] = "max"
+    window: list[float] = field(default_factory=list)
+    percentiles: list[Annotated[float, Range(ge=0, le=100)]] = field(default_factory=list)
+    spacing_mm: Annotated[float, Range(ge=0)] = 0.0
+
+
+#: ``[data]`` keys of scans: at their defaults they stay out of the digest (runs made before
+#: they existed keep theirs).
+SCAN_KEYS = ("axis", "slice", "slab", "projection", "window", "percentiles", "spacing_mm")
 
 
 @dataclass
@@ -91,6 +106,7 @@ class CvConfig:
 class ModelConfig:
     backbone: str = "resnet18"
     backbone_options: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool | str = False  # false, a weights file or "timm": config/pretrained.py
     epochs: Annotated[int, Range(ge=1)] = 30
     batch_size: Annotated[int, Range(ge=1)] = 32
     lr: Annotated[float, Range(gt=0)] = 1e-3
@@ -163,8 +179,15 @@ class Recipe:
         machine)."""
         raw = self.to_dict()
         raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
-        raw["data"] = {k: v for k, v in raw["data"].items() if k not in ("workers", "loader")}
+        defaults = dataclasses.asdict(DataConfig())
+        raw["data"] = {
+            k: v
+            for k, v in raw["data"].items()
+            if k not in ("workers", "loader") and not (k in SCAN_KEYS and v == defaults[k])
+        }
         raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
+        for role in ("teacher", "student"):  # unset, as before the key existed
+            raw[role] = {k: v for k, v in raw[role].items() if (k, v) != ("pretrained", False)}
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -257,6 +280,8 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
         problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
     problems += _check_components(recipe)
     problems += _check_sizes(recipe)
+    if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size
+        problems += crop_problems(task, recipe.data, raw.get("data"))
     if problems:
         raise RecipeError(source, problems)
     return recipe
@@ -264,10 +289,25 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
 
 def _check_sizes(recipe: Recipe) -> list[str]:
     problems = []
+    data = recipe.data
     for key in ("image_size", "crop_size"):
-        value = getattr(recipe.data, key)
+        value = getattr(data, key)
         if isinstance(value, list) and len(value) != 2:
             problems.append(f"data.{key}: expected one size or [height, width], got {value!r}")
+    if data.slice != "mid" and not (isinstance(data.slice, int) and data.slice >= 0):
+        problems.append(f"data.slice: expected a 0-based slice index or 'mid', got {data.slice!r}")
+    if data.window and (len(data.window) != 2 or not data.window[1] > 0):
+        problems.append(
+            f"data.window: expected [level, width] with width > 0 (HU for CT, e.g. [40, 400]), "
+            f"got {data.window!r}"
+        )
+    pct = data.percentiles
+    if pct and (len(pct) != 2 or not pct[0] < pct[1]):
+        problems.append(
+            f"data.percentiles: expected [low, high] with low < high, e.g. [0.5, 99.5], got {pct!r}"
+        )
+    if data.window and data.percentiles:
+        problems.append("data.percentiles: data.window is set too — keep one of the two")
     return problems
 
 
@@ -282,12 +322,10 @@ def _check_components(recipe: Recipe) -> list[str]:
         if config.backbone not in regs.backbones:
             problems.append(f"{role}.backbone: {regs.backbones.unknown_message(config.backbone)}")
         else:
-            problems += check_options(
-                regs.backbones.get(config.backbone),
-                config.backbone_options,
-                f"{role}.backbone_options",
-                reserved=("num_classes", "in_chans"),
-            )
+            factory = regs.backbones.get(config.backbone)
+            options, path = config.backbone_options, f"{role}.backbone_options"
+            found = check_options(factory, options, path, reserved=("num_classes", "in_chans"))
+            problems += found or check_model_pretrained(role, config, factory)
     if recipe.roi.provider not in regs.roi_providers:
         problems.append(f"roi.provider: {regs.roi_providers.unknown_message(recipe.roi.provider)}")
     else:
@@ -310,7 +348,7 @@ def _check_components(recipe: Recipe) -> list[str]:
                 )
             elif recipe.task.options:
                 problems.append(f"task: task {task.name!r} takes no options")
-    if not recipe.data.manifest and not (recipe.task.name and _task_has_data(recipe)):
+    if not recipe.data.manifest and getattr(_task_of(recipe), "make_data", None) is None:
         problems.append(
             "data.manifest: no data: set data.manifest to a manifest.csv, or name a task with "
             "a built-in data source (task.name)"
@@ -328,11 +366,10 @@ def _construction_problems(factory: Any, options: dict[str, Any], path: str) -> 
     return []
 
 
-def _task_has_data(recipe: Recipe) -> bool:
+def _task_of(recipe: Recipe) -> Task | None:
     from kdtoolkit.plugins.manager import registries
 
-    regs = registries()
-    return recipe.task.name in regs.tasks and regs.tasks.get(recipe.task.name).make_data is not None
+    return registries().tasks.get(recipe.task.name, None) if recipe.task.name else None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

@@ -13,7 +13,6 @@ equal ``KdDataset``'s. :class:`BankLoader` batches it as a ``DataLoader`` would.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from kdtoolkit.data.augment import apply_jitter, jitter_tensors
 from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.geometry import Box
-from kdtoolkit.data.imageio import read_native, to_float
+from kdtoolkit.data.imageio import image_key, read_native, to_float
 from kdtoolkit.data.mask import masks_and_boxes
 from kdtoolkit.data.view import ViewConfig, normalise_views, plan_views
 from kdtoolkit.data.warp import warp_stack
@@ -41,12 +40,13 @@ def bank_bytes(sizes: Sequence[tuple[int, int]], channels: int) -> int:
 class ImageBank:
     """Decoded images on ``device``: ``stack`` is N×C×Hmax×Wmax float32 in [0, 1] (grey
     repeated to ``channels``), image ``i`` in the top-left ``sizes[i] = (H, W)`` of its slot
-    and zeros around it; ``row[path]`` is an image's slot."""
+    and zeros around it; ``row[image_key(source)]`` is an image's slot (:meth:`slot`).
+    ``sources`` are paths or manifest samples (scans need the samples: their read spec)."""
 
-    def __init__(self, paths: Sequence[Path], channels: int, device: torch.device) -> None:
-        unique = list(dict.fromkeys(paths))
-        self.row = {path: i for i, path in enumerate(unique)}
-        arrays = [to_float(read_native(path), channels) for path in unique]
+    def __init__(self, sources: Sequence[Any], channels: int, device: torch.device) -> None:
+        unique = list({image_key(s): s for s in sources}.items())
+        self.row = {key: i for i, (key, _) in enumerate(unique)}
+        arrays = [to_float(read_native(source), channels) for _, source in unique]
         self.sizes = [(a.shape[0], a.shape[1]) for a in arrays]
         height = max((h for h, _ in self.sizes), default=1)
         width = max((w for _, w in self.sizes), default=1)
@@ -58,6 +58,10 @@ class ImageBank:
     @property
     def device(self) -> torch.device:
         return self.stack.device
+
+    def slot(self, source: Any) -> int:
+        """The slot of a source (a path or a sample)."""
+        return self.row[image_key(source)]
 
 
 class BankDataset(KdDataset):
@@ -97,13 +101,13 @@ class BankDataset(KdDataset):
         indices = [int(self.indices[i]) for i in items]
         samples = [self.samples[i] for i in indices]
         use_crop_files = "crop" in self.views and self.crops is not None
-        image_rows = [self.images.row[s.image] for s in samples]
+        image_rows = [self.images.slot(s) for s in samples]
         image_sizes = [self.images.sizes[r] for r in image_rows]
         plans = []
         for index, sample, source in zip(indices, samples, image_sizes, strict=True):
             crop_source = None
             if use_crop_files and sample.crop is not None:
-                crop_source = self.crops.sizes[self.crops.row[sample.crop]]
+                crop_source = self.crops.sizes[self.crops.slot(sample.crop)]
             plans.append(
                 plan_views(sample, source, crop_source, cfg, self.rng(index), self.roi(index))
             )
@@ -129,7 +133,10 @@ class BankDataset(KdDataset):
                 (self.crops, "crop", [j for j, p in enumerate(plans) if p.crop_from_file]),
             ):
                 if chosen:
-                    rows = [bank.row[getattr(samples[j], field)] for j in chosen]
+                    rows = [
+                        bank.slot(samples[j] if field == "image" else samples[j].crop)
+                        for j in chosen
+                    ]
                     crop[chosen] = warp_stack(
                         bank.stack,
                         rows,

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ from torch.utils.data import Dataset
 
 from kdtoolkit.data.augment import jitter_view
 from kdtoolkit.data.geometry import Box
-from kdtoolkit.data.imageio import read_native, to_float, to_tensor
+from kdtoolkit.data.imageio import image_key, read_native, to_float, to_tensor
 from kdtoolkit.data.mask import masks_and_boxes
 from kdtoolkit.data.view import ViewConfig, normalise_views, plan_views
 from kdtoolkit.data.warp import warp_tensor
@@ -45,7 +44,8 @@ class KdDataset(Dataset):
     DataLoader iterator, and do not use persistent workers) and the sample's index; evaluation
     mode applies none. ``views`` limits the work: ``"image"`` (image, mask, box) and/or
     ``"crop"``. Decoded images are cached in memory (native dtype; share ``cache`` between
-    datasets of a run; :meth:`preload` fills it before forking DataLoader workers).
+    datasets of a run, keyed by :func:`~kdtoolkit.data.imageio.image_key`; :meth:`preload`
+    fills it before forking DataLoader workers). Scans are read as each sample's ``read`` says.
     """
 
     def __init__(
@@ -58,7 +58,7 @@ class KdDataset(Dataset):
         mask_rois: Mapping[int, tuple[Box | None, float]] | None = None,
         *,
         views: Sequence[str] = ("image", "crop"),
-        cache: dict[Path, np.ndarray] | None = None,
+        cache: dict[Hashable, np.ndarray] | None = None,
     ) -> None:
         unknown = set(views) - {"image", "crop"}
         if unknown or not views:
@@ -70,7 +70,7 @@ class KdDataset(Dataset):
         self.seed = int(seed)
         self.mask_rois = mask_rois
         self.views = tuple(views)
-        self.cache: dict[Path, np.ndarray] = {} if cache is None else cache
+        self.cache: dict[Hashable, np.ndarray] = {} if cache is None else cache
         self.epoch = 0
 
     @property
@@ -86,14 +86,15 @@ class KdDataset(Dataset):
         """Decode every image (and crop file) this dataset uses into the cache."""
         for i in self.indices:
             sample = self.samples[i]
-            self._native(sample.image)
+            self._native(sample)
             if sample.crop is not None and "crop" in self.views:
                 self._native(sample.crop)
 
-    def _native(self, path: Path) -> np.ndarray:
-        arr = self.cache.get(path)
+    def _native(self, source: Any) -> np.ndarray:
+        key = image_key(source)
+        arr = self.cache.get(key)
         if arr is None:
-            arr = self.cache[path] = read_native(path)
+            arr = self.cache[key] = read_native(source)
         return arr
 
     def __len__(self) -> int:
@@ -114,7 +115,7 @@ class KdDataset(Dataset):
         index = int(self.indices[item])
         sample = self.samples[index]
         cfg = self.cfg
-        src = to_tensor(to_float(self._native(sample.image), cfg.channels))
+        src = to_tensor(to_float(self._native(sample), cfg.channels))
         crop_src = None
         if sample.crop is not None and "crop" in self.views:
             crop_src = to_tensor(to_float(self._native(sample.crop), cfg.channels))

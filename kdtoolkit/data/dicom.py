@@ -19,8 +19,11 @@ import numpy as np
 
 from kdtoolkit.errors import KdError
 
-#: (voxels (slices, rows, cols) float32, affine voxel -> RAS+ mm or None, spacing mm per axis)
-DicomVolume = tuple[np.ndarray, "np.ndarray | None", tuple[float, float, float]]
+#: (voxels (slices, rows, cols) float32, affine voxel -> RAS+ mm or None, spacing mm per axis,
+#: the physical range unsigned stored integers can hold, or None for signed data)
+DicomVolume = tuple[
+    np.ndarray, "np.ndarray | None", tuple[float, float, float], "tuple[float, float] | None"
+]
 
 
 def read_dicom_folder(folder: Path) -> DicomVolume:
@@ -83,16 +86,16 @@ def _read_dicom_quietly(files: Sequence[Path], source: Path) -> DicomVolume:
 
 
 def _single(file: Path, ds) -> DicomVolume:
-    pixels = _pixels(file, ds)
+    pixels, value_range = _pixels(file, ds)
     row_spacing, col_spacing = _pixel_spacing(ds)
     geometry = _plane(ds)
     if geometry is None:
-        return pixels[None], None, (1.0, row_spacing, col_spacing)
+        return pixels[None], None, (1.0, row_spacing, col_spacing), value_range
     row_cos, col_cos, position = geometry
     thickness = float(ds.get("SliceThickness") or 1.0)
     step = np.cross(row_cos, col_cos) * thickness
     affine = _affine(step, col_cos * row_spacing, row_cos * col_spacing, position)
-    return pixels[None], affine, (thickness, row_spacing, col_spacing)
+    return pixels[None], affine, (thickness, row_spacing, col_spacing), value_range
 
 
 def _stack(slices: list[tuple[Path, object]], source: Path) -> DicomVolume:
@@ -141,10 +144,15 @@ def _stack(slices: list[tuple[Path, object]], source: Path) -> DicomVolume:
             f"{placed[worst + 1][1]}: uneven slice spacing ({gaps.min():.3g} to {gaps.max():.3g}"
             " mm) — a slice is missing or the folder mixes series"
         )
-    volume = np.stack([_pixels(file, ds) for _, file, ds, _ in placed])
+    decoded = [_pixels(file, ds) for _, file, ds, _ in placed]
+    volume = np.stack([pixels for pixels, _ in decoded])
+    ranges = [r for _, r in decoded]
+    value_range = None
+    if all(r is not None for r in ranges):
+        value_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
     step = (placed[-1][3] - placed[0][3]) / (len(placed) - 1)
     affine = _affine(step, col_cos * spacing[0], row_cos * spacing[1], placed[0][3])
-    return volume, affine, (float(np.linalg.norm(step)), *spacing)
+    return volume, affine, (float(np.linalg.norm(step)), *spacing), value_range
 
 
 def _affine(
@@ -174,8 +182,9 @@ def _pixel_spacing(ds) -> tuple[float, float]:
     return float(spacing[0]), float(spacing[1])
 
 
-def _pixels(file: Path, ds) -> np.ndarray:
-    """One frame in physical units (modality LUT applied, MONOCHROME1 inverted), float32."""
+def _pixels(file: Path, ds) -> tuple[np.ndarray, tuple[float, float] | None]:
+    """One frame in physical units (modality LUT applied, MONOCHROME1 inverted), float32, and
+    the physical range its stored bits can hold (None when they are signed)."""
     from pydicom.pixels import apply_modality_lut
 
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
@@ -201,12 +210,14 @@ def _pixels(file: Path, ds) -> np.ndarray:
             f"{file}: damaged pixel data ({_first_line(exc)}) — re-export the file"
         ) from None
     values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    bits = int(ds.get("BitsStored") or stored.dtype.itemsize * 8)
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    ends = np.asarray(apply_modality_lut(np.array([low, high]), ds), dtype=np.float64)
     if photometric == "MONOCHROME1":
-        bits, signed = int(ds.BitsStored), int(ds.PixelRepresentation) == 1
-        low, high = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-        ends = np.asarray(apply_modality_lut(np.array([low, high]), ds), dtype=np.float64)
         values = ends.min() + ends.max() - values
-    return values.astype(np.float32)
+    value_range = None if signed else (float(ends.min()), float(ends.max()))
+    return values.astype(np.float32), value_range
 
 
 def _decoder_message(file: Path, ds, exc: Exception) -> str:

@@ -1,25 +1,51 @@
-"""Decoding images into [0, 1] float arrays and C×H×W tensors.
+"""Decoding images into [0, 1] float arrays and C×H×W tensors: the one entry for every image.
 
 Integers are divided by their dtype's maximum (255 or 65535); RGB becomes grey with BT.601
-luma; grey becomes RGB by repeating the channel; alpha is dropped.
+luma; grey becomes RGB by repeating the channel; alpha is dropped. Scans (DICOM, NIfTI) are cut
+and scaled by :func:`kdtoolkit.data.scan.read_scan` with a :class:`~kdtoolkit.data.scan.ReadSpec`.
+
+An image *source* is a path or a manifest sample (anything with ``image`` and ``read``
+attributes: its path and its :class:`~kdtoolkit.data.scan.ReadSpec`, None for a 2D file).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from kdtoolkit.data.scan import ReadSpec, read_scan
+from kdtoolkit.data.volume import is_volume_path
 from kdtoolkit.errors import KdError
 
 #: ITU-R BT.601 luma weights, used to turn RGB into grey.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def read_native(path: str | Path) -> np.ndarray:
-    """Decode ``path`` into H×W×c (c = 1 or 3) uint8, uint16 or float32, without scaling."""
+def source_of(source: Any) -> tuple[Path, ReadSpec | None]:
+    """(path, read spec) of an image source; a scan path alone gets the default spec."""
+    if isinstance(source, str | Path):
+        path = Path(source)
+        return path, (ReadSpec() if is_volume_path(path) else None)
+    return Path(source.image), getattr(source, "read", None)
+
+
+def image_key(source: Any) -> Hashable:
+    """What identifies the decoded image of a source (two slices of one scan differ)."""
+    return source_of(source)
+
+
+def read_native(source: Any, read: ReadSpec | None = None) -> np.ndarray:
+    """Decode a source into H×W×c (c = 1 or 3) uint8, uint16 or float32, without scaling; a
+    scan (or any source with a ``read`` spec) comes back as float32 H×W×1 in [0, 1]."""
+    path, spec = source_of(source)
+    spec = read or spec
+    if spec is not None:
+        return read_scan(path, spec).array[:, :, None]
     try:
         with Image.open(path) as im:
             mode = im.mode
@@ -68,9 +94,10 @@ def expand_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     return t.expand(*t.shape[:-3], channels, *t.shape[-2:]).contiguous()
 
 
-def load_image(path: str | Path, channels: int) -> np.ndarray:
-    """Read a PNG/JPEG/TIFF (8- or 16-bit, grey or RGB) as float32 H×W×``channels`` in [0, 1]."""
-    arr = to_float(read_native(path), channels)
+def load_image(source: Any, channels: int) -> np.ndarray:
+    """Read a source (PNG/JPEG/TIFF, 8- or 16-bit, grey or RGB; a scan, see the module) as
+    float32 H×W×``channels`` in [0, 1]."""
+    arr = to_float(read_native(source), channels)
     if arr.shape[2] != channels:
         arr = np.repeat(arr, channels, axis=2)
     return arr
@@ -89,10 +116,10 @@ def to_array(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.permute(1, 2, 0).cpu().numpy())
 
 
-def image_tensor(image: np.ndarray | str | Path, channels: int) -> torch.Tensor:
-    """A raw image as a [0, 1] C×H×W tensor (C = 1 or ``channels``): a path, or an array as
+def image_tensor(image: Any, channels: int) -> torch.Tensor:
+    """A raw image as a [0, 1] C×H×W tensor (C = 1 or ``channels``): a source, or an array as
     from :func:`load_image` (float in [0, 1]) or uint8/uint16 (scaled by the dtype's maximum)."""
-    if isinstance(image, str | Path):
+    if not isinstance(image, np.ndarray | torch.Tensor):
         return to_tensor(to_float(read_native(image), channels))
     arr = np.asarray(image)
     if arr.ndim == 2:

@@ -4,29 +4,39 @@ The whole manifest is checked before anything is returned: every problem (missin
 unreadable image, bad box, unknown label, …) is collected and raised together as one
 :class:`ManifestError`, one line per problem, ``"<manifest>:<row>: <what> — <how to fix>"``.
 Rows are never silently dropped.
+
+``image`` may name a 2D file, a DICOM file, a DICOM series folder or a NIfTI file; for scans the
+``slice`` column (a 0-based index or ``mid``; empty: the read spec's default) picks the slice
+and the :class:`~kdtoolkit.data.scan.ReadSpec` the rest. Boxes are given in the slice's own
+pixels; when the spec resamples, each sample's ``box``/``angle``/``width``/``height`` are mapped
+to the resampled image (``scale``), so everything downstream sees the engine's pixels.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kdtoolkit.data.geometry import Box
+from kdtoolkit.data.intensity import scale_roi
 from kdtoolkit.data.manifest_fields import (
     BOX_COLUMNS,
+    Source,
     check_bounds,
     check_image,
+    check_source,
     label_resolver,
     parse_box,
 )
+from kdtoolkit.data.scan import ReadSpec
 from kdtoolkit.errors import KdError
 
 MANIFEST_NAME = "manifest.csv"
 REQUIRED = ("image", "label")
-OPTIONAL = ("angle", "crop", "group", "fold")
+OPTIONAL = ("angle", "crop", "group", "fold", "slice")
 KNOWN_COLUMNS = (*REQUIRED, *BOX_COLUMNS, *OPTIONAL)
 
 
@@ -43,8 +53,16 @@ class Sample:
     crop: Path | None  # expert crop image, absolute
     group: str | None  # patient id
     fold: int | None  # predefined fold
-    width: int
+    width: int  # of the image as the engine sees it (after resampling)
     height: int
+    read: ReadSpec | None = None  # how the scan is read (its slice included); None: a 2D file
+    scale: tuple[float, float] = (1.0, 1.0)  # engine pixels per manifest pixel (sx, sy)
+    spacing: tuple[float, float] | None = None  # mm per engine pixel (row, col), when known
+
+    @property
+    def slice(self) -> int | str | None:
+        """The scan slice read (index or ``"mid"``), None for a 2D file."""
+        return None if self.read is None else self.read.slice
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,7 @@ def read_manifest(
     path: str | Path,
     classes: Sequence[str] | None = None,
     require_boxes: bool = True,
+    read: ReadSpec | None = None,
 ) -> Manifest:
     """Read ``path`` (a ``manifest.csv`` or the folder holding one) and check every row.
 
@@ -77,9 +96,27 @@ def read_manifest(
     the sorted distinct names, or ``"0" … str(max)`` for integer labels.
     ``require_boxes``: the ``x0,y0,x1,y1`` columns must exist and be filled on every row
     (crops and masks need them); otherwise boxes are optional per row.
-    Column names are case-insensitive; unknown columns are ignored.
+    Column names are case-insensitive; unknown columns are ignored. ``read``: how scans are
+    read (default :class:`~kdtoolkit.data.scan.ReadSpec`; the engine passes
+    :func:`kdtoolkit.data.scan.read_spec` of its recipe).
     Raises :class:`ManifestError` (a ``KdError``) listing every problem.
     """
+    manifest, problems = check_manifest(path, classes, require_boxes, read)
+    if problems:
+        raise ManifestError(problems)
+    return manifest
+
+
+def check_manifest(
+    path: str | Path,
+    classes: Sequence[str] | None = None,
+    require_boxes: bool = True,
+    read: ReadSpec | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[Manifest, list[str]]:
+    """:func:`read_manifest` without raising on row problems: the good rows and every problem
+    line. ``progress(done, total)`` is called after each row. Raises :class:`ManifestError`
+    only when no row can be read (no file, no header, no rows)."""
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / MANIFEST_NAME
@@ -95,7 +132,9 @@ def read_manifest(
         raise ManifestError(
             [f"{path}:1: cannot parse the manifest ({exc}) — save it as UTF-8 CSV"]
         ) from None
-    return _check(path, header, rows, row_lines, classes, require_boxes)
+    return _check(
+        path, header, rows, row_lines, classes, require_boxes, read or ReadSpec(), progress
+    )
 
 
 def _read_rows(handle) -> tuple[list[list[str]], list[str], list[int]]:
@@ -121,7 +160,9 @@ def _check(
     row_lines: list[int],
     classes: Sequence[str] | None,
     require_boxes: bool,
-) -> Manifest:
+    spec: ReadSpec,
+    progress: Callable[[int, int], None] | None,
+) -> tuple[Manifest, list[str]]:
     problems: list[str] = []
 
     def report(row: int, text: str) -> None:
@@ -165,6 +206,8 @@ def _check(
 
     samples: list[Sample] = []
     for index, (values, row) in enumerate(zip(rows, row_lines, strict=True)):
+        if progress is not None and index:
+            progress(index, len(rows))
         ok = True
         if len(values) != len(header):
             report(
@@ -174,14 +217,17 @@ def _check(
             )
             ok = False
 
-        # image
-        image_path: Path | None = None
+        # image (and slice)
+        source: Source | None = None
         size: tuple[int, int] | None = None
         if "image" in col:
-            image_path, size, problem = check_image(root, cell(values, "image"), "image")
+            source, problem = check_source(
+                root, cell(values, "image"), cell(values, "slice"), spec
+            )
             if problem:
                 report(row, problem)
                 ok = False
+            size = None if source is None else source.size
 
         # label
         label: int | None = None
@@ -249,22 +295,28 @@ def _check(
             report(row, "fold is empty but other rows set one — give every row a fold or none")
             ok = False
 
-        if ok and image_path is not None and size is not None and label is not None:
+        if ok and source is not None and label is not None:
+            angle = angle if box is not None else 0.0
+            if box is not None and source.scale != (1.0, 1.0):
+                box, angle = scale_roi(box, angle, source.scale)
             samples.append(
                 Sample(
                     index=index,
                     row=row,
-                    image=image_path,
+                    image=source.path,
                     label=label,
                     box=box,
-                    angle=angle if box is not None else 0.0,
+                    angle=angle,
                     crop=crop_path,
                     group=group,
                     fold=fold,
-                    width=size[0],
-                    height=size[1],
+                    width=source.shape[0],
+                    height=source.shape[1],
+                    read=source.read,
+                    scale=source.scale,
+                    spacing=source.spacing,
                 )
             )
-    if problems:
-        raise ManifestError(problems)
-    return Manifest(path=path, classes=resolved_classes, samples=samples)
+    if progress is not None:
+        progress(len(rows), len(rows))
+    return Manifest(path=path, classes=resolved_classes, samples=samples), problems

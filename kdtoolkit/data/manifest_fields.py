@@ -7,14 +7,18 @@ report every problem at once.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from kdtoolkit.data.geometry import Box, roi_corners
-from kdtoolkit.errors import suggestion
+from kdtoolkit.data.scan import ReadSpec, read_scan
+from kdtoolkit.data.volume import is_volume_path
+from kdtoolkit.errors import KdError, suggestion
 
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 #: Pixel modes :func:`kdtoolkit.data.imageio.load_image` can convert (8/16-bit grey, RGB,
@@ -58,6 +62,49 @@ def check_image(
     if size[0] < 1 or size[1] < 1:
         return None, None, f"{what} '{text}' has no pixels ({size[0]}x{size[1]}) — replace it"
     return file, size, None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A checked ``image`` cell: ``size`` (W, H) as in the manifest's pixels, ``shape`` (W, H)
+    as the engine sees it, ``read`` the scan spec (None: a 2D file), ``scale`` (sx, sy) engine
+    pixels per manifest pixel, ``spacing`` mm per pixel (row, col) when known."""
+
+    path: Path
+    size: tuple[int, int]
+    shape: tuple[int, int]
+    read: ReadSpec | None = None
+    scale: tuple[float, float] = (1.0, 1.0)
+    spacing: tuple[float, float] | None = None
+
+
+def check_source(
+    root: Path, text: str, slice_text: str, spec: ReadSpec
+) -> tuple[Source | None, str | None]:
+    """Resolve and check an ``image`` cell with its ``slice`` cell: a 2D file (header only) or a
+    scan (decoded, cut and scaled with ``spec`` and the row's slice)."""
+    file = (root / Path(text).expanduser()).resolve() if text else None
+    if file is not None and (file.is_dir() or (file.is_file() and is_volume_path(file))):
+        if slice_text in ("", "mid"):
+            index: int | str = slice_text or spec.slice
+        elif is_int(slice_text) and int(slice_text) >= 0:
+            index = int(slice_text)
+        else:
+            return None, f"slice '{slice_text}' is not a slice index — give 0, 1, ... or 'mid'"
+        read = dataclasses.replace(spec, slice=index)
+        try:
+            scan = read_scan(file, read)
+        except KdError as exc:
+            reason = str(exc).removeprefix(f"{file}: ").removeprefix(f"{file}")
+            return None, f"image '{text}': {reason}"
+        shape = (scan.array.shape[1], scan.array.shape[0])
+        return Source(file, scan.size, shape, read, scan.scale, scan.spacing), None
+    path, size, problem = check_image(root, text, "image")
+    if problem is None and slice_text:
+        problem = f"slice '{slice_text}' given for the 2D image '{text}' — clear the slice cell"
+    if path is None or size is None or problem:
+        return None, problem
+    return Source(path, size, size), None
 
 
 def parse_box(texts: list[str], required: bool) -> tuple[Box | None, str | None]:

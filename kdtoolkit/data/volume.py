@@ -55,6 +55,9 @@ class Volume:
     affine: np.ndarray | None  # 4x4 voxel index -> RAS+ mm; None: a plain 2D DICOM image
     spacing: tuple[float, float, float]  # mm per voxel along each array axis
     source: str  # the file or folder read
+    #: physical values shown black and white without a window: the range unsigned stored
+    #: integers can hold (like an 8- or 16-bit PNG), else the scan's own min and max
+    value_range: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -205,10 +208,10 @@ def load_volume(path: str | Path) -> Volume:
     if path.name.lower().endswith(NIFTI_SUFFIXES) and not path.is_dir():
         volume = _read_nifti(path)
     else:
-        array, affine, spacing = (
+        array, affine, spacing, stored = (
             read_dicom_folder(path) if path.is_dir() else read_dicom([path], path)
         )
-        volume = Volume(array, affine, spacing, str(path))
+        volume = Volume(array, affine, spacing, str(path), stored or min_max(array))
     with _cache_lock:
         _cache[key] = volume
         while len(_cache) > 1 and sum(v.array.nbytes for v in _cache.values()) > CACHE_BYTES:
@@ -241,7 +244,20 @@ def _read_nifti(path: Path) -> Volume:
         )
     affine = np.asarray(image.affine, dtype=np.float64)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return Volume(data, affine, _triple(spacing), str(path))
+    value_range = min_max(data)
+    stored = image.get_data_dtype()
+    if stored.kind == "u":
+        slope, inter = image.dataobj.slope, image.dataobj.inter
+        ends = np.array([0.0, float(np.iinfo(stored).max)]) * slope + inter
+        value_range = (float(ends.min()), float(ends.max()))
+    return Volume(data, affine, _triple(spacing), str(path), value_range)
+
+
+def min_max(array: np.ndarray) -> tuple[float, float]:
+    """The lowest and highest value of ``array`` (0, 1 when empty)."""
+    if not array.size:
+        return 0.0, 1.0
+    return float(np.min(array)), float(np.max(array))
 
 
 def _first_line(exc: Exception) -> str:

@@ -25,7 +25,9 @@ from kdtoolkit.report.metrics import attention_metrics, classification_metrics, 
 from kdtoolkit.report.results import STUDENT, TEACHER_CROP, TWO_STAGE, FoldResult
 
 
-def cams_of(model: torch.nn.Module, loader: Loader, device: torch.device):
+def cams_of(
+    model: torch.nn.Module, loader: Loader, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAMs (of the predicted class, image resolution) and student-view boxes."""
     cams, boxes = [], []
     for batch in loader:

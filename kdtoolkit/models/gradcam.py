@@ -5,6 +5,12 @@ For a feature map A (B×C×h×w, the input of the head) and target classes y::
     w_c = mean_ij ∂s_y/∂A^c_ij        s = head(A), the logits
     CAM = ReLU(Σ_c w_c A^c)            optionally divided by its per-sample maximum
 
+``paper_cam`` is the variant of Halimi Milani et al. (CVPR-W 2025, Eqs. 7–8): the weights are
+the gradient of the cross-entropy loss instead of the class score, no ReLU, and each map is
+min–max normalised::
+
+    w_c = mean_ij ∂L_CE(s, y)/∂A^c_ij     CAM = minmax(Σ_c w_c A^c)
+
 The gradient is taken with ``torch.autograd.grad(s_y, A)``, which only runs the head's graph
 (pooling → norm → linear, plus an attention block where the model has one); the backbone that
 produced A is never differentiated twice. With ``create_graph=True`` the weights stay
@@ -63,6 +69,35 @@ def gradcam(
         cam = F.relu((weights * features.float()).sum(dim=1))
         if normalize:
             cam = cam / cam.amax(dim=(1, 2), keepdim=True).clamp_min(EPS)
+    return cam.detach() if inference else cam
+
+
+def paper_cam(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    target: torch.Tensor,
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """The paper's Grad-CAM (Eqs. 7–8), B×h×w float32 in [0, 1]: weights from the gradient of
+    the per-sample cross-entropy ``CE(head(A), y)`` (summed over the batch, so each sample's
+    gradient is its own), ``Σ_c w_c A^c`` without ReLU, then ``(m − min) / (max − min)`` per
+    sample (a constant map gives 0). Taken through ``head`` only, like :func:`gradcam`."""
+    if features.ndim != 4:
+        raise ValueError(f"paper_cam needs B×C×h×w features, got shape {tuple(features.shape)}")
+    inference = not features.requires_grad
+    if inference:
+        features = features.detach().requires_grad_(True)
+        create_graph = False
+    with torch.enable_grad():
+        logits = head(features).float()
+        labels = target.to(logits.device, torch.long)
+        loss = F.cross_entropy(logits, labels, reduction="sum")
+        (grads,) = torch.autograd.grad(loss, features, create_graph=create_graph)
+        weights = grads.float().mean(dim=(2, 3), keepdim=True)
+        cam = (weights * features.float()).sum(dim=1)
+        low = cam.amin(dim=(1, 2), keepdim=True)
+        span = cam.amax(dim=(1, 2), keepdim=True) - low
+        cam = (cam - low) / span.clamp_min(EPS)
     return cam.detach() if inference else cam
 
 

@@ -8,6 +8,7 @@ import timm
 import torch
 from torch import nn
 
+from kdtoolkit.config.pretrained import timm_hub_problem
 from kdtoolkit.errors import KdError, suggestion
 
 _PROBE_SIZE = 64
@@ -94,10 +95,17 @@ def create_timm_model(
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
     """The plain timm model ``name`` (an error with close matches for an unknown name).
-    Only ``pretrained == "timm"`` asks timm for its pretrained weights (network); a local
-    weights file is loaded afterwards by the caller (``kdtoolkit.models.weights``)."""
+    Only ``pretrained == "timm"`` asks timm for its pretrained weights (hub cache, else the
+    hub; ``HF_HUB_OFFLINE`` respected; a one-line ``KdError`` when neither has them, see
+    ``kdtoolkit.config.pretrained``); timm adapts the first convolution to ``in_chans`` and
+    leaves a classifier of another size at its initialisation. A local weights file is loaded
+    afterwards by the caller (``kdtoolkit.models.weights``)."""
     if not timm.is_model(name):
         raise KdError(f"unknown timm model {name!r}{suggestion(name, timm.list_models())}")
+    if pretrained == "timm":
+        problem = timm_hub_problem(name, role="")
+        if problem:
+            raise KdError(f"pretrained: {problem}")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     if drop_rate:
         kwargs["drop_rate"] = drop_rate

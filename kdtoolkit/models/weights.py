@@ -1,8 +1,10 @@
 """Local pretrained weights: safetensors files and torch/timm state dicts (never the network).
 
-A backbone's ``pretrained`` option is None (random initialisation), a path to a local weights
-file (``load_pretrained``) or the word ``"timm"`` (timm fetches its own weights when the model
-is created; opt-in network use); ``load_pretrained_option`` applies it after construction.
+A backbone's ``pretrained`` option (the recipe's ``teacher.pretrained``/``student.pretrained``,
+checked by ``kdtoolkit.config.pretrained`` at validation) is None (random initialisation), a
+path to a local weights file (``load_pretrained``) or ``"timm"`` (timm loads its own weights
+when the model is created, from the hub cache or the hub); ``load_pretrained_option`` applies it
+after construction. Torch files are only ever read with ``weights_only=True``.
 """
 
 from __future__ import annotations

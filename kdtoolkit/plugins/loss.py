@@ -1,23 +1,50 @@
-"""The loss-term interface and the composite loss a recipe's ``[[loss]]`` tables build."""
+"""The loss-term interface and the composite loss a recipe's ``[[loss]]`` tables build.
+
+Per training step the engine forwards the model (and the frozen teacher when a term
+``needs_teacher``), builds a ``LossContext`` and calls the ``CompositeLoss``, which checks every
+term's output (a finite floating scalar tensor) and names the term on failure.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.plugins.registry import PluginError, Registry, failure
+
+KIND = "loss"
+
 
 @dataclass
 class LossContext:
-    """Everything a loss term may look at for one batch.
+    """Everything a loss term may look at for one batch (tensors on the training device).
 
-    Shapes: B batch, K classes, H×W student input, h×w student feature map.
-    ``boxes`` are axis-aligned ROI boxes ``x0, y0, x1, y1`` in student-input pixels;
-    ``masks`` are ROI masks in [0, 1] in student-input pixels (B×1×H×W).
-    Teacher entries are None when no term needs the teacher; ``boxes`` and ``masks`` are None
-    for a model trained on crops (the teacher).
+    Shapes: B batch, C input channels (``data.channels``), K classes, H×W student input,
+    F×h×w student feature map, Ft×ht×wt teacher feature map (of the teacher's crop).
+
+    - ``student``: the model being trained (``forward_features``, ``forward_head``,
+      ``num_features``; may be wrapped, e.g. compiled);
+    - ``images``: B×C×H×W float, normalised pixels;
+    - ``features``: B×F×h×w float, ``student.forward_features(images)``;
+    - ``logits``: B×K float, ``student.forward_head(features)``;
+    - ``labels``: (B,) int64 class indices;
+    - ``boxes``: B×4 float, the axis-aligned box ``x0, y0, x1, y1`` around each (rotated) ROI in
+      student-input pixels, or None;
+    - ``masks``: B×1×H×W float in [0, 1], each ROI drawn in student-input pixels (``roi.mask``:
+      "box" or "gaussian"), or None;
+    - ``teacher_logits``: B×K float, ``teacher_features``: B×Ft×ht×wt float, computed without
+      gradients from the ROI crops; None unless a term ``needs_teacher``;
+    - ``class_weights``: (K,) float inverse-frequency weights (``class_weights = true``) or None.
+
+    ``boxes`` and ``masks`` are None for a model trained on crops (the teacher). Logits and
+    features may be float16/bfloat16 under autocast; cast with ``.float()`` when precision
+    matters.
     """
 
     student: nn.Module
@@ -30,6 +57,15 @@ class LossContext:
     teacher_logits: torch.Tensor | None = None
     teacher_features: torch.Tensor | None = None
     class_weights: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        names = [f.name for f in fields(self)]
+        raise AttributeError(
+            f"'LossContext' object has no attribute {name!r}{suggestion(name, names)}; "
+            f"its fields are {', '.join(names)} (docs/plugins.md)"
+        )
 
 
 class LossTerm(nn.Module):
@@ -51,14 +87,51 @@ class LossTerm(nn.Module):
         raise NotImplementedError
 
 
-class CompositeLoss(nn.Module):
-    """Weighted sum of named terms; ``forward`` returns the total and each term's value."""
+def loss_value_problem(value: Any) -> str | None:
+    """What is wrong with a term's output (a tensor, not its value), or None."""
+    if not isinstance(value, torch.Tensor):
+        return f"forward() must return a scalar tensor, got {type(value).__name__}"
+    if value.ndim != 0:
+        return f"forward() returned shape {tuple(value.shape)}, expected a scalar (e.g. .mean())"
+    if not value.is_floating_point():
+        return f"forward() returned dtype {value.dtype}, expected a floating scalar"
+    return None
 
-    def __init__(self, terms: list[tuple[str, float, LossTerm]]) -> None:
+
+class CompositeLoss(nn.Module):
+    """Weighted sum of named terms; ``forward`` returns the total and each term's value.
+
+    Each term's output is checked: a floating scalar tensor with a finite value, else a
+    one-line ``PluginError`` naming the term, its plugin (``plugins[i]``) and ``where`` (set by
+    the engine, e.g. "fold 0 student"). An exception from a term's code other than a
+    ``KdError`` becomes a ``PluginError`` too (the original is its ``__cause__``).
+    """
+
+    def __init__(
+        self,
+        terms: list[tuple[str, float, LossTerm]],
+        plugins: list[str] | None = None,
+        where: str = "",
+    ) -> None:
         super().__init__()
         self.names = [name for name, _, _ in terms]
         self.weights = [float(w) for _, w, _ in terms]
         self.terms = nn.ModuleList([t for _, _, t in terms])
+        self.plugins = list(plugins) if plugins is not None else [""] * len(terms)
+        self.where = where
+
+    @classmethod
+    def from_registry(
+        cls, registry: Registry, terms: Iterable[tuple[str, float, dict[str, Any]]], where: str = ""
+    ) -> CompositeLoss:
+        """Build the terms ``(name, weight, options)`` from a loss registry, remembering each
+        term's plugin for error messages."""
+        terms = list(terms)
+        built = [(name, weight, registry.get(name)(**options)) for name, weight, options in terms]
+        return cls(built, [registry.owner(name) for name, _, _ in terms], where)
+
+    def _fail(self, i: int, problem: str) -> PluginError:
+        return PluginError(KIND, self.names[i], self.plugins[i], problem, self.where)
 
     @property
     def needs_teacher(self) -> bool:
@@ -74,8 +147,21 @@ class CompositeLoss(nn.Module):
         for i, (name, weight, term) in enumerate(
             zip(self.names, self.weights, self.terms, strict=False)
         ):
-            value = term(ctx)
+            try:
+                value = term(ctx)
+            except (KdError, MemoryError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:
+                raise self._fail(i, failure(exc)) from exc
+            problem = loss_value_problem(value)
+            if problem:
+                raise self._fail(i, problem)
+            number = float(value.detach())
+            if not math.isfinite(number):
+                raise self._fail(
+                    i, f"forward() returned {number} (a bug in the term, or a diverging run)"
+                )
             total = total + weight * value
             key = name if self.names.count(name) == 1 else f"{name}_{i}"
-            parts[key] = float(value.detach())
+            parts[key] = number
         return total, parts

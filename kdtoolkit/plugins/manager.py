@@ -11,9 +11,11 @@ from typing import NamedTuple
 
 import pluggy
 
-from kdtoolkit.errors import KdError
+from kdtoolkit.config.option import OptionInfo
+from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.plugins import hookspec
-from kdtoolkit.plugins.registry import Registry
+from kdtoolkit.plugins.kinds import CHECKS, component_options
+from kdtoolkit.plugins.registry import Registry, UnknownComponent
 
 GROUP = "kdtoolkit"
 BUILTIN_PLUGINS = (
@@ -23,6 +25,7 @@ BUILTIN_PLUGINS = (
     "kdtoolkit.builtin.losses",
     "kdtoolkit.builtin.manual",
     "kdtoolkit.builtin.yolo.provider",
+    "kdtoolkit.builtin.yolo.obb",
 )
 """The built-in plugin modules, registered like installed plugins (and blocked the same way,
 by module name, in ``KD_DISABLE_PLUGINS``)."""
@@ -92,12 +95,12 @@ def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
 
 def collect_registries(pm: pluggy.PluginManager) -> Registries:
     """Call every ``kd_register_*`` hook, one plugin at a time, so each component knows its
-    plugin."""
+    plugin; each registry checks the kind of what it is given (``kdtoolkit.plugins.kinds``)."""
     regs = Registries(
-        backbones=Registry("backbone"),
-        roi_providers=Registry("ROI provider"),
-        losses=Registry("loss"),
-        tasks=Registry("task"),
+        backbones=Registry("backbone", CHECKS["backbone"]),
+        roi_providers=Registry("ROI provider", CHECKS["roi_provider"]),
+        losses=Registry("loss", CHECKS["loss"]),
+        tasks=Registry("task", CHECKS["task"]),
     )
     hooks = {
         "kd_register_backbones": regs.backbones,
@@ -141,3 +144,29 @@ def list_components() -> list[Component]:
         rows += [Component(kind, name, registry.owner(name)) for name in registry.list()]
         rows += [Component(kind, r.describe, r.owner, True) for r in registry.resolvers()]
     return rows
+
+
+class ComponentOptions(NamedTuple):
+    """The options of one component (``kd plugins --options NAME``)."""
+
+    kind: str
+    name: str
+    plugin: str
+    options: list[OptionInfo]
+
+
+def options_of(name: str, regs: Registries | None = None) -> list[ComponentOptions]:
+    """The declared options of every component called ``name`` (one per kind that has it),
+    the same declarations recipes are validated against; ``UnknownComponent`` when none."""
+    regs = regs if regs is not None else registries()
+    out = [
+        ComponentOptions(kind, name, registry.owner(name), component_options(registry[name], kind))
+        for kind, registry in regs.kinds().items()
+        if name in registry
+    ]
+    if not out:
+        names = [n for registry in regs.kinds().values() for n in registry]
+        raise UnknownComponent(
+            f"unknown component {name!r}{suggestion(name, names)}; run `kd plugins` to list them"
+        )
+    return out

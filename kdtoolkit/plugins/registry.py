@@ -49,12 +49,48 @@ class Resolver(Generic[T]):
     owner: str = "python"
 
 
+class PluginError(KdError):
+    """A component broke its contract (a wrong result, an exception from its code): one line
+    naming the component, its plugin, where it happened (fold, stage) and what was wrong."""
+
+    def __init__(self, kind: str, name: str, plugin: str, problem: str, where: str = "") -> None:
+        self.kind, self.name, self.plugin, self.problem = kind, name, plugin, problem
+        self.where = where
+        by = f" (plugin {plugin!r})" if plugin else ""
+        at = f", {where}" if where else ""
+        super().__init__(f"{kind} {name!r}{by}{at}: {problem}")
+
+    def at(self, where: str) -> PluginError:
+        """The same error located at ``where`` (e.g. "fold 0 student")."""
+        return PluginError(self.kind, self.name, self.plugin, self.problem, where)
+
+    @classmethod
+    def wrap(
+        cls, exc: BaseException, kind: str, name: str, plugin: str, where: str = ""
+    ) -> PluginError:
+        """``exc``, raised by the component's own code, as a ``PluginError``."""
+        if isinstance(exc, PluginError):
+            return exc if exc.where or not where else exc.at(where)
+        return cls(kind, name, plugin, failure(exc), where)
+
+
+def failure(exc: BaseException) -> str:
+    """'failed with Type: message' on one line: an exception from a component's code."""
+    return f"failed with {type(exc).__name__}: {exc}".replace("\n", "; ")
+
+
+#: ``check(component)``: None when ``component`` fits the registry's kind, else the problem.
+Check = Callable[[object], str | None]
+
+
 class Registry(Generic[T]):
     """Maps lower_snake_case names to components and remembers which plugin gave each.
 
     It reads like a mapping: ``name in registry``, ``registry[name]``, ``registry.get(name)``,
-    ``len`` and iteration. Lookups try the registered names first, then the resolvers in the
-    order they were added; ``len``, iteration and ``list`` cover the registered names only.
+    ``len``, iteration, ``keys``/``values``/``items``. Lookups try the registered names first,
+    then the resolvers in the order they were added; ``len``, iteration and ``list`` cover the
+    registered names only. ``check`` (optional) rejects components of the wrong kind at
+    registration (and resolved ones on lookup) with a ``KdError`` naming the plugin.
 
     >>> losses = Registry("loss")
     >>> @losses.register("my_loss")
@@ -63,8 +99,9 @@ class Registry(Generic[T]):
     True
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, check: Check | None = None) -> None:
         self.kind = kind  # in messages: "unknown <kind> 'name'"
+        self.check = check
         self._items: dict[str, T] = {}
         self._owners: dict[str, str] = {}
         self._resolvers: list[Resolver[T]] = []
@@ -103,8 +140,14 @@ class Registry(Generic[T]):
                 f"{self._owners[name]!r} and by plugin {self._current_owner!r}; "
                 f"disable one with KD_DISABLE_PLUGINS"
             )
+        self._check_kind(name, obj, self._current_owner)
         self._items[name] = obj
         self._owners[name] = self._current_owner
+
+    def _check_kind(self, name: str, obj: object, owner: str) -> None:
+        problem = self.check(obj) if self.check is not None else None
+        if problem:
+            raise KdError(f"{self.kind} {name!r} from plugin {owner!r}: {problem}")
 
     def add_resolver(
         self,
@@ -139,6 +182,7 @@ class Registry(Generic[T]):
         for resolver in self._resolvers:
             found = resolver.resolve(name)
             if found is not None:
+                self._check_kind(name, found, resolver.owner)
                 return found, resolver.owner
         return None
 
@@ -194,6 +238,18 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def keys(self) -> list[str]:
+        """The registered names, sorted (as ``list()``)."""
+        return self.list()
+
+    def values(self) -> list[T]:
+        """The registered components, in name order."""
+        return [self._items[n] for n in self.list()]
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, component) of the registered names, sorted by name."""
+        return [(n, self._items[n]) for n in self.list()]
 
     def __repr__(self) -> str:
         resolvers = [r.name for r in self._resolvers]

@@ -3,15 +3,16 @@
 In the provider's ``dataset/`` folder: ``images/{train,val}`` (images symlinked, or converted
 to 8-bit PNG when they are 16-bit/float or of a format ultralytics does not read),
 ``labels/{train,val}`` (one label ``0 cx cy w h`` per image: the axis-aligned box around the
-rotated expert ROI, see :func:`yolo_label`) and ``data.yaml`` (one class ``roi``). The
-validation part is carved from the fold's training part (:func:`split_samples`).
+rotated expert ROI, see :func:`yolo_label`; another provider passes its own label line, e.g.
+``yolo_obb``'s four corners) and ``data.yaml`` (one class ``roi``). The validation part is
+carved from the fold's training part (:func:`split_samples`).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,11 +102,21 @@ def split_samples(samples: Sequence[Any], fraction: float, seed: int) -> tuple[l
     return [samples[i] for i in train], [samples[i] for i in val]
 
 
+def label_line(sample: Any) -> str:
+    """The detection label line of ``sample``: ``0 cx cy w h`` (:func:`yolo_label`)."""
+    cx, cy, w, h = yolo_label(*roi_of(sample))
+    return f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
+
+
 def write_dataset(
-    folder: Path, train: Sequence[Any], val: Sequence[Any]
+    folder: Path,
+    train: Sequence[Any],
+    val: Sequence[Any],
+    label: Callable[[Any], str] = label_line,
 ) -> tuple[Path, dict[int, Path]]:
-    """An ultralytics detection dataset in ``folder``: ``images/{train,val}``,
-    ``labels/{train,val}`` and ``data.yaml``; returns the YAML and each sample's staged image."""
+    """An ultralytics dataset in ``folder``: ``images/{train,val}``, ``labels/{train,val}``
+    (one ``label(sample)`` line per image) and ``data.yaml``; returns the YAML and each
+    sample's staged image."""
     staged: dict[int, Path] = {}
     for split, samples in (("train", train), ("val", val)):
         images, labels = folder / "images" / split, folder / "labels" / split
@@ -113,8 +124,7 @@ def write_dataset(
         for s in samples:
             image = stage_image(s, images)
             staged.setdefault(int(s.index), image)
-            cx, cy, w, h = yolo_label(*roi_of(s))
-            (labels / f"{image.stem}.txt").write_text(f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+            (labels / f"{image.stem}.txt").write_text(label(s) + "\n")
     data = folder / "data.yaml"
     data.write_text(
         f"path: {json.dumps(str(folder.resolve()))}\n"

@@ -5,7 +5,7 @@ One truth box per image; mAP@0.5:0.95 averages AP over the COCO IoU thresholds.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,16 +60,20 @@ def average_precision(
 
 
 def detection_map(
-    detections: Sequence[tuple[int, float, Sequence[float]]], truth: dict[int, Sequence[float]]
+    detections: Sequence[tuple[int, float, Sequence[float]]],
+    truth: dict[int, Sequence[float]],
+    iou: Callable[[np.ndarray, np.ndarray], np.ndarray] = box_iou,
 ) -> tuple[float, float]:
-    """``(mAP@0.5, mAP@0.5:0.95)`` of ``detections`` ``(image id, score, [x0, y0, x1, y1])``
-    against one truth box per image (``truth``); detections on images without truth are
-    ignored. See :func:`average_precision`."""
+    """``(mAP@0.5, mAP@0.5:0.95)`` of ``detections`` ``(image id, score, box)`` against one
+    truth box per image (``truth``); detections on images without truth are ignored. Boxes are
+    ``[x0, y0, x1, y1]`` for the default ``iou`` (another ``iou`` takes rows of its own form,
+    e.g. rotated boxes). See :func:`average_precision`."""
     kept = [d for d in detections if d[0] in truth]
     ids = [d[0] for d in kept]
     scores = [d[1] for d in kept]
-    boxes = np.array([d[2] for d in kept], float).reshape(-1, 4)
-    gts = np.array([truth[i] for i in ids], float).reshape(-1, 4)
-    ious = box_iou(boxes, gts)
+    width = len(next(iter(truth.values()))) if truth else 4
+    boxes = np.array([d[2] for d in kept], float).reshape(-1, width)
+    gts = np.array([truth[i] for i in ids], float).reshape(-1, width)
+    ious = iou(boxes, gts)
     aps = [average_precision(ids, scores, ious, len(truth), t) for t in IOU_THRESHOLDS]
     return aps[0], float(np.mean(aps))

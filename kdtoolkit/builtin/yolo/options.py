@@ -1,5 +1,6 @@
-"""What the ``yolo`` ROI provider's options mean to ultralytics: the model YAML (packaged or
-local, a detection model), local starting weights and the device name.
+"""What the ``yolo`` and ``yolo_obb`` ROI providers' options mean to ultralytics: the model YAML
+(packaged or local, a detection or an oriented-box model), local starting weights and the device
+name.
 
 ultralytics' packaged model YAMLs are found without importing ultralytics.
 """
@@ -15,6 +16,8 @@ from kdtoolkit.errors import KdError, suggestion
 
 #: Head modules of the packaged model YAMLs that plain ``YOLO`` trains as detectors.
 DETECT_HEADS = {"Detect", "v10Detect"}
+#: Head modules of the oriented-box (OBB task) model YAMLs.
+OBB_HEADS = {"OBB", "OBB26"}
 
 
 def ultralytics_device(device: str) -> str:
@@ -58,14 +61,14 @@ def _head(data: dict[str, Any]) -> str | None:
         return None
 
 
-def packaged_detect_models() -> list[str]:
-    """Names of ultralytics' packaged detection model YAMLs, with their scales
-    (``yolo11n.yaml`` … ``yolo11x.yaml``, ``yolov8s-p2.yaml``, ...)."""
+def packaged_detect_models(heads: set[str] = DETECT_HEADS) -> list[str]:
+    """Names of ultralytics' packaged model YAMLs with one of ``heads`` (detection by default),
+    with their scales (``yolo11n.yaml`` … ``yolo11x.yaml``, ``yolov8s-p2.yaml``, ...)."""
     folder = models_dir()
     names = []
     for path in sorted(folder.rglob("*.yaml")) if folder else []:
         data = _read_yaml(path)
-        if _head(data) not in DETECT_HEADS:
+        if _head(data) not in heads:
             continue
         names.append(path.name)
         if _unscaled(path.stem) == path.stem:  # a scalable YAML: yolo11 → yolo11n, ...
@@ -74,12 +77,16 @@ def packaged_detect_models() -> list[str]:
     return names
 
 
-def resolve_model_yaml(model: str) -> str:
-    """Check ``model`` (a packaged model YAML name or a local ``.yaml`` path) and return what
-    ``ultralytics.YOLO`` should be given; raises a one-line :class:`KdError`."""
+def resolve_model_yaml(
+    model: str, heads: set[str] = DETECT_HEADS, example: str = "yolo11n.yaml"
+) -> str:
+    """Check ``model`` (a packaged model YAML name or a local ``.yaml`` path whose head is one
+    of ``heads``) and return what ``ultralytics.YOLO`` should be given; raises a one-line
+    :class:`KdError` (``example``: the model YAML it suggests)."""
+    kind = "an oriented-box (OBB)" if heads == OBB_HEADS else "a detection"
     if Path(model).suffix.lower() not in (".yaml", ".yml"):
         raise KdError(
-            f"yolo model {model!r}: expected a model YAML such as 'yolo11n.yaml' "
+            f"yolo model {model!r}: expected a model YAML such as {example!r} "
             "(start from a .pt file with weights=...)"
         )
     path = Path(model).expanduser()
@@ -89,8 +96,8 @@ def resolve_model_yaml(model: str) -> str:
         if found is None:
             raise KdError(f"yolo model {model!r}: no such file")
         head = _head(_read_yaml(found))
-        if head not in DETECT_HEADS:
-            raise KdError(f"yolo model {model!r}: not a detection model (its head is {head})")
+        if head not in heads:
+            raise KdError(f"yolo model {model!r}: not {kind} model (its head is {head})")
         return str(path.resolve())
     folder = models_dir()
     packaged = {p.name: p for p in folder.rglob("*.yaml")} if folder else {}
@@ -98,13 +105,12 @@ def resolve_model_yaml(model: str) -> str:
     if found is None:
         raise KdError(
             f"yolo model {model!r}: no such ultralytics model YAML"
-            f"{suggestion(model, packaged_detect_models())} (or give a path to a .yaml file)"
+            f"{suggestion(model, packaged_detect_models(heads))} (or give a path to a .yaml file)"
         )
     head = _head(_read_yaml(found))
-    if head not in DETECT_HEADS:
+    if head not in heads:
         raise KdError(
-            f"yolo model {model!r}: not a detection model (its head is {head}); "
-            "use e.g. 'yolo11n.yaml'"
+            f"yolo model {model!r}: not {kind} model (its head is {head}); use e.g. {example!r}"
         )
     return model
 

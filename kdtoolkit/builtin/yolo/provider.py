@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from kdtoolkit.builtin.yolo.dataset import (
+    label_line,
     roi_of,
     split_samples,
     stage_image,
@@ -41,6 +42,7 @@ from kdtoolkit.builtin.yolo.dataset import (
 )
 from kdtoolkit.builtin.yolo.metrics import MAP_CONF, box_iou, detection_map
 from kdtoolkit.builtin.yolo.options import (
+    DETECT_HEADS,
     models_dir,
     resolve_model_yaml,
     resolve_weights,
@@ -54,6 +56,9 @@ from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
 
 #: Held-out images timed for ``latency_ms``, and untimed warm-up calls before them.
 LATENCY_IMAGES, LATENCY_WARMUP = 16, 2
+#: A detection: ``(score, [x0, y0, x1, y1, angle])``, the box before its rotation by ``angle``
+#: degrees (:mod:`kdtoolkit.data.geometry`); angle 0 for axis-aligned detectors.
+Detection = tuple[float, np.ndarray]
 
 
 class YoloProvider(RoiProvider):
@@ -64,9 +69,13 @@ class YoloProvider(RoiProvider):
     lowest confidence accepted as a detection. ``val_fraction``: share of the training part
     held back to validate (and pick the best epoch). ``workers``: data-loader processes on
     CUDA (ultralytics uses 0 on CPU).
+
+    A subclass for another ultralytics task (``yolo_obb``) sets ``name``, ``task``, ``heads``
+    and overrides the label, reading, truth and IoU methods below.
     """
 
     learned = True
+    name, task, heads, example = "yolo", "detect", DETECT_HEADS, "yolo11n.yaml"
 
     def __init__(
         self,
@@ -86,7 +95,7 @@ class YoloProvider(RoiProvider):
                 "the yolo ROI provider needs ultralytics, which is not installed "
                 '(pip install ultralytics), or use roi.provider = "manual"'
             )
-        self.model = resolve_model_yaml(model)
+        self.model = resolve_model_yaml(model, self.heads, self.example)
         self.weights = resolve_weights(weights)
         self.epochs, self.imgsz, self.batch, self.patience = epochs, imgsz, batch, patience
         self.conf, self.val_fraction, self.fallback = conf, val_fraction, fallback
@@ -94,19 +103,19 @@ class YoloProvider(RoiProvider):
 
     def provide(self, request: RoiRequest) -> RoiResult:
         workdir, log = Path(request.workdir).resolve(), request.log
-        tag = f"yolo fold {request.fold}"
+        tag = f"{self.name} fold {request.fold}"
         train = [request.samples[int(i)] for i in request.train]
         boxed = [s for s in train if s.box is not None]
         if not boxed:
-            raise KdError(f"{tag}: the yolo ROI provider needs training images with boxes")
+            raise KdError(f"{tag}: the {self.name} ROI provider needs training images with boxes")
         if len(boxed) < len(train):
             log(f"{tag}: {len(train) - len(boxed)} training images without a box left out")
         for stale in ("dataset", "predict"):  # from an interrupted earlier attempt
             shutil.rmtree(workdir / stale, ignore_errors=True)
         fit, val = split_samples(boxed, self.val_fraction, request.seed)
-        data, staged = write_dataset(workdir / "dataset", fit, val)
+        data, staged = write_dataset(workdir / "dataset", fit, val, self.label_line)
         log(f"{tag}: training {self.model} on {len(fit)} images, validating on {len(val)}")
-        mean_label = np.mean([yolo_label(*roi_of(s)) for s in boxed], axis=0)
+        mean_label = self.mean_roi(boxed)
 
         predict = [request.samples[int(i)] for i in request.predict]
         pending = [s for s in predict if int(s.index) not in staged]
@@ -120,18 +129,20 @@ class YoloProvider(RoiProvider):
                 ultralytics, request, workdir, data, predict, staged, timed
             )
 
-        boxes = np.zeros((len(predict), 4))
+        rois = np.zeros((len(predict), 5))  # x0, y0, x1, y1, angle
         found = np.zeros(len(predict), dtype=bool)
         for k, (s, dets) in enumerate(zip(predict, detections, strict=True)):
             best = max(dets, key=lambda d: d[0], default=None)
             if best is not None and best[0] >= self.conf:
-                boxes[k], found[k] = best[1], True
+                rois[k], found[k] = best[1], True
             elif self.fallback == "whole_image":
-                boxes[k] = (0, 0, s.width, s.height)
+                rois[k] = (0, 0, s.width, s.height, 0)
             else:  # the mean training label, scaled to this image
-                cx, cy, w, h = mean_label
+                cx, cy, w, h, angle = mean_label
                 scale = np.array([s.width, s.height, s.width, s.height])
-                boxes[k] = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * scale
+                box = np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]) * scale
+                rois[k] = (*box, angle)
+        boxes = rois[:, :4]
 
         metrics: dict[str, float] = {"n_fallback": float(np.sum(~found))}
         if latency is not None:
@@ -143,17 +154,50 @@ class YoloProvider(RoiProvider):
         if not held:
             log(f"{tag}: no held-out images with boxes, so no detection mAP")
         else:
-            truth = {k: truth_box(*roi_of(predict[k])) for k in held}
-            flat = [(k, score, box) for k in held for score, box in detections[k]]
-            metrics["map50"], metrics["map50_95"] = detection_map(flat, truth)
-            ious = box_iou(boxes[held], np.array([truth[k] for k in held]))
-            metrics["mean_iou"] = float(ious.mean())
+            truth = {k: self.truth(predict[k]) for k in held}
+            flat = [(k, score, roi) for k in held for score, roi in detections[k]]
+            metrics["map50"], metrics["map50_95"] = detection_map(flat, truth, self.iou)
+            chosen, expert = rois[held], np.array([truth[k] for k in held])
+            metrics["mean_iou"] = float(self.iou(chosen, expert).mean())
+            more = self.extra_metrics(chosen, expert)
+            metrics |= more
+            extra = "".join(f", {k} {v:.3f}" for k, v in more.items())
             log(
                 f"{tag}: held-out mAP50 {metrics['map50']:.3f}, mAP50-95 "
-                f"{metrics['map50_95']:.3f}, mean IoU {metrics['mean_iou']:.3f} ({len(held)} "
-                f"images); {int(metrics['n_fallback'])} of {len(predict)} images fell back"
+                f"{metrics['map50_95']:.3f}, mean IoU {metrics['mean_iou']:.3f}{extra} "
+                f"({len(held)} images); {int(metrics['n_fallback'])} of {len(predict)} images "
+                "fell back"
             )
-        return RoiResult(boxes=boxes, angles=np.zeros(len(predict)), found=found, metrics=metrics)
+        return RoiResult(boxes=boxes, angles=rois[:, 4].copy(), found=found, metrics=metrics)
+
+    # ----------------------------------------------------------- what a subclass changes
+
+    def label_line(self, sample: Any) -> str:
+        """The training label line of ``sample`` (``0 cx cy w h``, the enclosing box)."""
+        return label_line(sample)
+
+    def mean_roi(self, boxed: Sequence[Any]) -> np.ndarray:
+        """The fallback ROI ``(cx, cy, w, h, angle)``, sizes relative to the image: the mean
+        training label, angle 0."""
+        return np.array([*np.mean([yolo_label(*roi_of(s)) for s in boxed], axis=0), 0.0])
+
+    def read_result(self, result: Any) -> list[Detection]:
+        """One ultralytics result's detections: axis-aligned boxes, angle 0."""
+        xyxy = result.boxes.xyxy.cpu().numpy().astype(float)
+        scores = result.boxes.conf.cpu().numpy().astype(float)
+        return [(float(c), np.array([*b, 0.0])) for c, b in zip(scores, xyxy, strict=True)]
+
+    def truth(self, sample: Any) -> np.ndarray:
+        """The expert ROI as a detection's box ``[x0, y0, x1, y1, 0]``: its enclosing box."""
+        return np.array([*truth_box(*roi_of(sample)), 0.0])
+
+    def iou(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Row-wise IoU of detection boxes (axis-aligned: the angle column is 0)."""
+        return box_iou(np.asarray(a)[:, :4], np.asarray(b)[:, :4])
+
+    def extra_metrics(self, chosen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+        """Held-out metrics besides mAP and mean IoU (none for axis-aligned boxes)."""
+        return {}
 
     def _fit_predict(
         self,
@@ -164,19 +208,19 @@ class YoloProvider(RoiProvider):
         predict: list[Any],
         staged: dict[int, Path],
         timed: list[Path],
-    ) -> tuple[list[list[tuple[float, np.ndarray]]], float | None]:
-        """Train on ``data``; return each ``predict`` image's ``(score, box)`` detections and
-        the mean per-image latency (ms) on the ``timed`` images (None when there are none)."""
+    ) -> tuple[list[list[Detection]], float | None]:
+        """Train on ``data``; return each ``predict`` image's detections and the mean
+        per-image latency (ms) on the ``timed`` images (None when there are none)."""
         import torch
 
         device = ultralytics_device(request.device)
         cuda = device not in ("cpu", "mps")
         # AMP: ultralytics' fp16 check downloads yolo26n.pt; bf16 (or fp32) skips the check.
         amp: bool | str = "bf16" if cuda and torch.cuda.is_bf16_supported() else False
-        model = ultralytics.YOLO(self.model, task="detect")
+        model = ultralytics.YOLO(self.model, task=self.task)
         if self.weights:
             model.load(self.weights)
-        _EpochLog(request.log, request.fold).attach(model)
+        _EpochLog(request.log, request.fold, self.name).attach(model)
         model.train(
             data=str(data),
             epochs=self.epochs,
@@ -197,9 +241,9 @@ class YoloProvider(RoiProvider):
         trainer = model.trainer
         best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
         del model, trainer
-        detector = ultralytics.YOLO(str(best), task="detect")
+        detector = ultralytics.YOLO(str(best), task=self.task)
         sources = [str(staged[int(s.index)]) for s in predict]
-        out: list[list[tuple[float, np.ndarray]]] = []
+        out: list[list[Detection]] = []
         for start in range(0, len(sources), 256):
             results = detector.predict(
                 sources[start : start + 256],
@@ -215,10 +259,7 @@ class YoloProvider(RoiProvider):
                 name="predict_run",
                 exist_ok=True,
             )
-            for r in results:
-                xyxy = r.boxes.xyxy.cpu().numpy().astype(float)
-                scores = r.boxes.conf.cpu().numpy().astype(float)
-                out.append(list(zip(scores.tolist(), xyxy, strict=True)))
+            out += [self.read_result(r) for r in results]
         run_args = {"project": str(workdir), "name": "predict_run", "exist_ok": True}
         latency = detector_latency_ms(detector, timed, self.imgsz, device, self.conf, **run_args)
         del detector
@@ -257,7 +298,8 @@ def detector_latency_ms(
 
     def detect(array: np.ndarray) -> None:
         for r in detector.predict(array, **args):
-            r.boxes.xyxy.cpu()  # waits for the device
+            obb = getattr(r, "obb", None)  # oriented boxes (``yolo_obb``), else plain ones
+            (obb.xywhr if obb is not None else r.boxes.xyxy).cpu()  # waits for the device
         if cuda:
             torch.cuda.synchronize()
 
@@ -273,8 +315,8 @@ class _EpochLog:
     """ultralytics callbacks that write one line per epoch, and one for the final validation
     of ``best.pt`` (an ``on_fit_epoch_end`` without a training epoch before it), to ``log``."""
 
-    def __init__(self, log: Callable[[str], None], fold: int) -> None:
-        self.log, self.fold, self.training = log, fold, False
+    def __init__(self, log: Callable[[str], None], fold: int, name: str = "yolo") -> None:
+        self.log, self.fold, self.name, self.training = log, fold, name, False
 
     def attach(self, model: Any) -> None:
         model.add_callback("on_train_epoch_start", self.epoch_start)
@@ -286,7 +328,7 @@ class _EpochLog:
     def fit_epoch_end(self, trainer: Any) -> None:
         map50 = float((trainer.metrics or {}).get("metrics/mAP50(B)", float("nan")))
         if not self.training:
-            self.log(f"yolo fold {self.fold}: best weights, val mAP50 {map50:.3f}")
+            self.log(f"{self.name} fold {self.fold}: best weights, val mAP50 {map50:.3f}")
             return
         self.training = False
         loss = trainer.tloss
@@ -294,7 +336,9 @@ class _EpochLog:
             loss = sum(float(v) for v in loss.values())
         loss = float("nan") if loss is None else float(loss.sum() if hasattr(loss, "sum") else loss)
         epoch = f"{trainer.epoch + 1}/{trainer.epochs}"
-        self.log(f"yolo fold {self.fold}: epoch {epoch}, loss {loss:.3f}, val mAP50 {map50:.3f}")
+        self.log(
+            f"{self.name} fold {self.fold}: epoch {epoch}, loss {loss:.3f}, val mAP50 {map50:.3f}"
+        )
 
 
 @hookimpl

@@ -79,10 +79,10 @@ class Difficulty:
     noise: float = 0.04
     pattern_contrast: float = 1.0
     max_rotation: float = 15.0
-    scale_jitter: float = 0.1
+    scale_jitter: float = 0.05
     max_shift: float = 0.05
     age_cues: float = 1.0
-    age_spread: float = 0.45
+    age_spread: float = 0.2
 
     def check(self) -> None:
         """Raise ``KdError`` for values the generator cannot draw."""
@@ -114,7 +114,7 @@ class Difficulty:
 
 PRESETS = {
     "paper": Difficulty(),
-    "hard": Difficulty(age_cues=0.0),
+    "hard": Difficulty(scale_jitter=0.1, age_cues=0.0),
 }
 """Named regimes. ``paper``: global maturity cues let a full-image model stage most slices, as
 on real scans. ``hard``: no such cues; only the synchondrosis tells the stage."""
@@ -321,7 +321,17 @@ def _bone_bar(cv: _Canvas, tex: np.ndarray, cx, cy, angle, length, bone, level) 
 # one slice
 
 
-CUES = ("skull", "sinus", "teeth", "face", "vault", "spine")
+CUE_AMOUNT = {
+    "skull": 0.35,  # head size in the fixed field of view
+    "sinus": 1.5,  # pneumatisation of the sphenoid sinus
+    "teeth": 3.5,  # unerupted tooth buds (mixed dentition)
+    "face": 0.6,  # chin lower and larger (facial growth)
+    "vault": 1.6,  # thickness of the skull vault
+    "spine": 0.6,  # depth of the vertebral bodies (cervical maturation)
+    "density": 0.6,  # grey level of the diploe, jaw and vertebrae (mineralisation)
+}
+"""How far each cue moves from the least to the most mature slice at ``age_cues = 1``."""
+CUES = tuple(CUE_AMOUNT)
 """The global maturity cues (all absent at ``age_cues = 0``)."""
 CUE_NOISE = 0.08
 """σ of each cue's own variation around the slice's maturity (0..1 scale)."""
@@ -352,8 +362,13 @@ def render(
     def j(spread: float) -> float:  # symmetric jitter
         return rng.uniform(-spread, spread)
 
-    def grow(cue: str, amount: float) -> float:  # 1 ± amount/2 from immature to mature
-        return 1 + d.age_cues * amount * (age[cue] - 0.5) if age else 1.0
+    def grow(cue: str, least: float = 0.0) -> float:  # 1 ± amount/2, immature to mature
+        if not age:
+            return 1.0
+        m = min(max(age[cue], -0.1), 1.1)
+        return max(1 + d.age_cues * CUE_AMOUNT[cue] * (m - 0.5), least)
+
+    dense = grow("density", 0.8) - 1  # added to the bone level outside the clivus
 
     # anatomy (canonical units)
     width = 2 * d.band_width / BASE_ZOOM  # ROI width; the image is 2 canonical units wide
@@ -361,7 +376,7 @@ def render(
     bone = 0.8 * height  # clivus thickness; the ROI keeps a margin above and below
     cc = (-0.12 + j(0.03), -0.22 + j(0.03))
     ax, ay = 0.80 * (1 + j(0.04)), 0.64 * (1 + j(0.04))
-    vault_t = 0.07 * (1 + j(0.15)) * grow("vault", 0.5)
+    vault_t = 0.07 * (1 + j(0.15)) * grow("vault", 0.4)
     sph = (0.15 + j(0.02), 0.10 + j(0.02))
     sph_angle = -8 + j(6)
     clivus_angle = 57 + j(6)  # ROI angle of the band: its long axis points to the sphenoid
@@ -377,7 +392,7 @@ def render(
     # pose: the whole ROI must lie inside the image
     for _ in range(100):
         rotation, scale, shift = _pose(rng, d)
-        scale *= grow("skull", 0.14)
+        scale *= grow("skull")
         cv = _Canvas(size, rotation, scale, shift)
         angle = clivus_angle + rotation
         corners = _corners(cv, band_c, clivus_angle, width, height)
@@ -416,13 +431,13 @@ def render(
     sector = np.where((psi > 22) & (psi < 128), 1.0, -1.0)
     ring = np.maximum(np.maximum(outer, -inner), sector * 0.2)
     cv.paint(full, ring, CORTEX)
-    cv.paint(full, ring + vault_t * 0.3, BONE - 0.1 + TRABECULAR * tex)
+    cv.paint(full, ring + vault_t * 0.3, BONE - 0.1 + dense + TRABECULAR * tex)
     occ_top = (cc[0] + ax * math.cos(math.radians(128)), cc[1] + ay * math.sin(math.radians(128)))
     win = cv.window(*opisthion, 0.5)
     if win is not None:
         occ = _sdf_capsule(cv.x[win], cv.y[win], occ_top, opisthion, vault_t / 2)
         cv.paint(win, occ, CORTEX)
-        cv.paint(win, occ + vault_t * 0.3, BONE - 0.1 + TRABECULAR * tex[win])
+        cv.paint(win, occ + vault_t * 0.3, BONE - 0.1 + dense + TRABECULAR * tex[win])
 
     # airway: nasal cavity, nasopharynx, oropharynx
     naso = (sph[0] + 0.02 + j(0.02), sph[1] + 0.21 + j(0.02))
@@ -450,27 +465,27 @@ def render(
         ty = palate_y + 0.07 + 0.11 * k
         cv.paint(full, _sdf_ellipse(x, y, 0.57 + j(0.01), ty, 0.03, 0.05), TOOTH)
     if age:  # unerupted permanent teeth in the alveolar bone, fewer as the dentition matures
-        buds = int(np.clip(round(d.age_cues * 3.5 * (0.8 - age["teeth"])), 0, 3))
+        buds = int(np.clip(round(d.age_cues * CUE_AMOUNT["teeth"] * (0.8 - age["teeth"])), 0, 3))
         for k in range(buds):
             bx, by = 0.48 - 0.08 * k + j(0.01), palate_y + (0.06 if k % 2 else 0.2) + j(0.01)
             cv.paint(full, _sdf_ellipse(x, y, bx, by, 0.04, 0.045), SOFT + 0.04)
             cv.paint(full, _sdf_ellipse(x, y, bx, by, 0.028, 0.033), TOOTH)
-    face = grow("face", 0.3)
+    face = grow("face")
     chin = _sdf_ellipse(
         x, y, 0.52 + j(0.02), 0.70 + j(0.02) + (face - 1) / 2, 0.07 * face, 0.11 * face
     )
     cv.paint(full, chin, CORTEX)
-    cv.paint(full, chin + 0.02, BONE - 0.05 + TRABECULAR * tex)
+    cv.paint(full, chin + 0.02, BONE - 0.05 + dense + TRABECULAR * tex)
 
     # cervical spine: anterior arch of the atlas, dens + C2, C3, C4; canal and cord behind
     canal = _sdf_rbox(x - (spine_x - 0.17), y - 1.0, 0.06, 0.55, 0.05)
     cv.paint(full, canal, CSF)
     cv.paint(full, canal + 0.025, SOFT + 0.03)
     cv.paint(full, _sdf_ellipse(x, y, spine_x + 0.09, basion[1] + 0.07, 0.035, 0.03), CORTEX)
-    vert = grow("spine", 0.4)  # vertebral bodies deepen with maturation
+    vert = grow("spine")  # vertebral bodies deepen with maturation
     for top_y, bottom_y in ((basion[1] + 0.03, basion[1] + 0.33), (basion[1] + 0.37, 1.02)):
         mid = (top_y + bottom_y) / 2
-        _bone_bar(cv, tex, spine_x, mid, 90, bottom_y - top_y, 0.16 * vert, BONE - 0.05)
+        _bone_bar(cv, tex, spine_x, mid, 90, bottom_y - top_y, 0.16 * vert, BONE - 0.05 + dense)
     _bone_bar(cv, tex, spine_x, 1.2, 90, 0.13, 0.16, BONE - 0.05)
 
     # sphenoid body with its sinus and the sella; the clivus down to the basion
@@ -480,7 +495,7 @@ def render(
         body = _sdf_rbox(u, v, 0.13, 0.09, 0.04)
         cv.paint(win, body, CORTEX)
         cv.paint(win, body + 0.012, BONE + TRABECULAR * tex[win])
-        pneu = grow("sinus", 1.0)
+        pneu = min(grow("sinus", 0.3), 1.5)
         sinus = _sdf_ellipse(
             u, v, 0.03 + j(0.01), 0.01, (0.07 + j(0.01)) * pneu, (0.05 + j(0.01)) * pneu
         )

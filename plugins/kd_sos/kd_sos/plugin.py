@@ -25,8 +25,21 @@ def phantom_command(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (64-4096).")] = 256,
     crops: Annotated[bool, typer.Option(help="Also write the expert ROI crops.")] = False,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="png: 2D slices; dicom or nifti: each slice as the central sagittal slice of a "
+            "small scan (manifest slice = mid; the PNGs stay in OUT/png).",
+        ),
+    ] = "png",
 ) -> None:
     """Generate the synthetic SOS phantom (reused when OUT already holds the same one)."""
+    from kd_sos.volumes import FORMATS, ensure_volumes
+    from kdtoolkit.errors import KdError
+
+    if fmt not in FORMATS:
+        raise KdError(f"--format {fmt}: unknown format — use one of: {', '.join(FORMATS)}")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -46,10 +59,18 @@ def phantom_command(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        manifest = ensure_phantom(out, n=n, seed=seed, size=size, crops=crops, progress=advance)
+        if fmt == "png":
+            manifest = ensure_phantom(
+                out, n=n, seed=seed, size=size, crops=crops, progress=advance
+            )
+        else:
+            manifest = ensure_volumes(
+                out, fmt, n=n, seed=seed, size=size, crops=crops, progress=advance
+            )
     generated = bar.tasks[task].completed > 0
     verb = "wrote" if generated else "reused"
-    typer.echo(f"{verb} {n} slices; manifest: {manifest}")
+    kind = "slices" if fmt == "png" else f"{fmt} scans"
+    typer.echo(f"{verb} {n} {kind}; manifest: {manifest}")
 
 
 @hookimpl
