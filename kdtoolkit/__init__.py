@@ -18,7 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from kdtoolkit.fileio import keep_caches_private
+
 __version__ = "0.1.0"
+keep_caches_private()  # libraries' caches (matplotlib) never go into the home folder
 
 #: Public name → the module that defines it.
 EXPORTS = {
@@ -27,6 +30,7 @@ EXPORTS = {
     "Range": "kdtoolkit.config.option",
     "run": "kdtoolkit.engine.run",
     "RunResult": "kdtoolkit.engine.run",
+    "load_data": "kdtoolkit.engine.context",
     "KdModel": "kdtoolkit.engine.predict",
     "Prediction": "kdtoolkit.engine.predict",
     "create_backbone": "kdtoolkit.models.backbone",
@@ -42,6 +46,7 @@ EXPORTS = {
     "RoiResult": "kdtoolkit.plugins.roi",
     "Task": "kdtoolkit.plugins.task",
     "KdError": "kdtoolkit.errors",
+    "PluginError": "kdtoolkit.plugins.registry",
     "read_manifest": "kdtoolkit.data.manifest",
     "Manifest": "kdtoolkit.data.manifest",
     "Sample": "kdtoolkit.data.manifest",
@@ -54,6 +59,7 @@ __all__ = [
     "Range",
     "run",
     "RunResult",
+    "load_data",
     "KdModel",
     "Prediction",
     "create_backbone",
@@ -69,6 +75,7 @@ __all__ = [
     "RoiResult",
     "Task",
     "KdError",
+    "PluginError",
     "read_manifest",
     "Manifest",
     "Sample",
@@ -78,6 +85,7 @@ if TYPE_CHECKING:
     from kdtoolkit.config.option import Range
     from kdtoolkit.config.recipe import Recipe, load_recipe
     from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
+    from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.predict import KdModel, Prediction
     from kdtoolkit.engine.run import RunResult, run
     from kdtoolkit.errors import KdError
@@ -85,7 +93,7 @@ if TYPE_CHECKING:
     from kdtoolkit.plugins.hookspec import hookimpl
     from kdtoolkit.plugins.loss import LossContext, LossTerm
     from kdtoolkit.plugins.manager import list_components, registries
-    from kdtoolkit.plugins.registry import Registry
+    from kdtoolkit.plugins.registry import PluginError, Registry
     from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
     from kdtoolkit.plugins.task import Task
 

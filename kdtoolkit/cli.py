@@ -15,6 +15,7 @@ from rich.table import Table
 from kdtoolkit import __version__
 from kdtoolkit.data_cli import data_app
 from kdtoolkit.errors import KdError
+from kdtoolkit.scaffold import new_plugin_command
 
 if TYPE_CHECKING:
     from kdtoolkit.report.comparison import Comparison
@@ -31,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command("new-plugin")(new_plugin_command)
 
 SetOption = Annotated[
     list[str] | None,
@@ -252,15 +254,19 @@ def _is_usage_error(e: Exception) -> bool:
     )
 
 
+INTERRUPTED = "interrupted: nothing half-written is kept; rerun the command to resume or redo it"
+
+
 def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     """Run a typer app the kdtoolkit way (``kd``, benchmark scripts): a ``KdError`` prints one
-    line and exits with its code (2), usage errors exit 2, Ctrl-C 130, anything else one line
-    and exit 1; ``KD_DEBUG=1`` shows tracebacks instead."""
+    line and exits with its code (2; 130 for an interrupted run, saying what is kept), usage
+    errors exit 2, Ctrl-C 130 with one line, anything else one line and exit 1;
+    ``KD_DEBUG=1`` shows tracebacks instead."""
     debug = os.environ.get("KD_DEBUG") == "1"
     try:
         if plugin_commands:
             _add_plugin_commands()
-        typer_app(standalone_mode=False)
+        code = typer_app(standalone_mode=False)  # typer returns Exit codes (Ctrl-C: 130)
     except KdError as e:
         if debug:
             raise
@@ -268,21 +274,34 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("interrupted: finished stages are kept; rerun to resume")
-        sys.exit(130)
+    except KeyboardInterrupt:
+        code = 130
+    except typer.Abort as e:
+        if not isinstance(e.__cause__, EOFError):
+            code = 130
+        else:  # click turns an EOFError into Abort: an error, not an interrupt
+            _internal_error(e.__cause__, debug)
     except Exception as e:
         if _is_usage_error(e):
             e.show()
             sys.exit(2)
-        if debug:
-            raise
-        err_console.print(
-            f"[red]internal error[/]: {type(e).__name__}: {e} (KD_DEBUG=1 shows the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
-        sys.exit(1)
+        _internal_error(e, debug)
+    if code == 130:
+        err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _internal_error(e: BaseException, debug: bool) -> None:
+    """One line and exit 1 (the traceback with ``KD_DEBUG=1``)."""
+    if debug:
+        raise e
+    err_console.print(
+        f"[red]internal error[/]: {type(e).__name__}: {e} (KD_DEBUG=1 shows the traceback)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(1)
 
 
 def main() -> None:

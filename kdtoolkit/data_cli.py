@@ -79,8 +79,10 @@ def check(
     ],
     recipe: Annotated[
         Path | None,
-        typer.Option(help="Recipe whose [data] keys (slice, window, spacing_mm, ...), classes, "
-                     "crop size and cv.folds to check with."),
+        typer.Option(
+            help="Recipe whose [data] keys (slice, window, spacing_mm, ...), classes, "
+            "crop size and cv.folds to check with."
+        ),
     ] = None,
     folds: Annotated[
         int | None, typer.Option(help="Folds each class must fill.", show_default="5 or cv.folds")

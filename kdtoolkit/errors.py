@@ -16,6 +16,12 @@ class KdError(Exception):
     exit_code = 2
 
 
+class Interrupted(KdError):
+    """The user interrupted a command (Ctrl-C): one line saying what is kept, exit 130."""
+
+    exit_code = 130
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
     """Names in ``candidates`` that look like ``name`` (difflib), best first."""
     return difflib.get_close_matches(name, list(candidates), n=n, cutoff=0.6)

@@ -9,12 +9,16 @@ file is removed and the old target is left untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from kdtoolkit.errors import KdError
+
 _DEFAULT_MODE = 0o644
+_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,11 +67,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.chmod(tmp, _target_mode(target))
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(e, OSError) and e.errno in _FULL:
+            raise KdError(
+                f"{target}: cannot be written ({e.strerror}); free space on that disk or choose "
+                "another output folder"
+            ) from None
         raise
     _fsync_dir(target.parent)
+
+
+def keep_caches_private() -> None:
+    """Point the caches libraries would write into the home folder (matplotlib's font cache)
+    at a per-user temporary folder, unless the user chose one."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    folder = Path(tempfile.gettempdir()) / f"kdtoolkit-{user}"
+    os.environ.setdefault("MPLCONFIGDIR", str(folder / "matplotlib"))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

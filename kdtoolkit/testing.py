@@ -14,7 +14,7 @@
 - ``tiny_manifest(folder, ...)`` and ``fake_roi_request(folder, ...)``: a few small images on
   disk with their manifest, and an ``RoiRequest`` over them, to call a ``RoiProvider``
   (check its result with ``kdtoolkit.plugins.roi.check_roi_result``);
-- ``run_tiny_recipe(tmp_path, *plugins, **overrides)``: a whole run (2 folds, 1 epoch,
+- ``run_tiny_recipe(tmp_path, *plugins, **overrides)``: a whole run (fold 0 of 2, 1 epoch,
   32-pixel images) with ``plugins`` registered, returning the ``RunResult``.
 """
 
@@ -247,7 +247,7 @@ def fake_roi_request(
 TINY_RECIPE: dict[str, Any] = {
     "experiment": {"name": "tiny", "seed": 0, "device": "cpu"},
     "data": {"classes": ["low", "mid", "high"], "image_size": 32, "crop_size": [16, 32]},
-    "cv": {"folds": 2, "val_fraction": 0.2},
+    "cv": {"folds": 2, "val_fraction": 0.2, "only": [0]},
     "teacher": {"backbone": "resnet10t", "epochs": 1, "batch_size": 8},
     "student": {"backbone": "resnet10t", "epochs": 1, "batch_size": 8},
     "loss": [{"name": "ce", "weight": 0.5}, {"name": "kl", "weight": 0.5}],

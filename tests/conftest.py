@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from kdtoolkit.testing import kd_cli as kd  # noqa: F401  (the tests' ``kd`` helper)
 
 CLASSES = ["low", "mid", "high"]
 
@@ -95,17 +95,3 @@ def tiny_recipe(tmp_path: Path, tiny_manifest: Path) -> Path:
     path = tmp_path / "tiny.toml"
     path.write_text(RECIPE.format(output=tmp_path / "run", manifest=tiny_manifest))
     return path
-
-
-def kd(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    """Run the ``kd`` CLI as a user would (a subprocess)."""
-    return subprocess.run(
-        [sys.executable, "-m", "kdtoolkit.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=900,
-    )

@@ -1,4 +1,4 @@
-"""Manifest reading: the contract of design §3 and every error, with file and row."""
+"""Manifest reading: the data contract and every error, with file and row."""
 
 from __future__ import annotations
 

@@ -195,3 +195,14 @@ def test_every_hook_on_a_fresh_manager():
     pm.hook.kd_register_commands(app=app)
     result = CliRunner().invoke(app, ["molars", "hello", "world"])
     assert result.exit_code == 0 and "hello world" in result.stdout
+
+
+def test_a_loss_registered_as_a_backbone_stops_kd_plugins_naming_it(tmp_path):
+    source = DUMMY.replace("kd_register_losses", "kd_register_backbones").replace(
+        '"dummy_loss"', '"dummy_net"'
+    )
+    env = install_plugin(tmp_path, "kd_dummy", source, dist="kd-dummy", version="0.3")
+    result = kd("plugins", env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "backbone 'dummy_net' from plugin 'kd-dummy 0.3'" in result.stderr
+    assert "expected a backbone factory, got class DummyLoss" in result.stderr

@@ -189,7 +189,7 @@ def test_write_report(tmp_path: Path, folds: list[dict]) -> None:
     assert "| map50 | 73.00 ± 1.41 % | 72.00 | 74.00 | – |" in text
     assert "| latency_ms | 5.000 ± 0.000 |" in text
     assert "| student alone, full image | 12.8 |" in text
-    assert "| two-stage: detector + crop + teacher | 26.3 |" in text
+    assert "| two-stage: ROI provider + crop + teacher | 26.3 |" in text
     per_fold = text.split("## Accuracy per fold (%)")[1].split("##")[0]
     assert [line.split(" | ")[0] for line in per_fold.splitlines() if line[:2] == "| "] == [
         "| fold",

@@ -133,8 +133,8 @@ def test_yolo_run_offline_writes_two_stage_results_inside_the_run_folder(
     assert "detection mAP@0.5, held-out images |" in report
     assert "detection mAP@0.5:0.95, held-out images |" in report
     assert "images without a detection (fallback box used) |" in report
-    assert "| two-stage: detector + crop + teacher |" in report
-    assert "| two-stage: detector only |" in report
+    assert "| two-stage: ROI provider + crop + teacher |" in report
+    assert "| two-stage: ROI provider only |" in report
     assert "| student alone, full image |" in report
     log = (run / "run.log").read_text()
     assert "yolo fold 0: epoch 1/1" in log and "detector latency" in log

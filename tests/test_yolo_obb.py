@@ -17,6 +17,7 @@ from kdtoolkit.builtin.yolo.obb_geometry import (
     canonical_roi,
     mean_angle,
     obb_label,
+    reference_angle,
     roi_to_xywhr,
     rotated_iou,
     xywhr_to_roi,
@@ -77,6 +78,18 @@ def test_canonical_roi_makes_width_long_and_wraps_the_angle():
     for box, angle in (((40, 20, 60, 60), 10), ((30, 30, 70, 50), 100)):
         roi = canonical_roi(box, angle)
         assert same_corners(roi_corners(box, angle), roi_corners(tuple(roi[:4]), roi[4]))
+
+
+def test_the_180_degree_ambiguity_is_resolved_towards_the_training_rois():
+    """A rectangle at 100° is the same as at −80°; with training ROIs around 100° (a tall box at
+    190° counts as a wide one at 100°) the prediction keeps 100°, so its crop is upright."""
+    train = [((30, 30, 70, 50), 95.0), ((30, 30, 70, 50), 105.0), ((40, 20, 60, 60), 190.0)]
+    assert reference_angle(train) == pytest.approx(100.0)
+    assert reference_angle([]) == 0.0
+    xywhr = roi_to_xywhr((30, 30, 70, 50), 100.0)
+    np.testing.assert_allclose(xywhr_to_roi(xywhr), [30, 30, 70, 50, -80], atol=1e-9)
+    np.testing.assert_allclose(xywhr_to_roi(xywhr, 100.0), [30, 30, 70, 50, 100], atol=1e-9)
+    assert mean_angle(np.array([95.0, 105.0]), 100.0) == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("angle", [-89.0, -57.0, -30.0, 0.0, 12.5, 45.0, 57.0, 88.0])
@@ -220,7 +233,9 @@ def test_tiny_obb_training_runs_offline_and_inside_the_run_folder(
     assert any("yolo_obb fold 0: epoch 1/1" in line for line in lines)
 
     assert result.boxes.shape == (8, 4) and result.angles.shape == (8,)
-    assert ((result.angles >= -90) & (result.angles < 90)).all()
+    centre = provider.centre
+    assert centre == pytest.approx(reference_angle([(s.box, s.angle) for s in samples[:6]]))
+    assert ((result.angles >= centre - 90) & (result.angles < centre + 90)).all()
     widths = result.boxes[:, 2] - result.boxes[:, 0]
     assert (widths >= result.boxes[:, 3] - result.boxes[:, 1] - 1e-9).all()  # width is long
     mean = provider.mean_roi(samples[:6])

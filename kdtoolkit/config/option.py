@@ -18,6 +18,7 @@ Recipes are checked against these declarations before anything runs, and ``kd pl
 from __future__ import annotations
 
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -37,6 +38,8 @@ class Range:
     le: float | None = None
 
     def check(self, value: float) -> str | None:
+        if isinstance(value, float) and not math.isfinite(value):
+            return "must be a finite number"
         if self.gt is not None and not value > self.gt:
             return f"must be > {self.gt}"
         if self.ge is not None and not value >= self.ge:

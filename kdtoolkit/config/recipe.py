@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from kdtoolkit.config.data import SCAN_KEYS, DataConfig, data_problems
 from kdtoolkit.config.option import Range, check_options, check_value
 from kdtoolkit.config.override import (
     OPTION_SECTIONS,
@@ -40,42 +41,12 @@ class RecipeError(KdError):
         )
 
 
-Size = Annotated[int, Range(ge=8)] | list[Annotated[int, Range(ge=8)]]
-
-
 @dataclass
 class ExperimentConfig:
     name: str = "kd"
     output: str = ""
     seed: int = 0
     device: str = "auto"
-
-
-@dataclass
-class DataConfig:
-    manifest: str = ""
-    classes: list[str] = field(default_factory=list)
-    image_size: Size = 224
-    crop_size: Size = 224
-    channels: Literal[1, 3] = 1
-    letterbox: bool = True
-    limit: Annotated[int, Range(ge=0)] = 0
-    cache: str = ".kdcache"
-    workers: Annotated[int, Range(ge=-1)] = -1
-    loader: Literal["auto", "device", "workers"] = "auto"
-    # scans (DICOM, NIfTI): which slice, intensity, pixel size (docs/recipes.md)
-    axis: Literal["sagittal", "coronal", "axial"] = "sagittal"
-    slice: int | str = "mid"
-    slab: Annotated[int, Range(ge=1)] = 1
-    projection: Literal["max", "mean", "min"] = "max"
-    window: list[float] = field(default_factory=list)
-    percentiles: list[Annotated[float, Range(ge=0, le=100)]] = field(default_factory=list)
-    spacing_mm: Annotated[float, Range(ge=0)] = 0.0
-
-
-#: ``[data]`` keys of scans: at their defaults they stay out of the digest (runs made before
-#: they existed keep theirs).
-SCAN_KEYS = ("axis", "slice", "slab", "projection", "window", "percentiles", "spacing_mm")
 
 
 @dataclass
@@ -107,11 +78,11 @@ class ModelConfig:
     backbone: str = "resnet18"
     backbone_options: dict[str, Any] = field(default_factory=dict)
     pretrained: bool | str = False  # false, a weights file or "timm": config/pretrained.py
-    epochs: Annotated[int, Range(ge=1)] = 30
-    batch_size: Annotated[int, Range(ge=1)] = 32
-    lr: Annotated[float, Range(gt=0)] = 1e-3
-    weight_decay: Annotated[float, Range(ge=0)] = 0.05
-    warmup_epochs: Annotated[int, Range(ge=0)] = 1
+    epochs: Annotated[int, Range(ge=1, le=100_000)] = 30
+    batch_size: Annotated[int, Range(ge=1, le=1_000_000)] = 32
+    lr: Annotated[float, Range(gt=0, le=10)] = 1e-3
+    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.05
+    warmup_epochs: Annotated[int, Range(ge=0, le=100_000)] = 1
     schedule: Literal["cosine", "constant"] = "cosine"
     class_weights: bool = False
     select_by: Literal["accuracy", "f1", "loss"] = "accuracy"
@@ -279,36 +250,14 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
     if not recipe.loss:
         problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
     problems += _check_components(recipe)
-    problems += _check_sizes(recipe)
+    problems += data_problems(recipe.data)
+    if bad := [k for k in recipe.cv.only if not 0 <= k < recipe.cv.folds]:
+        problems.append(f"cv.only: folds {bad} do not exist (0..{recipe.cv.folds - 1})")
     if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size
         problems += crop_problems(task, recipe.data, raw.get("data"))
     if problems:
         raise RecipeError(source, problems)
     return recipe
-
-
-def _check_sizes(recipe: Recipe) -> list[str]:
-    problems = []
-    data = recipe.data
-    for key in ("image_size", "crop_size"):
-        value = getattr(data, key)
-        if isinstance(value, list) and len(value) != 2:
-            problems.append(f"data.{key}: expected one size or [height, width], got {value!r}")
-    if data.slice != "mid" and not (isinstance(data.slice, int) and data.slice >= 0):
-        problems.append(f"data.slice: expected a 0-based slice index or 'mid', got {data.slice!r}")
-    if data.window and (len(data.window) != 2 or not data.window[1] > 0):
-        problems.append(
-            f"data.window: expected [level, width] with width > 0 (HU for CT, e.g. [40, 400]), "
-            f"got {data.window!r}"
-        )
-    pct = data.percentiles
-    if pct and (len(pct) != 2 or not pct[0] < pct[1]):
-        problems.append(
-            f"data.percentiles: expected [low, high] with low < high, e.g. [0.5, 99.5], got {pct!r}"
-        )
-    if data.window and data.percentiles:
-        problems.append("data.percentiles: data.window is set too — keep one of the two")
-    return problems
 
 
 def _check_components(recipe: Recipe) -> list[str]:

@@ -1,4 +1,4 @@
-"""Images kept on the training device, and batches of views cut from them there (design §5).
+"""Images kept on the training device, and batches of views cut from them there.
 
 :class:`~kdtoolkit.data.dataset.KdDataset` builds each sample's views on the CPU, which keeps a GPU
 waiting for data-loader workers. An :class:`ImageBank` decodes every image once into one

@@ -1,4 +1,4 @@
-"""Read and check a dataset manifest (``manifest.csv``, design §3).
+"""Read and check a dataset manifest (``manifest.csv``).
 
 The whole manifest is checked before anything is returned: every problem (missing file,
 unreadable image, bad box, unknown label, …) is collected and raised together as one
@@ -221,9 +221,7 @@ def _check(
         source: Source | None = None
         size: tuple[int, int] | None = None
         if "image" in col:
-            source, problem = check_source(
-                root, cell(values, "image"), cell(values, "slice"), spec
-            )
+            source, problem = check_source(root, cell(values, "image"), cell(values, "slice"), spec)
             if problem:
                 report(row, problem)
                 ok = False

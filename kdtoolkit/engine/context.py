@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from kdtoolkit.config.recipe import ModelConfig, Recipe
 from kdtoolkit.data import fold as folds_mod
 from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
+from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig, view_config
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.engine.loaders import Loaders
@@ -80,7 +82,7 @@ def load_data(recipe: Recipe, progress: RunProgress | None = None) -> Manifest:
             progress.log(f"data: built-in {task.name} data source into {cache}")
         path = task.make_data(out_dir=cache, **recipe.task.options)
     classes = recipe.data.classes or (list(task.classes) if task else None)
-    manifest = read_manifest(path, classes, require_boxes=True)
+    manifest = read_manifest(path, classes, require_boxes=True, read=read_spec(recipe))
     if recipe.data.limit and recipe.data.limit < len(manifest.samples):
         manifest = Manifest(manifest.path, manifest.classes, manifest.samples[: recipe.data.limit])
     return manifest
@@ -92,10 +94,68 @@ def groups_of(samples: list[Sample]) -> list | None:
     return groups if all(g is not None for g in groups) else None
 
 
-def assign_run_folds(path: Path, manifest: Manifest, recipe: Recipe) -> np.ndarray:
+def duplicate_sets(samples: list[Sample], content: list[str]) -> list[list[int]]:
+    """Sets (of sample indices, two or more) of the same image: the same file, or the same
+    decoded pixels (``content``: each sample's pixel digest, '' unknown)."""
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[object, int] = {}
+    for i, s in enumerate(samples):
+        keys: list[object] = [("file", str(s.image.resolve()), getattr(s, "read", None))]
+        if i < len(content) and content[i]:
+            keys.append(("pixels", content[i]))
+        for key in keys:
+            j = first.setdefault(key, i)
+            parent[find(i)] = find(j)
+    sets: dict[int, list[int]] = {}
+    for i in range(len(samples)):
+        sets.setdefault(find(i), []).append(i)
+    return [members for members in sets.values() if len(members) > 1]
+
+
+def fold_groups(
+    samples: list[Sample], content: list[str], log: Callable[[str], None]
+) -> list | None:
+    """The groups folds keep whole: the manifest's ``group`` column; without it, duplicate
+    images (same file or same pixels) share a group so they never straddle folds (None when
+    there are no groups and no duplicates). Duplicates are reported."""
+    groups = groups_of(samples)
+    dups = duplicate_sets(samples, content)
+    for members in dups[:10]:
+        rows = ", ".join(f"row {samples[i].row} ({samples[i].image.name})" for i in members)
+        log(f"data: duplicate images: {rows}")
+    if len(dups) > 10:
+        log(f"data: {len(dups) - 10} more sets of duplicate images")
+    if groups is not None:
+        for members in dups:
+            if len({groups[i] for i in members}) > 1:
+                rows = ", ".join(str(samples[i].row) for i in members)
+                log(f"data: duplicate images in different groups (rows {rows}) may leak")
+        return groups
+    if not dups:
+        return None
+    out: list = [f"sample {i}" for i in range(len(samples))]
+    for members in dups:
+        for i in members:
+            out[i] = f"duplicates of sample {members[0]}"
+    log(f"data: {len(dups)} sets of duplicate images are kept within one fold each")
+    return out
+
+
+def assign_run_folds(
+    path: Path, manifest: Manifest, recipe: Recipe, groups: list | None = None
+) -> np.ndarray:
     """Each sample's fold: read from ``folds.json`` (``path``) when the run folder has it (a
-    resumed run, or one run in parts), else assigned and written there."""
+    resumed run, or one run in parts), else assigned (keeping ``groups`` whole; default the
+    manifest's) and written there."""
     samples = manifest.samples
+    groups = groups if groups is not None else groups_of(samples)
     root = manifest.path.parent
     if path.exists():
         saved = json.loads(path.read_text())
@@ -108,16 +168,17 @@ def assign_run_folds(path: Path, manifest: Manifest, recipe: Recipe) -> np.ndarr
     predefined = [s.fold for s in samples]
     assignment = folds_mod.assign_folds(
         np.array([s.label for s in samples]),
-        groups_of(samples),
+        groups,
         predefined if all(f is not None for f in predefined) else None,
         recipe.cv.folds,
         recipe.experiment.seed,
+        classes=manifest.classes,
     )
     records = [
         {
             "index": s.index,
             "image": str(s.image),
-            "group": s.group,
+            "group": s.group if groups is None else groups[s.index],
             "label": int(s.label),
             "fold": int(f),
         }
@@ -147,15 +208,23 @@ class RunContext:
     ordinal: bool
     loaders: Loaders
     progress: RunProgress
+    groups: list | None = None  # what folds and validation splits keep whole
+    force: bool = False  # retrain stages made by another recipe (else an error)
 
     @classmethod
-    def open(cls, recipe: Recipe, progress: RunProgress) -> RunContext:
-        """Resolve the device, load the data and read (or make) the fold assignment."""
+    def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:
+        """Resolve the device, load the data, decode every image once (a broken file fails
+        here), and read (or make) the fold assignment, duplicates kept within one fold."""
         device = resolve_device(recipe.experiment.device)
         cfg = view_config(recipe)
         task = task_of(recipe)
         manifest = load_data(recipe, progress)
         paths = RunPaths(recipe.output_dir)
+        loaders = Loaders(manifest.samples, cfg, device, recipe.data, progress.log)
+        progress.start_stage("decoding images", len(manifest.samples))
+        loaders.decode_all(manifest.path, progress.advance_stage)
+        progress.end_stage()
+        groups = fold_groups(manifest.samples, loaders.content, progress.log)
         return cls(
             recipe=recipe,
             device=device,
@@ -163,10 +232,12 @@ class RunContext:
             classes=tuple(manifest.classes),
             view=cfg,
             paths=paths,
-            fold_of=assign_run_folds(paths.folds, manifest, recipe),
+            fold_of=assign_run_folds(paths.folds, manifest, recipe, groups),
             ordinal=bool(task.ordinal) if task else False,
-            loaders=Loaders(manifest.samples, cfg, device, recipe.data, progress.log),
+            loaders=loaders,
             progress=progress,
+            groups=groups,
+            force=force,
         )
 
     @property
@@ -192,7 +263,7 @@ class RunContext:
         train, val = folds_mod.split_validation(
             rest,
             self.labels,
-            groups_of(self.samples),
+            self.groups,
             self.recipe.cv.val_fraction,
             self.recipe.experiment.seed + k,
         )

@@ -48,7 +48,7 @@ def two_stage_logits(
     geometry, and the mean per-image crop + classify time (ms)."""
     logits, seconds = [], 0.0
     for i in test_idx:
-        image = load_image(samples[i].image, cfg.channels)
+        image = load_image(samples[i], cfg.channels)
         started = time.perf_counter()
         crop = crop_roi(image, tuple(rois.boxes[i]), float(rois.angles[i]), cfg.crop_size)
         x = normalise(crop, cfg).unsqueeze(0).to(device)
@@ -72,7 +72,7 @@ def student_latency_ms(
     n = min(16, len(test_idx))
     seconds = 0.0
     for i in test_idx[:n]:
-        image = load_image(samples[i].image, cfg.channels)
+        image = load_image(samples[i], cfg.channels)
         started = time.perf_counter()
         x = student_view(image, cfg).unsqueeze(0).to(device)
         with torch.no_grad(), autocast(device):

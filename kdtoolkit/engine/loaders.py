@@ -4,9 +4,11 @@ the device (``data.loader``), with decoded images shared by every loader of the 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,8 +17,10 @@ from torch.utils.data import DataLoader
 from kdtoolkit.config.recipe import DataConfig
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
 from kdtoolkit.data.dataset import KdDataset
+from kdtoolkit.data.imageio import image_key, read_native
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
+from kdtoolkit.errors import KdError
 
 #: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
 #: free memory.
@@ -24,6 +28,11 @@ BANK_SHARE = 0.5
 
 #: Batches of views: per-sample (``DataLoader`` of a ``KdDataset``) or device-resident.
 Loader = DataLoader | BankLoader
+
+
+def source_path(source: object) -> Path:
+    """The file of an image source (a sample or a path)."""
+    return Path(getattr(source, "image", source))  # type: ignore[arg-type]
 
 
 class Loaders:
@@ -43,6 +52,36 @@ class Loaders:
         self.data = data
         self.log = log
         self.image_cache: dict = {}
+        self.content: list[str] = []  # each sample's decoded-pixel digest (``decode_all``)
+
+    def decode_all(self, where: Path, on_image: Callable[[], None] = lambda: None) -> None:
+        """Decode every image (and crop file) once, before any training: a broken file fails
+        here, naming its manifest row. Per-sample loading keeps the decoded images (its
+        loaders reuse them); each sample's pixel digest goes to ``content`` (duplicates)."""
+        keep = self.data.loader == "workers" or (
+            self.data.loader == "auto" and self.device.type != "cuda"
+        )
+        self.content = []
+        for s in self.samples:
+            digest = ""
+            for source in (s, s.crop) if s.crop is not None else (s,):
+                key = image_key(source)
+                try:
+                    arr = self.image_cache.get(key)
+                    arr = read_native(source) if arr is None else arr
+                except Exception as e:
+                    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise KdError(
+                        f"{where} row {s.row}: {source_path(source)} cannot be decoded "
+                        f"({reason}); fix or remove the file"
+                    ) from None
+                if keep:
+                    self.image_cache[key] = arr
+                if not digest:
+                    digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+                    digest += f"{arr.shape}{arr.dtype}"
+            self.content.append(digest)
+            on_image()
 
     def __call__(
         self,
@@ -95,7 +134,7 @@ class Loaders:
                 )
                 return None
         started = time.perf_counter()
-        images = ImageBank([s.image for s in self.samples], channels, self.device)
+        images = ImageBank(self.samples, channels, self.device)
         crop_files = [s.crop for s in self.samples if s.crop is not None]
         crops = ImageBank(crop_files, channels, self.device) if crop_files else None
         self.log(

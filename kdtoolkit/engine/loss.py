@@ -28,15 +28,17 @@ class CrossEntropy(LossTerm):
         return F.cross_entropy(ctx.logits.float(), ctx.labels, weight=weight, label_smoothing=0.0)
 
 
-def cross_entropy() -> CompositeLoss:
+def cross_entropy(where: str = "") -> CompositeLoss:
     """The loss of the teacher and the full-image baseline: cross-entropy alone."""
-    return CompositeLoss([(CE, 1.0, CrossEntropy())])
+    return CompositeLoss([(CE, 1.0, CrossEntropy())], ["kdtoolkit"], where)
 
 
-def build_loss(terms: Sequence[LossConfig]) -> CompositeLoss:
-    """The composite loss of ``[[loss]]`` tables, each term from the loss registry; no terms:
-    the engine's cross-entropy."""
+def build_loss(terms: Sequence[LossConfig], where: str = "") -> CompositeLoss:
+    """The composite loss of ``[[loss]]`` tables, each term from the loss registry (its errors
+    name the term, its plugin and ``where``, e.g. ``fold 0 student``); no terms: the engine's
+    cross-entropy."""
     if not terms:
-        return cross_entropy()
-    regs = registries()
-    return CompositeLoss([(t.name, t.weight, regs.losses.get(t.name)(**t.options)) for t in terms])
+        return cross_entropy(where)
+    return CompositeLoss.from_registry(
+        registries().losses, ((t.name, t.weight, t.options) for t in terms), where
+    )

@@ -78,6 +78,11 @@ class RunProgress:
         self._log.write(f"{time.strftime('%H:%M:%S')} {description} epoch {epoch}: {info}\n")
         self._log.flush()
 
+    def advance_stage(self) -> None:
+        """One more step of the current stage (e.g. one image decoded)."""
+        if self._stage is not None:
+            self.progress.advance(self._stage)
+
     def end_stage(self) -> None:
         if self._stage is not None:
             self.progress.remove_task(self._stage)

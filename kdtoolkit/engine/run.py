@@ -19,11 +19,18 @@ import torch
 from kdtoolkit.config.recipe import Recipe
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.evaluate import evaluate_fold
+from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.plan import EvaluateSpec, FoldPlan, RoiSpec, TrainSpec, fold_plan
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.stage import mask_rois_of, provide_rois, train_model
-from kdtoolkit.errors import KdError
+from kdtoolkit.engine.stage import (
+    checkpoint_digest,
+    mask_rois_of,
+    provide_rois,
+    reusable,
+    train_model,
+)
+from kdtoolkit.errors import Interrupted, KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.plugins.roi import RoiResult
@@ -87,7 +94,7 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
     model, the ROI provider's boxes) from the stages before it."""
     spec = plan.evaluation
     done = ctx.paths.evaluation(k)
-    if spec.cache and done.exists():
+    if spec.cache and done.exists() and evaluation_reusable(ctx, plan, k):
         ctx.log(f"fold {k}: evaluated before, reusing {done}")
         for _ in range(len(plan)):
             ctx.progress.advance_run()
@@ -105,7 +112,7 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
     result: FoldResult | None = None
     for stage in plan.stages:
         if isinstance(stage, TrainSpec):
-            loss = build_loss(stage.loss)
+            loss = build_loss(stage.loss, f"fold {k} {stage.role}")
             teacher = models[stage.teacher] if stage.teacher and loss.needs_teacher else None
             masks = mask_rois_of(rois) if stage.rois and rois is not None else None
             ckpt = train_model(ctx, k, stage, loss, split, teacher, masks)
@@ -125,6 +132,27 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
             ctx.progress.advance_run()
     assert result is not None
     return result
+
+
+def evaluation_reusable(ctx: RunContext, plan: FoldPlan, k: int) -> bool:
+    """Whether fold ``k``'s saved evaluation may be reused: every model it evaluated was
+    trained by this recipe (``reusable``)."""
+    for stage in plan.stages:
+        if isinstance(stage, TrainSpec):
+            ckpt = ctx.paths.checkpoint(k, stage.role)
+            want = (stage.recipe or ctx.recipe).digest()
+            what = f"fold {k} {stage.role}"
+            if not ckpt.exists() or not reusable(ctx, what, ckpt, checkpoint_digest(ckpt), want):
+                return False
+    return True
+
+
+def interrupted(folder: Path) -> Interrupted:
+    """The one line an interrupted run ends with: what is kept and how to resume."""
+    return Interrupted(
+        f"interrupted: finished stages and each stage's last finished epoch are kept in "
+        f"{folder}; rerun the same command to resume"
+    )
 
 
 def run_folds(
@@ -206,16 +234,30 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
 
 
 def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
-    """Run ``recipe`` into its run folder and write results, report and figures."""
-    out = prepare_run_folder(recipe, force)
-    with RunProgress(out / "run.log", quiet=quiet) as progress:
-        progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
-        ctx = RunContext.open(recipe, progress)
-        progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
-        per_fold = run_folds(ctx, fold_plan(recipe), ctx.folds_to_run())
-        for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
-            done = ctx.paths.evaluation(k)
-            if k not in per_fold and done.exists():
-                progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
-                per_fold[k] = FoldResult.read(done)
-        return finish_run(ctx, dict(sorted(per_fold.items())))
+    """Run ``recipe`` into its run folder (locked while it runs) and write results, report
+    and figures; Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
+    out = recipe.output_dir
+    try:
+        with RunLock(out) as lock:
+            prepare_run_folder(recipe, force)
+            with RunProgress(out / "run.log", quiet=quiet) as progress:
+                if lock.recovered:
+                    progress.log(lock.recovered)
+                return run_in(recipe, progress, force)
+    except KeyboardInterrupt:
+        raise interrupted(out) from None
+
+
+def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
+    """The body of ``run``, in the prepared and locked run folder."""
+    out = recipe.output_dir
+    progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
+    ctx = RunContext.open(recipe, progress, force)
+    progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
+    per_fold = run_folds(ctx, fold_plan(recipe), ctx.folds_to_run())
+    for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
+        done = ctx.paths.evaluation(k)
+        if k not in per_fold and done.exists():
+            progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
+            per_fold[k] = FoldResult.read(done)
+    return finish_run(ctx, dict(sorted(per_fold.items())))

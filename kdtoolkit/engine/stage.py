@@ -22,10 +22,10 @@ from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.models.checkpoint import save_checkpoint
+from kdtoolkit.models.checkpoint import read_metadata, save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.plugins.manager import registries
-from kdtoolkit.plugins.roi import RoiRequest, RoiResult
+from kdtoolkit.plugins.roi import RoiRequest, RoiResult, run_provider
 
 ROLE_SEEDS = {"teacher": 1, "student": 2, "baseline_full": 3}
 
@@ -108,6 +108,29 @@ def check_input_size(
     model.train()
 
 
+def reusable(ctx: RunContext, what: str, path: Path, digest: str | None, want: str) -> bool:
+    """Whether a finished stage output (``path``, made by the recipe of ``digest``) may be
+    reused by this run (recipe digest ``want``): yes when the digests match; else, with
+    ``--force``, no (it is remade); otherwise an error saying how to proceed."""
+    if digest == want:
+        return True
+    if ctx.force:
+        ctx.log(f"{what}: {path} was made by another recipe; remaking it (--force)")
+        return False
+    raise KdError(
+        f"{what}: {path} was made by another recipe (digest {str(digest)[:12]}, this run "
+        f"{want[:12]}); pass --force to retrain it, or choose another output folder"
+    )
+
+
+def checkpoint_digest(path: Path) -> str | None:
+    """The recipe digest stored with a checkpoint (None: none, or unreadable)."""
+    try:
+        return read_metadata(path).get("recipe_digest")
+    except KdError:
+        return None
+
+
 def train_model(
     ctx: RunContext,
     fold: int,
@@ -120,8 +143,11 @@ def train_model(
     """Train ``spec`` on ``split`` (train, validation) unless its checkpoint exists; return the
     checkpoint path. ``teacher``: the frozen model of the terms that need one."""
     ckpt = ctx.paths.checkpoint(fold, spec.role)
-    if ckpt.exists():
-        ctx.log(f"fold {fold} {spec.role}: done before, reusing {ckpt}")
+    description = f"fold {fold} {spec.role}"
+    recipe = spec.recipe or ctx.recipe
+    digest = recipe.digest()
+    if ckpt.exists() and reusable(ctx, description, ckpt, checkpoint_digest(ckpt), digest):
+        ctx.log(f"{description}: done before, reusing {ckpt}")
         ctx.progress.advance_run()
         return ckpt
     stage_dir = ckpt.parent
@@ -146,12 +172,11 @@ def train_model(
         config=config,
         teacher=teacher,
         class_weights=ctx.class_weights(train_idx, config),
+        label=description,
+        digest=digest,
     )
-    description = f"fold {fold} {spec.role}"
     ctx.progress.start_stage(description, config.epochs)
     state_path = stage_dir / "last.pt"
-    if state_path.exists():
-        ctx.log(f"{description}: resuming from {state_path}")
     started = time.perf_counter()
     best = train_stage(
         stage,
@@ -161,9 +186,9 @@ def train_model(
         state_path,
         ctx.num_classes,
         on_epoch=lambda e, r: ctx.progress.epoch(e, r, description),
+        log=ctx.log,
     )
     seconds = time.perf_counter() - started
-    recipe = spec.recipe or ctx.recipe
     meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
     meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
     save_checkpoint(ckpt, best, meta)
@@ -178,11 +203,14 @@ def provide_rois(
 ) -> tuple[RoiResult, bool]:
     """The ROI provider's boxes for every sample, fitted on ``train_idx`` (cached per fold),
     and whether the provider learns (a detector: its boxes make the two-stage row)."""
-    provider_cls = registries().roi_providers.get(spec.provider)
+    providers = registries().roi_providers
+    provider_cls = providers.get(spec.provider)
     workdir = ctx.paths.stage(fold, spec.role)
     cache = workdir / "rois.json"
-    if cache.exists():
-        saved = json.loads(cache.read_text())
+    want = ctx.recipe.digest()
+    saved = json.loads(cache.read_text()) if cache.exists() else None
+    what = f"fold {fold} {spec.role}"
+    if saved is not None and reusable(ctx, what, cache, saved.get("recipe_digest", want), want):
         ctx.progress.advance_run()
         result = RoiResult(
             boxes=np.array(saved["boxes"]),
@@ -194,7 +222,8 @@ def provide_rois(
     workdir.mkdir(parents=True, exist_ok=True)
     provider = provider_cls(**spec.options)
     ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
-    result = provider.provide(
+    result = run_provider(
+        provider,
         RoiRequest(
             fold=fold,
             samples=ctx.samples,
@@ -204,13 +233,16 @@ def provide_rois(
             device=str(ctx.device),
             seed=ctx.recipe.experiment.seed + fold,
             log=ctx.log,
-        )
+        ),
+        spec.provider,
+        providers.owner(spec.provider),
     )
     saved = {
         "boxes": result.boxes.tolist(),
         "angles": result.angles.tolist(),
         "found": result.found.tolist(),
         "metrics": result.metrics,
+        "recipe_digest": want,
     }
     atomic_write_text(cache, json.dumps(saved))
     ctx.progress.end_stage()

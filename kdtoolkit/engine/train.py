@@ -16,7 +16,9 @@ from torch import nn
 from kdtoolkit.config.recipe import ModelConfig
 from kdtoolkit.engine.device import autocast
 from kdtoolkit.engine.loaders import Loader
-from kdtoolkit.models.checkpoint import load_state, save_state, weights_of
+from kdtoolkit.engine.resume import read_state, restore_rng, rng_states, set_aside
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.checkpoint import save_state, weights_of
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.report.metrics import classification_metrics
 
@@ -36,6 +38,32 @@ class Stage:
     teacher: nn.Module | None = None
     class_weights: torch.Tensor | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    label: str = ""  # how errors name the stage ("fold 0 teacher"); default its name
+    digest: str = ""  # the recipe's: a resume state of another recipe is set aside
+
+
+class DivergedError(KdError):
+    """A non-finite loss, gradient or validation loss: training diverged."""
+
+
+def check_finite(
+    stage: Stage, epoch: int, total: torch.Tensor, parts: dict[str, float], params: list
+) -> None:
+    """Stop at once when the loss or the gradients are not finite, naming the term."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if bool(torch.isfinite(total.detach()).all() and torch.isfinite(norm)):
+        return
+    bad = [k for k, v in parts.items() if not math.isfinite(v)]
+    if not math.isfinite(float(total.detach())):
+        what = f"loss term {bad[0]!r}" if bad else "the total loss"
+        value = parts[bad[0]] if bad else float(total.detach())
+    else:
+        what, value = "the gradients", float(norm)
+    raise DivergedError(
+        f"{stage.label or stage.name} epoch {epoch}: {what} is {value} (training diverged); "
+        f"the last finished epoch is kept; lower {stage.name.split('_')[0]}.lr or loss weights"
+    )
 
 
 def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -105,6 +133,18 @@ def evaluate(
     return metrics
 
 
+def misfit_of(state: dict[str, Any], model: nn.Module, loss: nn.Module) -> str:
+    """Why a resume state's weights do not fit ``model`` and ``loss`` ('' when they do)."""
+    for name, module in (("model", model), ("loss", loss)):
+        mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        saved = state[name]
+        theirs = {k: tuple(v.shape) for k, v in saved.items()} if isinstance(saved, dict) else {}
+        if mine != theirs:
+            diff = sorted(set(mine) ^ set(theirs)) or [k for k in mine if mine[k] != theirs[k]]
+            return f"{name} weights differ ({', '.join(diff[:3])})"
+    return ""
+
+
 def train_stage(
     stage: Stage,
     train_loader: Loader,
@@ -114,8 +154,12 @@ def train_stage(
     num_classes: int,
     on_epoch: Callable[[int, dict[str, Any]], None] = lambda e, m: None,
     on_step: Callable[[], None] = lambda: None,
+    log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, torch.Tensor]:
-    """Train ``stage``; resume from ``state_path`` when it holds an interrupted run.
+    """Train ``stage``; resume from ``state_path`` when it holds an interrupted run (exactly:
+    the random states of Python, NumPy, torch and the loaders are saved with it; a damaged
+    state is set aside and the stage restarts). A non-finite loss or gradient raises
+    ``DivergedError`` before the epoch's state is written.
 
     Model selection on ``val_loader`` by ``config.select_by``; returns the best weights
     (model and loss-term parameters, the latter prefixed ``loss.``). The state file is
@@ -134,15 +178,23 @@ def train_stage(
         optimizer, lr_lambda(config, max(1, len(train_loader)))
     )
     start, best_score, best = 0, -math.inf, None
-    if state_path.exists():
-        state = load_state(state_path)
+    loaders = (train_loader, val_loader)
+    state = read_state(state_path, log)
+    if state is not None and state.get("recipe_digest", stage.digest) != stage.digest:
+        set_aside(state_path, "made by another recipe", log)
+        state = None
+    if state is not None and (misfit := misfit_of(state, model, loss)):
+        set_aside(state_path, f"made for another model: {misfit}", log)
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         loss.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        restore_rng(state, loaders)
         start, best_score, best = state["epoch"], state["best_score"], state["best"]
-        stage.history[:] = state["history"]
+        stage.history[:] = state.get("history", [])
+        log(f"{stage.label or stage.name}: resuming after epoch {start} from {state_path}")
     for epoch in range(start, config.epochs):
         if hasattr(train_loader.dataset, "set_epoch"):
             train_loader.dataset.set_epoch(epoch)
@@ -156,6 +208,7 @@ def train_stage(
                 total, parts = loss(ctx)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            check_finite(stage, epoch + 1, total, parts, params)
             optimizer.step()
             scheduler.step()
             n = len(batch["label"])
@@ -164,6 +217,12 @@ def train_stage(
                 sums[key] = sums.get(key, 0.0) + value * n
             on_step()
         val = evaluate(model, val_loader, stage.view, device, num_classes)
+        if not math.isfinite(val["loss"]):
+            raise DivergedError(
+                f"{stage.label or stage.name} epoch {epoch + 1}: the validation loss is "
+                f"{val['loss']} (training diverged); the last finished epoch is kept; lower "
+                f"{stage.name.split('_')[0]}.lr or loss weights"
+            )
         record = {
             "epoch": epoch + 1,
             **{f"train_{k}": v / max(1, count) for k, v in sums.items()},
@@ -184,7 +243,8 @@ def train_stage(
                 "loss": loss.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(),
+                **rng_states(loaders),
+                "recipe_digest": stage.digest,
                 "epoch": epoch + 1,
                 "best_score": best_score,
                 "best": best,

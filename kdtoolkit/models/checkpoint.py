@@ -27,6 +27,9 @@ META_KEY = "kdtoolkit"
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
     """Write weights and metadata atomically (the old file stays intact if this fails)."""
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    bad = [k for k, v in flat.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise KdError(f"{path}: not written, weights {', '.join(bad[:3])} are not finite")
     text = json.dumps(metadata, sort_keys=True, default=str)
     atomic_write_bytes(Path(path), save(flat, metadata={META_KEY: text}))
     atomic_write_text(Path(path).with_suffix(".json"), json.dumps(metadata, indent=2, default=str))
@@ -48,6 +51,20 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if meta_text is None:
         raise KdError(f"{path}: a safetensors file without kdtoolkit metadata")
     return tensors, json.loads(meta_text)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The kdtoolkit metadata of a checkpoint, from its header alone (no tensors read)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            size = int.from_bytes(fh.read(8), "little")
+            if not 0 < size < 100_000_000:
+                raise ValueError("bad header size")
+            header = json.loads(fh.read(size))
+        return json.loads(header["__metadata__"][META_KEY])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KdError(f"{path}: not a kdtoolkit checkpoint ({e})") from None
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -80,6 +97,30 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     weights, meta = load_checkpoint(Path(checkpoint))
     model_weights, _ = split_weights(weights)
     options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
-    model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
-    model.load_state_dict(model_weights)
+    try:
+        model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
+        result = model.load_state_dict(model_weights, strict=False)
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise KdError(
+            f"{checkpoint}: its weights do not fit backbone {meta.get('backbone')!r} of its "
+            f"metadata ({mismatch(e)}); use the model.json written with it"
+        ) from None
+    if result.missing_keys or result.unexpected_keys:
+        keys = [*result.missing_keys[:2], *result.unexpected_keys[:2]]
+        raise KdError(
+            f"{checkpoint}: its weights do not fit backbone {meta['backbone']!r} of its metadata "
+            f"({len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected, "
+            f"e.g. {', '.join(keys)}); use the model.json written with it"
+        )
+    bad = [k for k, v in model_weights.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise KdError(f"{checkpoint}: weights {', '.join(bad[:3])} are not finite; retrain it")
     return model.to(device).eval(), meta
+
+
+def mismatch(e: BaseException) -> str:
+    """The first line of a load error, shortened (a size mismatch names one key)."""
+    text = str(e).strip().splitlines()
+    sized = [line.strip() for line in text if "size mismatch" in line]
+    first = sized[0] if sized else (text[0] if text else "")
+    return f"{type(e).__name__}: {first[:200]}"

@@ -137,12 +137,22 @@ class Component(NamedTuple):
     resolver: bool = False
 
 
-def list_components() -> list[Component]:
-    """Every registered component and every resolver, by kind (what ``kd plugins`` shows)."""
+def list_components(kind: str | None = None, pattern: str = "*") -> list[Component]:
+    """Registered components (and resolvers) by kind, like ``timm.list_models(pattern)``:
+    ``kind`` one of backbone, roi_provider, loss, task (None: all); ``pattern`` a glob on the
+    name (resolvers are listed with the ``*`` pattern only). What ``kd plugins`` shows."""
+    kinds = registries().kinds()
+    if kind is not None and kind not in kinds:
+        raise KdError(f"unknown component kind {kind!r}; one of {', '.join(kinds)}")
     rows = []
-    for kind, registry in registries().kinds().items():
-        rows += [Component(kind, name, registry.owner(name)) for name in registry.list()]
-        rows += [Component(kind, r.describe, r.owner, True) for r in registry.resolvers()]
+    for name_of_kind, registry in kinds.items():
+        if kind is not None and name_of_kind != kind:
+            continue
+        rows += [Component(name_of_kind, n, registry.owner(n)) for n in registry.list(pattern)]
+        if pattern == "*":
+            rows += [
+                Component(name_of_kind, r.describe, r.owner, True) for r in registry.resolvers()
+            ]
     return rows
 
 

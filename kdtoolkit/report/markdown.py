@@ -39,8 +39,8 @@ ROI_METRICS = {
 LATENCY_LABELS = {
     "student": "student alone, full image",
     "baseline_full": "baseline alone, full image",
-    "two_stage": "two-stage: detector + crop + teacher",
-    "two_stage_detector": "two-stage: detector only",
+    "two_stage": "two-stage: ROI provider + crop + teacher",
+    "two_stage_detector": "two-stage: ROI provider only",
     "two_stage_crop": "two-stage: crop + teacher only",
 }
 

@@ -1,7 +1,7 @@
 """The ultralytics detection dataset of one fold, written by the ``yolo`` ROI provider.
 
 In the provider's ``dataset/`` folder: ``images/{train,val}`` (images symlinked, or converted
-to 8-bit PNG when they are 16-bit/float or of a format ultralytics does not read),
+to 8-bit PNG when they are 16-bit/float, scans, or of a format ultralytics does not read),
 ``labels/{train,val}`` (one label ``0 cx cy w h`` per image: the axis-aligned box around the
 rotated expert ROI, see :func:`yolo_label`; another provider passes its own label line, e.g.
 ``yolo_obb``'s four corners) and ``data.yaml`` (one class ``roi``). The validation part is
@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from kdtoolkit.data.geometry import Box, enclosing_box
+from kdtoolkit.data.imageio import load_image
 
 #: Image files ultralytics reads as they are (8-bit); anything else is converted to PNG.
 _READABLE = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"}
@@ -60,10 +61,16 @@ def truth_box(box: Box, angle: float, width: int, height: int) -> np.ndarray:
 
 def stage_image(sample: Any, folder: Path) -> Path:
     """``sample.image`` where ultralytics can read it: a symlink (or copy) in ``folder``, or
-    an 8-bit PNG (min–max scaled) when the image is 16-bit, 32-bit or float."""
+    an 8-bit PNG (min–max scaled) when the image is 16-bit, 32-bit or float; a scan's slice
+    (a sample with a ``read`` spec) as the 8-bit PNG of the image the engine sees."""
     source = Path(sample.image)
     stem = f"{int(sample.index):06d}"
     folder.mkdir(parents=True, exist_ok=True)
+    if getattr(sample, "read", None) is not None:
+        target = folder / f"{stem}.png"
+        pixels = load_image(sample, 1)[:, :, 0]
+        Image.fromarray(np.round(pixels * 255).astype(np.uint8)).save(target)
+        return target
     with Image.open(source) as im:
         if im.mode.startswith("I") or im.mode == "F":  # 16/32-bit integer or float grey
             arr = np.asarray(im, dtype=np.float64)

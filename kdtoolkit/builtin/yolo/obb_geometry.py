@@ -8,14 +8,16 @@ radians and the width axis along ``(cos r, sin r)``, i.e. clockwise on screen. H
 swapped where needed (``ops.regularize_rboxes``), so ``w`` may be the short side.
 
 The canonical form here (:func:`canonical_roi`) makes the width the long side (the ROI is a
-2:1 rectangle whose crop is wide) and takes the angle modulo 180° into ``[−90, 90)``: the box
-is the same rectangle, and the teacher's crop (``kdtoolkit.data.view.crop_roi``) comes out the
-same way up or turned by 180°.
+2:1 rectangle whose crop is wide) and takes the angle modulo 180° into ``[c − 90, c + 90)``: the
+same rectangle. A rectangle cannot tell 180° turns apart, so ``c`` is the reference angle of the
+training ROIs (:func:`reference_angle`, their mean direction): predicted crops come out the
+same way up as the teacher's training crops (``kdtoolkit.data.view.crop_roi``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,28 +25,38 @@ import numpy as np
 from kdtoolkit.data.geometry import Box, roi_corners
 
 
-def wrap_angle(angle: float) -> float:
-    """``angle`` (degrees) modulo 180, in ``[−90, 90)``."""
-    return float((angle + 90.0) % 180.0 - 90.0)
+def wrap_angle(angle: float, centre: float = 0.0) -> float:
+    """``angle`` (degrees) modulo 180, in ``[centre − 90, centre + 90)``."""
+    return float((angle - centre + 90.0) % 180.0 - 90.0 + centre)
 
 
-def canonical_roi(box: Box, angle: float) -> np.ndarray:
+def canonical_roi(box: Box, angle: float, centre: float = 0.0) -> np.ndarray:
     """``[x0, y0, x1, y1, angle]`` of the same rectangle with the width the long side and the
-    angle in ``[−90, 90)`` (a tall box turns by −90° and swaps its sides)."""
+    angle in ``[centre − 90, centre + 90)`` (a tall box turns by −90° and swaps its sides)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     cx, cy, w, h = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
     if w < h:
         w, h, angle = h, w, angle - 90.0
-    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, wrap_angle(angle)])
+    return np.array([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, wrap_angle(angle, centre)])
 
 
-def xywhr_to_roi(xywhr: Any) -> np.ndarray:
+def reference_angle(rois: Sequence[tuple[Box, float]]) -> float:
+    """The mean direction (degrees, circular mean over 360°) of the ROIs' long axes as the
+    manifest gives them (a tall box's long axis is at ``angle − 90``); 0 for none."""
+    angles = [a if b[2] - b[0] >= b[3] - b[1] else a - 90.0 for b, a in rois]
+    if not angles:
+        return 0.0
+    rad = np.radians(np.asarray(angles, float))
+    return float(math.degrees(math.atan2(np.sin(rad).mean(), np.cos(rad).mean())))
+
+
+def xywhr_to_roi(xywhr: Any, centre: float = 0.0) -> np.ndarray:
     """An ultralytics ``cx, cy, w, h, r`` (pixels, radians) as the manifest's canonical
-    ``[x0, y0, x1, y1, angle]`` (see the module docstring)."""
+    ``[x0, y0, x1, y1, angle]``, angle in ``[centre − 90, centre + 90)`` (module docstring)."""
     cx, cy, w, h, r = (float(v) for v in np.asarray(xywhr, float)[:5])
     half = np.array([w, h]) / 2
     box = (cx - half[0], cy - half[1], cx + half[0], cy + half[1])
-    return canonical_roi(box, -math.degrees(r))
+    return canonical_roi(box, -math.degrees(r), centre)
 
 
 def roi_to_xywhr(box: Box, angle: float) -> np.ndarray:
@@ -119,9 +131,9 @@ def angle_error(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.minimum(d, 180.0 - d)
 
 
-def mean_angle(angles: np.ndarray) -> float:
+def mean_angle(angles: np.ndarray, centre: float = 0.0) -> float:
     """The mean of axial angles (degrees, modulo 180): the circular mean of the doubled angles,
-    halved, in ``[−90, 90)``."""
+    halved, in ``[centre − 90, centre + 90)``."""
     doubled = np.radians(2 * np.asarray(angles, float))
     mean = math.degrees(math.atan2(np.sin(doubled).mean(), np.cos(doubled).mean())) / 2
-    return wrap_angle(mean)
+    return wrap_angle(mean, centre)

@@ -124,4 +124,28 @@ def resolve_weights(weights: str | None) -> str | None:
         raise KdError(f"yolo weights {weights!r}: expected a local .pt file")
     if not path.is_file():
         raise KdError(f"yolo weights {weights!r}: no such file (nothing is downloaded)")
+    check_safe_weights(path)
     return str(path.resolve())
+
+
+def check_safe_weights(path: Path) -> None:
+    """Refuse a ``.pt`` that ultralytics cannot load without unpickling arbitrary code: it is
+    loaded with ``weights_only=True`` against ultralytics' allow-list of model classes."""
+    import tempfile
+
+    from kdtoolkit.builtin.yolo.session import ultralytics_session
+
+    with (
+        tempfile.TemporaryDirectory(prefix="kd-yolo-") as folder,
+        ultralytics_session(Path(folder)),
+    ):
+        from ultralytics.nn.tasks import torch_safe_load
+
+        try:
+            torch_safe_load(str(path), safe_only=True)
+        except Exception as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise KdError(
+                f"yolo weights {str(path)!r}: not loadable as plain weights ({reason[:200]}); "
+                "use an ultralytics checkpoint of model classes only (docs/roi.md)"
+            ) from None

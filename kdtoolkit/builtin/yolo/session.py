@@ -135,6 +135,11 @@ def ultralytics_session(
         for module in (utils, checks):
             _patch(stack, module, "AUTOINSTALL", False)
         _patch(stack, ultralytics.utils.events.events, "enabled", False)
+        import ultralytics.nn.tasks
+
+        # every .pt is loaded with weights_only=True against ultralytics' allow-list of model
+        # classes (its safe-load switch): a weights file cannot run code
+        _patch(stack, ultralytics.nn.tasks, "SAFE_LOAD", True)
         for module in (checks, ultralytics.data.utils, ultralytics.utils.plotting):
             _patch(stack, module, "check_font", lambda *args, **kwargs: None)
         yield ultralytics

@@ -60,9 +60,7 @@ def phantom_command(
             bar.update(task, completed=done, total=total)
 
         if fmt == "png":
-            manifest = ensure_phantom(
-                out, n=n, seed=seed, size=size, crops=crops, progress=advance
-            )
+            manifest = ensure_phantom(out, n=n, seed=seed, size=size, crops=crops, progress=advance)
         else:
             manifest = ensure_volumes(
                 out, fmt, n=n, seed=seed, size=size, crops=crops, progress=advance

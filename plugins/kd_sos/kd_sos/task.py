@@ -20,7 +20,7 @@ DESCRIPTIONS = (
 )
 
 DEFAULTS = {
-    "data": {"crop_size": [112, 224], "channels": 1},  # 2:1 crops of the grey synchondrosis
+    "data": {"channels": 1},  # grey; crops follow crop_aspect (2:1 at 224 px: 112×224)
     "cv": {"folds": 5},
     "loss": [
         {"name": "ce", "weight": 0.2},

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
-RECIPES = sorted((ROOT / "recipes").glob("*.toml"))
+RECIPES = sorted((ROOT / "recipes").glob("sos*.toml"))
 
 
 def kd(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -8,12 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 import torch
-
 from kd_sos.volumes import ensure_volumes
+
 from kdtoolkit.data.bank import BankDataset, ImageBank
 from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.manifest import read_manifest
@@ -93,7 +92,8 @@ def test_no_patient_data_in_the_run_folder(phantoms, tmp_path):
         "[cv]\nfolds = 2\nval_fraction = 0.2\n"
         '[teacher]\nbackbone = "resnet10t"\nepochs = 1\nbatch_size = 8\n'
         '[student]\nbackbone = "resnet10t"\nepochs = 1\nbatch_size = 8\n'
-        '[[loss]]\nname = "ce"\n[[loss]]\nname = "kl"\n[evaluate]\ncam_examples = 2\n'
+        '[[loss]]\nname = "ce"\n[[loss]]\nname = "kl"\n'
+        "[evaluate]\nbaseline = false\ncam_examples = 2\n"
     )
     cli = [sys.executable, "-m", "kdtoolkit.cli"]
     done = subprocess.run([*cli, "run", str(recipe), "--quiet"], capture_output=True, text=True)
