@@ -3,9 +3,11 @@ in a whole run: crop geometry, offline end-to-end run, report, and detector-conf
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.font_manager  # noqa: F401  (its font cache is built before HOME is emptied)
 import numpy as np
@@ -16,15 +18,21 @@ from torch.utils.data import DataLoader
 import kdtoolkit
 from kdtoolkit.config.recipe import RecipeError, load_recipe
 from kdtoolkit.data.dataset import KdDataset
+from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import read_manifest
 from kdtoolkit.data.view import crop_roi, normalise, view_config
 from kdtoolkit.engine.evaluate import two_stage_logits
+from kdtoolkit.engine.plan import fold_plan, needs_aligned_classifier
+from kdtoolkit.engine.stage import enclosure_samples
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.plugins import manager as plugin
+from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.roi import RoiProvider, RoiResult
+from kdtoolkit.testing import TINY_RECIPE, run_tiny_recipe, tiny_manifest
 from tests.conftest import CLASSES, kd
 from tests.test_yolo import empty_home, offline  # noqa: F401  (fixtures)
 
@@ -209,3 +217,100 @@ def test_reference_recipe_uses_yolo_and_quick_start_manual():
     assert manual.roi.mask == sos.roi.mask
     tuned = load_recipe(ROOT / "recipes" / "sos.toml", ["roi.epochs=5", 'roi.provider="yolo"'])
     assert tuned.roi.options["epochs"] == 5 and tuned.roi.options["imgsz"] == 512
+
+
+# --------------------------------------------------------------------------- axis-aligned provider
+
+
+class AxisBoxes(RoiProvider):
+    """A perfect axis-aligned detector: the enclosure of each expert ROI, angle 0."""
+
+    learned = True
+
+    def provide(self, request):
+        rows = enclosure_samples([request.samples[i] for i in request.predict])
+        return RoiResult(
+            boxes=np.array([s.box for s in rows]),
+            angles=np.zeros(len(rows)),
+            found=np.ones(len(rows), dtype=bool),
+        )
+
+
+class OrientedBoxes(AxisBoxes):
+    oriented = True
+
+
+class AxisPlugin:
+    __name__ = "kd_axis"
+
+    @hookimpl
+    def kd_register_roi_providers(self, registry):
+        registry.register("axis_box", AxisBoxes)
+
+
+def rotated_manifest(folder: Path, angle: float) -> Path:
+    """``tiny_manifest`` with every ROI rotated by ``angle`` degrees."""
+    path = tiny_manifest(folder)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows = [[*rows[0], "angle"]] + [[*r, str(angle)] for r in rows[1:]]
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_enclosure_samples_are_the_clipped_axis_aligned_box_around_the_roi(tiny_recipe):
+    samples, cfg = tiny_samples(tiny_recipe)
+    for s, e in zip(samples, enclosure_samples(samples), strict=True):
+        corners = roi_corners(s.box, s.angle)  # by hand: min/max of the four corners, clipped
+        x0, y0 = np.maximum(corners.min(0), 0)
+        x1, y1 = np.minimum(corners.max(0), [s.width, s.height])
+        np.testing.assert_allclose(e.box, (x0, y0, x1, y1), atol=1e-9)
+        assert e.angle == 0 and e.crop is None and e.image == s.image and e.label == s.label
+    # the classifier's views are what the provider's boxes cut: crop_roi at angle 0
+    aligned = enclosure_samples(samples)
+    dataset = KdDataset(aligned, np.arange(4), cfg, train=False, seed=0)
+    for s in aligned[:4]:
+        image = load_image(s.image, cfg.channels)
+        expected = normalise(crop_roi(image, s.box, 0.0, cfg.crop_size), cfg)
+        assert torch.equal(dataset[s.index]["crop"], expected)
+
+
+def test_only_a_learned_unoriented_provider_on_rotated_rois_needs_its_own_classifier(tiny_recipe):
+    samples, _ = tiny_samples(tiny_recipe)  # some rotated
+    flat = [dataclasses.replace(s, angle=0.0) for s in samples]
+    assert needs_aligned_classifier(AxisBoxes, samples)
+    assert not needs_aligned_classifier(OrientedBoxes, samples)
+    assert not needs_aligned_classifier(AxisBoxes, flat)
+    assert not needs_aligned_classifier(RoiProvider, samples)  # not learned: no two-stage row
+    recipe = load_recipe(tiny_recipe)
+    roles = [s.role for s in fold_plan(recipe, aligned_two_stage=True).stages[:-1]]
+    assert roles == ["teacher", "roi", "two_stage_classifier", "student", "baseline_full"]
+    assert fold_plan(recipe, aligned_two_stage=True).evaluation.two_stage_model == roles[2]
+    assert fold_plan(recipe).evaluation.two_stage_model == "teacher"
+
+
+@pytest.mark.slow
+def test_an_axis_aligned_provider_gets_a_classifier_trained_on_axis_aligned_crops(tmp_path):
+    manifest = rotated_manifest(tmp_path / "rotated", 8.0)
+    result = run_tiny_recipe(
+        tmp_path, AxisPlugin(), roi={"provider": "axis_box"}, **{"data.manifest": str(manifest)}
+    )
+    run = result.output
+    assert result.results["models"]["two_stage"] == (
+        "axis_box → two-stage classifier on axis-aligned enclosure crops (resnet10t)"
+    )
+    report = (run / "report.md").read_text()
+    assert "two-stage classifier on axis-aligned enclosure crops" in report
+    # the row's predictions are the classifier's on the provider's crops, recomputed here
+    cfg = view_config(load_recipe(TINY_RECIPE, **{"data.manifest": str(manifest)}))
+    samples = read_manifest(manifest, CLASSES).samples
+    for fold in result.results["folds_run"]:
+        ckpt = run / f"fold_{fold}" / "two_stage_classifier" / "model.safetensors"
+        classifier = load_model(ckpt, torch.device("cpu"))[0]
+        evaluation = json.loads((run / f"fold_{fold}" / "eval.json").read_text())
+        test_idx = np.array(evaluation["predictions"]["index"])
+        everything = SimpleNamespace(samples=samples, predict=np.arange(len(samples)))
+        rois = AxisBoxes().provide(everything)
+        logits, _ = two_stage_logits(classifier, samples, test_idx, rois, cfg, torch.device("cpu"))
+        assert logits.argmax(1).tolist() == evaluation["predictions"]["two_stage"]

@@ -88,13 +88,15 @@ def evaluate_fold(
     k: int,
     test_idx: np.ndarray,
     spec: EvaluateSpec,
-    teacher: torch.nn.Module,
+    crop_models: tuple[torch.nn.Module, torch.nn.Module],
     checkpoints: Mapping[str, Path],
     rois: RoiResult | None,
 ) -> FoldResult:
     """Every row's metrics on the held-out fold ``k`` (never seen in training or selection):
-    ``teacher`` on crops, each ``spec.rows`` model (``checkpoints[role]``) on full images and,
-    given ``rois`` (a learned provider's boxes), the two-stage pipeline."""
+    the teacher on crops, each ``spec.rows`` model (``checkpoints[role]``) on full images and,
+    given ``rois`` (a learned provider's boxes), the two-stage pipeline: the provider's crops
+    classified by the second of ``crop_models = (teacher, two-stage classifier)``."""
+    teacher, classifier = crop_models
     device, n_classes = ctx.device, ctx.num_classes
     loader = ctx.loaders(test_idx, False, spec.batch_size, seed=k)
     result = FoldResult(fold=k, n_test=len(test_idx), metrics={})
@@ -128,7 +130,9 @@ def evaluate_fold(
         )
 
     if rois is not None:
-        logits, crop_ms = two_stage_logits(teacher, ctx.samples, test_idx, rois, ctx.view, device)
+        logits, crop_ms = two_stage_logits(
+            classifier, ctx.samples, test_idx, rois, ctx.view, device
+        )
         add(TWO_STAGE, labels, logits)
         # the provider's own per-image time (a detector's), measured on held-out images
         detector_ms = rois.metrics.get("latency_ms")

@@ -91,12 +91,14 @@ class Loaders:
         seed: int,
         mask_rois: dict[int, tuple] | None = None,
         views: tuple[str, ...] = ("image", "crop"),
+        samples: Sequence[Sample] | None = None,
     ) -> Loader:
         """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
-        training batches are shuffled and augmented, deterministic given ``seed``."""
+        training batches are shuffled and augmented, deterministic given ``seed``.
+        ``samples``: the run's samples with other ROIs (same images; default: the run's)."""
         generator = torch.Generator().manual_seed(seed)
         drop_last = train and len(indices) > batch_size
-        args = (self.samples, indices, self.cfg, train, seed, mask_rois)
+        args = (samples or self.samples, indices, self.cfg, train, seed, mask_rois)
         if self.banks is not None:
             dataset = BankDataset(*self.banks, *args, views=views)
             return BankLoader(dataset, batch_size, train, drop_last, generator)

@@ -19,6 +19,7 @@ from kdtoolkit.report.results import (
     ROI,
     STUDENT,
     TEACHER,
+    TWO_STAGE_CLASSIFIER,
     variant_row,
 )
 
@@ -31,8 +32,9 @@ class TrainSpec:
     ``loss``: the ``[[loss]]`` terms (from the loss registry); empty: the engine's
     cross-entropy. Inputs: ``teacher`` names the stage whose model feeds the terms that need a
     teacher (and ``init_from_teacher``); ``rois`` puts the ROI stage's boxes into the views'
-    ROI masks. ``recipe``: the recipe stamped into the checkpoint (a variant's own; None: the
-    run's).
+    ROI masks. ``crops``: the teacher-view ROIs, "expert" (rotated as annotated) or
+    "enclosure" (the axis-aligned box around each, as an axis-aligned detector cuts).
+    ``recipe``: the recipe stamped into the checkpoint (a variant's own; None: the run's).
     """
 
     role: str
@@ -41,6 +43,7 @@ class TrainSpec:
     loss: tuple[LossConfig, ...] = ()
     teacher: str | None = None
     rois: bool = False
+    crops: str = "expert"
     recipe: Recipe | None = None
 
 
@@ -65,6 +68,7 @@ class EvaluateSpec:
     batch_size: int
     teacher: str = TEACHER
     two_stage: bool = True
+    two_stage_model: str = TEACHER
     cam_examples: int = 0
     cache: bool = True
 
@@ -97,7 +101,8 @@ class FoldPlan:
     def teachers(self) -> set[str]:
         """Roles whose models later stages take as input."""
         used = {s.teacher for s in self.stages if isinstance(s, TrainSpec) and s.teacher}
-        return used | {self.evaluation.teacher}
+        evaluation = self.evaluation
+        return used | {evaluation.teacher, evaluation.two_stage_model}
 
 
 def teacher_spec(recipe: Recipe) -> TrainSpec:
@@ -129,9 +134,31 @@ def baseline_spec(recipe: Recipe) -> TrainSpec:
     return TrainSpec(BASELINE_FULL, "image", recipe.student)
 
 
-def fold_plan(recipe: Recipe) -> FoldPlan:
-    """A run's plan: teacher → roi → student → baseline (``evaluate.baseline``) → evaluate."""
+def two_stage_spec(recipe: Recipe) -> TrainSpec:
+    """The two-stage classifier of an axis-aligned ROI provider: the teacher's settings, trained
+    on the axis-aligned enclosures of the expert ROIs (the crops such a provider cuts), so the
+    two-stage row is not a rotated-crop teacher fed crops it has never seen."""
+    return TrainSpec(TWO_STAGE_CLASSIFIER, "crop", recipe.teacher, crops="enclosure")
+
+
+def needs_aligned_classifier(provider: type, samples: Sequence[Any]) -> bool:
+    """Whether a two-stage row needs its own classifier on axis-aligned crops: the ROI
+    ``provider`` (a class) is learned but predicts no angle (not ``oriented``), while some
+    expert ROIs are rotated, so the teacher's crops are not what the provider's boxes cut."""
+    rotated = any(s.box is not None and s.angle != 0 for s in samples)
+    learned, oriented = getattr(provider, "learned", False), getattr(provider, "oriented", False)
+    return bool(learned and not oriented and rotated)
+
+
+def fold_plan(recipe: Recipe, aligned_two_stage: bool = False) -> FoldPlan:
+    """A run's plan: teacher → roi → student → baseline (``evaluate.baseline``) → evaluate;
+    ``aligned_two_stage`` (the provider's boxes have no angle, the expert ROIs do) adds the
+    two-stage classifier on axis-aligned crops (``two_stage_spec``) that the two-stage row uses
+    instead of the teacher."""
     stages: list[StageSpec] = [teacher_spec(recipe), roi_spec(recipe), student_spec(recipe)]
+    aligned = aligned_two_stage and recipe.evaluate.two_stage
+    if aligned:
+        stages.insert(2, two_stage_spec(recipe))
     rows = [(STUDENT, STUDENT)]
     if recipe.evaluate.baseline:
         stages.append(baseline_spec(recipe))
@@ -140,6 +167,7 @@ def fold_plan(recipe: Recipe) -> FoldPlan:
         rows=tuple(rows),
         batch_size=recipe.student.batch_size,
         two_stage=recipe.evaluate.two_stage,
+        two_stage_model=TWO_STAGE_CLASSIFIER if aligned else TEACHER,
         cam_examples=recipe.evaluate.cam_examples,
     )
     return FoldPlan((*stages, evaluation))

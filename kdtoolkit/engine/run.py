@@ -21,7 +21,14 @@ from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
-from kdtoolkit.engine.plan import EvaluateSpec, FoldPlan, RoiSpec, TrainSpec, fold_plan
+from kdtoolkit.engine.plan import (
+    EvaluateSpec,
+    FoldPlan,
+    RoiSpec,
+    TrainSpec,
+    fold_plan,
+    needs_aligned_classifier,
+)
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.stage import (
     checkpoint_digest,
@@ -33,6 +40,7 @@ from kdtoolkit.engine.stage import (
 from kdtoolkit.errors import Interrupted, KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.checkpoint import load_model
+from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report import figures
 from kdtoolkit.report.markdown import write_report
@@ -125,7 +133,10 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
             assert isinstance(stage, EvaluateSpec)
             two_stage = rois if (learned and stage.two_stage) else None
             teacher = models[stage.teacher]
-            result = evaluate_fold(ctx, k, test_idx, stage, teacher, checkpoints, two_stage)
+            classifier = models[stage.two_stage_model]
+            result = evaluate_fold(
+                ctx, k, test_idx, stage, (teacher, classifier), checkpoints, two_stage
+            )
             result.roi = rois.metrics if rois is not None else {}
             if stage.cache:
                 result.write(done)
@@ -211,6 +222,22 @@ def write_figures(ctx: RunContext, results: RunResults) -> dict[str, str]:
     return made
 
 
+def aligned_two_stage(ctx: RunContext) -> bool:
+    """``needs_aligned_classifier`` of the run's ROI provider and samples."""
+    provider = registries().roi_providers.get(ctx.recipe.roi.provider)
+    return needs_aligned_classifier(provider, ctx.samples)
+
+
+def two_stage_model(ctx: RunContext) -> str:
+    """What the two-stage row is: provider → which classifier, trained on which crops."""
+    r = ctx.recipe
+    if aligned_two_stage(ctx):
+        classifier = "two-stage classifier on axis-aligned enclosure crops"
+    else:
+        classifier = "teacher on expert crops"
+    return f"{r.roi.provider} → {classifier} ({r.teacher.backbone})"
+
+
 def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
     """Aggregate the folds into results.json/csv, figures and report.md."""
     r = ctx.recipe
@@ -219,7 +246,7 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
         classes=list(ctx.classes),
         models={
             TEACHER_CROP: r.teacher.backbone,
-            TWO_STAGE: f"{r.roi.provider} → {r.teacher.backbone}",
+            TWO_STAGE: two_stage_model(ctx),
             BASELINE_FULL: r.student.backbone,
             STUDENT: r.student.backbone,
         },
@@ -254,7 +281,7 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
     ctx = RunContext.open(recipe, progress, force)
     progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
-    per_fold = run_folds(ctx, fold_plan(recipe), ctx.folds_to_run())
+    per_fold = run_folds(ctx, fold_plan(recipe, aligned_two_stage(ctx)), ctx.folds_to_run())
     for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
         done = ctx.paths.evaluation(k)
         if k not in per_fold and done.exists():

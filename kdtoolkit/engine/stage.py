@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 import zlib
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,8 @@ import numpy as np
 import torch
 
 from kdtoolkit.config.recipe import ModelConfig, Recipe
+from kdtoolkit.data.geometry import enclosing_box
+from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.device import seed_everything
@@ -131,6 +135,19 @@ def checkpoint_digest(path: Path) -> str | None:
         return None
 
 
+def enclosure_samples(samples: Sequence[Sample]) -> list[Sample]:
+    """``samples`` with each expert ROI replaced by its axis-aligned enclosure (clipped to the
+    image, angle 0) and no crop file: the crops an axis-aligned detector's boxes cut."""
+    out = []
+    for s in samples:
+        box = s.box
+        if box is not None:
+            x0, y0, x1, y1 = (float(v) for v in enclosing_box(box, s.angle))
+            box = (max(x0, 0.0), max(y0, 0.0), min(x1, s.width), min(y1, s.height))
+        out.append(replace(s, box=box, angle=0.0, crop=None))
+    return out
+
+
 def train_model(
     ctx: RunContext,
     fold: int,
@@ -164,6 +181,7 @@ def train_model(
     loss.setup(model.num_features, teacher.num_features if teacher is not None else None)
     train_idx, val_idx = split
     views = ("image", "crop") if view == "image" and teacher is not None else (view,)
+    samples = enclosure_samples(ctx.samples) if spec.crops == "enclosure" else None
     stage = Stage(
         name=spec.role,
         model=model,
@@ -180,8 +198,8 @@ def train_model(
     started = time.perf_counter()
     best = train_stage(
         stage,
-        ctx.loaders(train_idx, True, config.batch_size, seed, mask_rois, views),
-        ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,)),
+        ctx.loaders(train_idx, True, config.batch_size, seed, mask_rois, views, samples),
+        ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,), samples=samples),
         ctx.device,
         state_path,
         ctx.num_classes,

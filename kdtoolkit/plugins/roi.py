@@ -84,9 +84,12 @@ class RoiResult:
 class RoiProvider:
     """Base class: subclasses take their recipe options as ``__init__`` keyword arguments and
     implement ``provide``. ``learned`` providers are fitted per fold on training images only
-    (their held-out boxes make the two-stage baseline)."""
+    (their held-out boxes make the two-stage baseline); ``oriented`` ones predict the ROI's
+    angle (else their angles are 0, and the two-stage row uses a classifier trained on
+    axis-aligned crops, see ``kdtoolkit.engine.plan.two_stage_spec``)."""
 
     learned: bool = False
+    oriented: bool = False
 
     def provide(self, request: RoiRequest) -> RoiResult:  # pragma: no cover - interface
         raise NotImplementedError

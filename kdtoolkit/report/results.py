@@ -34,6 +34,9 @@ ROWS = (TEACHER_CROP, BASELINE_FULL, TWO_STAGE, STUDENT)
 
 TEACHER = "teacher"
 ROI = "roi"
+#: The classifier of an axis-aligned provider's two-stage row, trained on the axis-aligned
+#: enclosures of the training ROIs (what such a provider's boxes cut).
+TWO_STAGE_CLASSIFIER = "two_stage_classifier"
 #: Stages of a fold (folder names); the student and the baseline share their row's name.
 ROLES = (TEACHER, ROI, STUDENT, BASELINE_FULL)
 

@@ -48,6 +48,7 @@ class YoloObbProvider(YoloProvider):
     Options as for ``yolo``; ``model`` is an OBB model YAML (``yolo11n-obb.yaml``)."""
 
     name, task, heads, example = "yolo_obb", "obb", OBB_HEADS, "yolo11n-obb.yaml"
+    oriented = True
 
     def __init__(
         self,
