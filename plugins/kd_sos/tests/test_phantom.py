@@ -1,4 +1,5 @@
-"""The SOS phantom, the ``sos`` task and the ``kd sos`` command."""
+"""The SOS phantom: stage mix, files, what is drawn, difficulty and the cache (the ``sos``
+task and the ``kd sos`` command: test_sos_plugin.py)."""
 
 from __future__ import annotations
 
@@ -8,34 +9,27 @@ import json
 import math
 from pathlib import Path
 
-import kd_sos.plugin
 import numpy as np
-import pluggy
 import pytest
-import typer
 from kd_sos.phantom import (
+    CUE_AMOUNT,
     CUES,
     PAPER_COUNTS,
     PRESETS,
     STAGES,
     Difficulty,
-    _sample_rng,
     ensure_phantom,
     preset,
     render,
+    sample_rng,
     stage_counts,
     stage_order,
     write_phantom,
 )
-from kd_sos.task import phantom_data
 from PIL import Image
-from typer.testing import CliRunner
 
-import kdtoolkit.plugins.hookspec
-from kdtoolkit.config.option import check_options
 from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.errors import KdError
-from kdtoolkit.plugins.registry import Registry
 
 
 def read_manifest(path: Path) -> tuple[list[str], list[dict]]:
@@ -80,6 +74,26 @@ def dip_and_peak(rows: np.ndarray) -> tuple[float, float]:
     centre = profile[w // 4 : 3 * w // 4]
     med = float(np.median(profile[2:-2]))
     return med - float(centre.min()), float(centre.max()) - med
+
+
+def band_width_range(d: Difficulty) -> tuple[float, float]:
+    """Least and greatest ROI width / image width that ``d`` draws: ``band_width`` times the pose
+    scale jitter (uniform in ``1 ± scale_jitter``) times the skull-size cue. That cue grows the
+    whole head by ``1 + age_cues · CUE_AMOUNT["skull"] · (m - 0.5)`` with the maturity ``m``
+    clamped to [-0.1, 1.1], i.e. by at most ``± 0.6 · age_cues · CUE_AMOUNT["skull"]``."""
+    skull = 0.6 * d.age_cues * CUE_AMOUNT["skull"]
+    return (
+        d.band_width * (1 - d.scale_jitter) * (1 - skull),
+        d.band_width * (1 + d.scale_jitter) * (1 + skull),
+    )
+
+
+def skull_growth(d: Difficulty, cues: dict[str, float]) -> float:
+    """How much the skull-size cue scaled the head of a slice with these ``cues``."""
+    if not cues:
+        return 1.0
+    m = min(max(cues["skull"], -0.1), 1.1)
+    return 1 + d.age_cues * CUE_AMOUNT["skull"] * (m - 0.5)
 
 
 def band_score(crop: np.ndarray) -> float:
@@ -139,12 +153,13 @@ def test_manifest_format(dataset):
     assert {r["label"] for r in rows} <= set(STAGES)
     counts = [sum(r["label"] == s for r in rows) for s in STAGES]
     assert counts == stage_counts(30)
+    lo, hi = band_width_range(Difficulty())  # the fixture's (paper) regime: about 0.094..0.159
     for row in rows:
         img = Image.open(dataset.parent / row["image"])
         assert img.mode == "L" and img.size == (256, 256)
         (x0, y0, x1, y1), _ = box_of(row)
         assert math.isclose(x1 - x0, 2 * (y1 - y0), rel_tol=1e-3)
-        assert 0.08 < (x1 - x0) / 256 < 0.17  # ~12.5% of the width, times pose and skull size
+        assert lo - 1e-5 < (x1 - x0) / 256 < hi + 1e-5  # the box is rounded to 0.001 px
         cw, ch = Image.open(dataset.parent / row["crop"]).size
         assert abs(cw - 2 * ch) <= 1 and abs(cw - (x1 - x0)) <= 1
 
@@ -154,6 +169,24 @@ def test_manifest_without_crops(tmp_path):
     columns, _ = read_manifest(manifest)
     assert columns == ["image", "label", "x0", "y0", "x1", "y1", "angle", "group"]
     assert not (tmp_path / "crops").exists()
+
+
+@pytest.mark.parametrize("regime", ["paper", "hard"])
+def test_band_width_is_band_width_times_pose_and_skull_scale(regime):
+    """The ROI width is ``band_width`` of the image times the pose scale jitter and the skull
+    growth, and the jitter spans its range (so :func:`band_width_range` is not loose)."""
+    d, n, seed, size = PRESETS[regime], 60, 4, 64
+    order = stage_order(n, seed)
+    jitter = []
+    for i in range(n):
+        sample = render(sample_rng(seed, i), int(order[i]), size, d)
+        x0, y0, x1, y1 = sample.box
+        assert math.isclose(x1 - x0, 2 * (y1 - y0))
+        lo, hi = band_width_range(d)
+        assert lo <= (x1 - x0) / size <= hi
+        jitter.append((x1 - x0) / (size * d.band_width * skull_growth(d, sample.cues)))
+    assert 1 - d.scale_jitter - 1e-9 <= min(jitter) < 1 - d.scale_jitter / 2
+    assert 1 + d.scale_jitter / 2 < max(jitter) <= 1 + d.scale_jitter + 1e-9
 
 
 def test_roi_corners_inside_the_image(dataset):
@@ -233,7 +266,7 @@ HARD_IMAGES = {  # sha256 prefixes of the first slices of the "hard" phantom (ge
 def test_hard_draws_the_same_images_as_before(size, seed):
     order = stage_order(300, seed)
     for i, expected in enumerate(HARD_IMAGES[size, seed]):
-        sample = render(_sample_rng(seed, i), int(order[i]), size, PRESETS["hard"])
+        sample = render(sample_rng(seed, i), int(order[i]), size, PRESETS["hard"])
         assert hashlib.sha256(sample.image.tobytes()).hexdigest()[:16] == expected
         assert sample.cues == {}
 
@@ -252,7 +285,7 @@ def test_presets():
 
 def paper_samples(n: int = 120, seed: int = 5, size: int = 64):
     order = stage_order(n, seed)
-    return order, [render(_sample_rng(seed, i), int(order[i]), size) for i in range(n)]
+    return order, [render(sample_rng(seed, i), int(order[i]), size) for i in range(n)]
 
 
 def test_paper_cues_track_the_stage():
@@ -309,77 +342,3 @@ def test_bad_parameters_are_one_line_errors(tmp_path):
         write_phantom(tmp_path, n=2, difficulty=Difficulty(min_decoys=3, max_decoys=1))
     with pytest.raises(KdError, match="size"):
         write_phantom(tmp_path, n=2, size=16)
-
-
-# ------------------------------------------------------------------------------ plugin
-
-
-def fresh_manager() -> pluggy.PluginManager:
-    pm = pluggy.PluginManager("kdtoolkit")
-    pm.add_hookspecs(kdtoolkit.plugins.hookspec)
-    pm.register(kd_sos.plugin)
-    pm.check_pending()  # every hook implementation matches a hook
-    return pm
-
-
-def test_registers_the_sos_task(tmp_path):
-    registry = Registry("task")
-    fresh_manager().hook.kd_register_tasks(registry=registry)
-    task = registry.get("sos")
-    assert task.name == "sos" and task.classes == STAGES
-    assert len(task.descriptions) == 5 and task.ordinal and task.crop_aspect == 2.0
-    assert task.defaults["cv"] == {"folds": 5}
-    weights = {term["name"]: term["weight"] for term in task.defaults["loss"]}
-    assert weights == {"ce": 0.2, "kl": 0.8, "attention_mse": 0.01}
-    good = {"n": 5, "seed": 1, "size": 64, "band_width": 0.1, "noise": 0.02}
-    assert check_options(task.make_data, good, "task", ("out_dir",)) == []
-    problems = check_options(task.make_data, {"n": 0, "sise": 64}, "task", ("out_dir",))
-    assert len(problems) == 2
-    manifest = task.make_data(tmp_path, n=5, seed=1, size=64)
-    _, rows = read_manifest(manifest)
-    assert len(rows) == 5
-    assert task.make_data(tmp_path, n=5, seed=1, size=64) == manifest  # reused
-    other = task.make_data(tmp_path, n=5, seed=2, size=64)  # beside it, not over it
-    assert other.parent != manifest.parent and manifest.exists()
-
-
-def test_difficulty_option(tmp_path):
-    assert check_options(phantom_data, {"difficulty": "hard"}, "task", ("out_dir",)) == []
-    problems = check_options(phantom_data, {"difficulty": "easy"}, "task", ("out_dir",))
-    assert len(problems) == 1 and "\n" not in problems[0]
-    assert problems[0].startswith("task.difficulty: must be one of 'paper', 'hard', got 'easy'")
-    paper = phantom_data(tmp_path, n=3, size=64)
-    hard = phantom_data(tmp_path, n=3, size=64, difficulty="hard", noise=0.02)
-    assert paper.parent != hard.parent
-    params = json.loads((hard.parent / "phantom.json").read_text())["difficulty"]
-    assert params == {
-        **json.loads((paper.parent / "phantom.json").read_text())["difficulty"],
-        "age_cues": 0.0,
-        "scale_jitter": 0.1,
-        "noise": 0.02,
-    }
-    with pytest.raises(KdError, match="unknown difficulty"):
-        phantom_data(tmp_path, n=3, size=64, difficulty="easy")
-
-
-def test_phantom_command(tmp_path):
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        """kd"""
-
-    fresh_manager().hook.kd_register_commands(app=app)
-    runner = CliRunner()
-    out = tmp_path / "out"
-    args = ["sos", "phantom", str(out), "--n", "4", "--seed", "2", "--size", "64"]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert str(out / "manifest.csv") in result.output.replace("\n", "")
-    assert len(read_manifest(out / "manifest.csv")[1]) == 4
-    assert "reused" in runner.invoke(app, args).output
-    bad = runner.invoke(app, ["sos", "phantom", str(out), "--n", "0"])
-    assert isinstance(bad.exception, KdError) and "n must be >= 1" in str(bad.exception)
-    assert len(read_manifest(out / "manifest.csv")[1]) == 4  # the old phantom is untouched
-    bad = runner.invoke(app, ["sos", "phantom", str(out), "--n", "many"])
-    assert bad.exit_code == 2
