@@ -43,6 +43,8 @@ def phantom_data(
     min_decoys: Annotated[int | None, Range(ge=0, le=8)] = None,
     max_decoys: Annotated[int | None, Range(ge=0, le=8)] = None,
     noise: Annotated[float | None, Range(ge=0, le=0.5)] = None,
+    age_cues: Annotated[float | None, Range(ge=0, le=2)] = None,
+    age_spread: Annotated[float | None, Range(gt=0, le=3)] = None,
 ) -> Path:
     """The synthetic SOS phantom under ``out_dir`` (generated once, then reused); its manifest.
 
@@ -58,6 +60,8 @@ def phantom_data(
         min_decoys=min_decoys,
         max_decoys=max_decoys,
         noise=noise,
+        age_cues=age_cues,
+        age_spread=age_spread,
     )
     params = phantom_params(n, seed, size, False, d)
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
