@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from kdtoolkit.config.recipe import Recipe
@@ -21,6 +20,7 @@ from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
+from kdtoolkit.engine.outputs import row_models, write_outputs
 from kdtoolkit.engine.plan import EvaluateSpec, FoldPlan, RoiSpec, TrainSpec, fold_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.stage import (
@@ -34,18 +34,7 @@ from kdtoolkit.errors import Interrupted, KdError
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.plugins.roi import RoiResult
-from kdtoolkit.report import figures
-from kdtoolkit.report.markdown import write_report
-from kdtoolkit.report.results import (
-    BASELINE_FULL,
-    STUDENT,
-    TEACHER,
-    TEACHER_CROP,
-    TWO_STAGE,
-    FoldResult,
-    RunResults,
-    write_results,
-)
+from kdtoolkit.report.results import FoldResult, RunResults
 
 
 @dataclass
@@ -170,66 +159,16 @@ def run_folds(
     return out
 
 
-def history_of(ctx: RunContext, k: int) -> dict[str, list[dict]]:
-    """The training history of fold ``k``'s stages that have one."""
-    out = {}
-    for role in (TEACHER, BASELINE_FULL, STUDENT):
-        meta = ctx.paths.stage(k, role) / "model.json"
-        if meta.exists():
-            out[role] = json.loads(meta.read_text()).get("history", [])
-    return out
-
-
-def write_figures(ctx: RunContext, results: RunResults) -> dict[str, str]:
-    """The run's figures into ``figures/``; ``{title: path relative to the run folder}``."""
-    out = ctx.paths.figures
-    out.mkdir(exist_ok=True)
-    made: dict[str, str] = {}
-    classes = list(ctx.classes)
-    figures.plot_confusions(out / "confusion.png", results.matrices(), classes)
-    made["confusion matrices"] = "figures/confusion.png"
-    figures.plot_results_table(
-        out / "results_table.png", results.summary, ctx.recipe.student.backbone
-    )
-    made["results table"] = "figures/results_table.png"
-    first = results.fold_ids[0]
-    figures.plot_curves(out / "curves.png", history_of(ctx, first))
-    made[f"training curves (fold {first})"] = "figures/curves.png"
-    cams_path = ctx.paths.cams(first)
-    if cams_path.exists():
-        data = np.load(cams_path)
-        if BASELINE_FULL in data and STUDENT in data:
-            figures.plot_cam_pairs(
-                out / "gradcam.png",
-                [np.transpose(im, (1, 2, 0)) for im in data["images"]],
-                list(data[BASELINE_FULL]),
-                list(data[STUDENT]),
-                list(data["boxes"]),
-                [classes[int(y)] for y in data["labels"]],
-            )
-            made[f"Grad-CAM, baseline vs student (fold {first})"] = "figures/gradcam.png"
-    return made
-
-
 def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
     """Aggregate the folds into results.json/csv, figures and report.md."""
     r = ctx.recipe
     results = RunResults(
         folds=list(per_fold.values()),
         classes=list(ctx.classes),
-        models={
-            TEACHER_CROP: r.teacher.backbone,
-            TWO_STAGE: f"{r.roi.provider} → {r.teacher.backbone}",
-            BASELINE_FULL: r.student.backbone,
-            STUDENT: r.student.backbone,
-        },
+        models=row_models(r.teacher.backbone, r.student.backbone, r.roi.provider),
         recipe_digest=r.digest(),
     )
-    made = write_figures(ctx, results)
-    write_results(ctx.paths.root, results)
-    path = write_report(ctx.paths.root, results, made)
-    gap = results.gap_closure()
-    ctx.log("gap closure: " + ("n/a" if gap is None else f"{100 * gap:.1f}%") + f"; report {path}")
+    path = write_outputs(ctx.paths, results, r.student.backbone, ctx.log)
     return RunResult(output=ctx.paths.root, report=path, run=results)
 
 
