@@ -8,19 +8,22 @@ stages and resumes an interrupted one from its last epoch.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from kdtoolkit.config.recipe import Recipe
-from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.context import RunContext, RunPaths
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
-from kdtoolkit.engine.outputs import row_models, write_outputs
+from kdtoolkit.engine.outputs import finished_folds, row_models, write_outputs
 from kdtoolkit.engine.plan import EvaluateSpec, FoldPlan, RoiSpec, TrainSpec, fold_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.stage import (
@@ -174,7 +177,8 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
 
 def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
     """Run ``recipe`` into its run folder (locked while it runs) and write results, report
-    and figures; Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
+    and figures; each fold in this process, or as a job (``[launch]``, ``run_as_jobs``);
+    Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
     out = recipe.output_dir
     try:
         with RunLock(out) as lock:
@@ -182,6 +186,8 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
             with RunProgress(out / "run.log", quiet=quiet) as progress:
                 if lock.recovered:
                     progress.log(lock.recovered)
+                if recipe.launch.executor != "inline":
+                    return run_as_jobs(recipe, progress, force)
                 return run_in(recipe, progress, force)
     except KeyboardInterrupt:
         raise interrupted(out) from None
@@ -200,3 +206,81 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
             per_fold[k] = FoldResult.read(done)
     return finish_run(ctx, dict(sorted(per_fold.items())))
+
+
+def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
+    """The body of ``run`` with ``launch.executor`` local or slurm: the data and the fold
+    assignment are checked here once (on the CPU), each fold not evaluated before becomes a job
+    (``run_fold_job``), and the report covers every finished fold; failed jobs end it with
+    ``FoldsFailed`` (after the report of the others)."""
+    jobs = import_jobs()
+    out = recipe.output_dir.resolve()
+    recipe = replace(recipe, experiment=replace(recipe.experiment, output=str(out)))
+    progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
+    cpu = replace(recipe, experiment=replace(recipe.experiment, device="cpu"))
+    ctx = RunContext.open(cpu, progress, force)
+    progress.log(f"{len(ctx.samples)} samples, {ctx.num_classes} classes")
+    plan = fold_plan(recipe)
+    todo = []
+    for k in ctx.folds_to_run():
+        done = ctx.paths.evaluation(k)
+        if plan.evaluation.cache and done.exists() and evaluation_reusable(ctx, plan, k):
+            progress.log(f"fold {k}: evaluated before, reusing {done}")
+        else:
+            todo.append(k)
+    status: dict[int, Any] = {}
+    if todo:
+
+        def job_of(k: int) -> Any:
+            return jobs.FoldJob(run_fold_job, recipe, k, force)
+
+        name = f"kd-{recipe.experiment.name}"
+        status = jobs.launch_folds(recipe.launch, out, todo, job_of, progress, name)
+    per_fold = finished_folds(ctx.paths, recipe.cv.folds)
+    for k in per_fold:
+        if k not in status and k not in ctx.folds_to_run():
+            progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
+    failed = [s for s in status.values() if s.state == "failed"]
+    if failed:
+        per_fold = {k: r for k, r in per_fold.items() if k not in {s.fold for s in failed}}
+        if per_fold:
+            finish_run(ctx, per_fold)
+        raise jobs.folds_failed(failed, list(per_fold))
+    return finish_run(ctx, per_fold)
+
+
+def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
+    """Fold ``k`` of ``recipe`` in a job's process (``jobs.FoldJob``), its fold folder locked,
+    its log in ``jobs/fold_<k>.log``; returns the path of its ``eval.json``."""
+    paths = RunPaths(recipe.output_dir)
+    log = import_jobs().job_log(paths.root, k)
+    with RunLock(paths.fold(k)), RunProgress(log, quiet=True) as progress:
+        progress.log(f"fold {k}: job started on {socket.gethostname()} (pid {os.getpid()})")
+        try:
+            ctx = RunContext.open(recipe, progress, force)
+            progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
+            run_folds(ctx, fold_plan(recipe), [k])
+        except BaseException as e:
+            why = (
+                "stopped (preempted or timed out); requeued jobs resume"
+                if isinstance(e, SystemExit)
+                else f"failed: {type(e).__name__}: {e}"
+            )
+            progress.log(f"fold {k}: {why}")
+            raise
+        progress.log(f"fold {k}: job done")
+    return str(paths.evaluation(k))
+
+
+def import_jobs() -> ModuleType:
+    """``kdtoolkit.engine.jobs`` (imported when used: it needs submitit)."""
+    try:
+        from kdtoolkit.engine import jobs
+    except ImportError as e:
+        if e.name != "submitit":
+            raise
+        raise KdError(
+            "launch.executor: folds as jobs need submitit, which is not installed; "
+            "pip install submitit, or run with --executor inline"
+        ) from None
+    return jobs
