@@ -256,7 +256,8 @@ def launch_folds(
 
     wait = poll_s if poll_s is not None else (1.0 if launch.executor == "local" else 15.0)
     how = f"{launch.executor} jobs, {len(slots)} at a time"
-    progress.log(f"folds {', '.join(map(str, folds))} as {how}; files in {jobs_folder(root)}")
+    which = f"fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}"
+    progress.log(f"{which} as {how}; files in {jobs_folder(root)}")
     return wait_for_folds(folds, submit, len(slots), launch.retries, progress.log, show, wait)
 
 

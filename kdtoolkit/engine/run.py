@@ -254,8 +254,10 @@ def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
     its log in ``jobs/fold_<k>.log``; returns the path of its ``eval.json``."""
     paths = RunPaths(recipe.output_dir)
     log = import_jobs().job_log(paths.root, k)
-    with RunLock(paths.fold(k)), RunProgress(log, quiet=True) as progress:
+    with RunLock(paths.fold(k)) as lock, RunProgress(log, quiet=True) as progress:
         progress.log(f"fold {k}: job started on {socket.gethostname()} (pid {os.getpid()})")
+        if lock.recovered:
+            progress.log(lock.recovered)
         try:
             ctx = RunContext.open(recipe, progress, force)
             progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
