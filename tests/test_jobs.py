@@ -138,6 +138,7 @@ def test_a_failed_fold_job_names_its_fold_and_log_and_keeps_the_others(runs, tmp
     assert (out / "fold_0" / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_kd_report_rebuilds_from_the_finished_folds_and_names_the_missing(runs, tmp_path, capsys):
     out = tmp_path / "copied"
     shutil.copytree(runs.out, out)
@@ -160,6 +161,7 @@ def test_kd_report_rebuilds_from_the_finished_folds_and_names_the_missing(runs, 
     assert "Mean ± std over 1 fold." in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_kd_report_without_a_finished_fold_is_a_one_line_error(runs, tmp_path, capsys):
     out = tmp_path / "empty"
     out.mkdir()

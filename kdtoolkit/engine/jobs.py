@@ -251,7 +251,8 @@ def launch_folds(
     view = progress.progress.add_task("fold jobs", total=len(folds), info="")
 
     def show(counts: Counter[str]) -> None:
-        info = " · ".join(f"{counts[s]} {s}" for s in ("running", "waiting", "failed") if counts[s])
+        states = ("done", "running", "waiting", "failed")
+        info = " · ".join(f"{counts[s]} {s}" for s in states if counts[s])
         progress.progress.update(view, completed=counts["done"] + counts["failed"], info=info)
 
     wait = poll_s if poll_s is not None else (1.0 if launch.executor == "local" else 15.0)
