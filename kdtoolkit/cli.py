@@ -63,6 +63,10 @@ def run(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
     force: Annotated[bool, typer.Option(help="Reuse a run folder of another recipe.")] = False,
     quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
+    executor: Annotated[
+        str | None,
+        typer.Option(help="inline (this process), or each fold a job: local, slurm ([launch])."),
+    ] = None,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
     from kdtoolkit.config.recipe import load_recipe
@@ -73,10 +77,27 @@ def run(
         overrides.append(f"experiment.output={json.dumps(str(output))}")
     if device is not None:
         overrides.append(f"experiment.device={json.dumps(device)}")
+    if executor is not None:
+        overrides.append(f"launch.executor={json.dumps(executor)}")
     result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
     if not quiet:
         console.print(results_table(result.run))
     console.print(f"[green]done[/]: {result.report}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (experiment.output).")],
+) -> None:
+    """Rebuild results.json/csv, report.md and figures/ of a run folder from its finished
+    folds (fold folders copied in from other machines included); say which are missing."""
+    from kdtoolkit.engine.outputs import rebuild_report
+
+    rebuilt = rebuild_report(run_dir)
+    console.print(results_table(rebuilt.results))
+    if line := rebuilt.missing_line():
+        console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
+    console.print(f"[green]done[/]: {rebuilt.report}", highlight=False, soft_wrap=True)
 
 
 def results_table(results: RunResults) -> Table:

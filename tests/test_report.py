@@ -175,7 +175,7 @@ def test_write_report(tmp_path: Path, folds: list[dict]) -> None:
     assert "| setting | model | acc | prec | rec | F1 |" in text
     assert "| crops (teacher, upper bound) | convnext_tiny | 88.24 ± 1.00 |" in text
     assert "| full image, baseline |  | 79.97 ± 1.00 |" in text
-    assert "| two-stage: ROI crop → teacher |" in text
+    assert "| two-stage: ROI crop → classifier |" in text
     assert "| full image, student (KD) | convnext_tiny | 83.75 ± 1.00 | 84.75 ± 1.00 |" in text
     assert (
         "The student closes 45.7% of the gap between the full-image baseline and the crop teacher"

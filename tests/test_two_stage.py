@@ -132,10 +132,10 @@ def test_yolo_run_offline_writes_two_stage_results_inside_the_run_folder(
             latency["two_stage_detector"] + latency["two_stage_crop"]
         )
     assert {"student", "two_stage", "two_stage_detector"} <= set(results["latency_ms"])
-    assert results["models"]["two_stage"] == "yolo → resnet10t"
+    assert results["models"]["two_stage"] == "yolo → teacher on expert crops (resnet10t)"
 
     report = (run / "report.md").read_text()
-    assert "| two-stage: ROI crop → teacher | yolo → resnet10t |" in report
+    assert "| two-stage: ROI crop → classifier | yolo → teacher on expert crops (resnet10t) |" in report
     assert "## ROI provider (held-out folds)" in report
     assert "| metric | mean ± std | fold 0 | fold 1 | meaning |" in report
     assert "detection mAP@0.5, held-out images |" in report

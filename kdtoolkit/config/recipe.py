@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from kdtoolkit.config.data import SCAN_KEYS, DataConfig, data_problems
+from kdtoolkit.config.launch import LaunchConfig, launch_problems
 from kdtoolkit.config.option import Range, check_options, check_value
 from kdtoolkit.config.override import (
     OPTION_SECTIONS,
@@ -130,6 +131,7 @@ class Recipe:
     roi: RoiConfig = field(default_factory=RoiConfig)
     loss: list[LossConfig] = field(default_factory=list)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
     source: str = "<python>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,9 +148,10 @@ class Recipe:
 
     def digest(self) -> str:
         """A short hash of what the run computes (output folder, device, data loading and
-        ``cv.only`` excluded, so a run can be done fold by fold into one folder, on any
-        machine)."""
+        ``cv.only`` and ``[launch]`` excluded, so a run can be done fold by fold into one
+        folder, on any machine)."""
         raw = self.to_dict()
+        raw.pop("launch")
         raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
         defaults = dataclasses.asdict(DataConfig())
         raw["data"] = {
@@ -250,7 +253,7 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
     if not recipe.loss:
         problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
     problems += _check_components(recipe)
-    problems += data_problems(recipe.data)
+    problems += data_problems(recipe.data) + launch_problems(recipe.launch)
     if bad := [k for k in recipe.cv.only if not 0 <= k < recipe.cv.folds]:
         problems.append(f"cv.only: folds {bad} do not exist (0..{recipe.cv.folds - 1})")
     if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size

@@ -8,19 +8,22 @@ stages and resumes an interrupted one from its last epoch.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 
 from kdtoolkit.config.recipe import Recipe
-from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.context import RunContext, RunPaths
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
+from kdtoolkit.engine.outputs import finished_folds, row_models, write_outputs
 from kdtoolkit.engine.plan import (
     EvaluateSpec,
     FoldPlan,
@@ -42,18 +45,7 @@ from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiResult
-from kdtoolkit.report import figures
-from kdtoolkit.report.markdown import write_report
-from kdtoolkit.report.results import (
-    BASELINE_FULL,
-    STUDENT,
-    TEACHER,
-    TEACHER_CROP,
-    TWO_STAGE,
-    FoldResult,
-    RunResults,
-    write_results,
-)
+from kdtoolkit.report.results import FoldResult, RunResults
 
 
 @dataclass
@@ -181,61 +173,10 @@ def run_folds(
     return out
 
 
-def history_of(ctx: RunContext, k: int) -> dict[str, list[dict]]:
-    """The training history of fold ``k``'s stages that have one."""
-    out = {}
-    for role in (TEACHER, BASELINE_FULL, STUDENT):
-        meta = ctx.paths.stage(k, role) / "model.json"
-        if meta.exists():
-            out[role] = json.loads(meta.read_text()).get("history", [])
-    return out
-
-
-def write_figures(ctx: RunContext, results: RunResults) -> dict[str, str]:
-    """The run's figures into ``figures/``; ``{title: path relative to the run folder}``."""
-    out = ctx.paths.figures
-    out.mkdir(exist_ok=True)
-    made: dict[str, str] = {}
-    classes = list(ctx.classes)
-    figures.plot_confusions(out / "confusion.png", results.matrices(), classes)
-    made["confusion matrices"] = "figures/confusion.png"
-    figures.plot_results_table(
-        out / "results_table.png", results.summary, ctx.recipe.student.backbone
-    )
-    made["results table"] = "figures/results_table.png"
-    first = results.fold_ids[0]
-    figures.plot_curves(out / "curves.png", history_of(ctx, first))
-    made[f"training curves (fold {first})"] = "figures/curves.png"
-    cams_path = ctx.paths.cams(first)
-    if cams_path.exists():
-        data = np.load(cams_path)
-        if BASELINE_FULL in data and STUDENT in data:
-            figures.plot_cam_pairs(
-                out / "gradcam.png",
-                [np.transpose(im, (1, 2, 0)) for im in data["images"]],
-                list(data[BASELINE_FULL]),
-                list(data[STUDENT]),
-                list(data["boxes"]),
-                [classes[int(y)] for y in data["labels"]],
-            )
-            made[f"Grad-CAM, baseline vs student (fold {first})"] = "figures/gradcam.png"
-    return made
-
-
 def aligned_two_stage(ctx: RunContext) -> bool:
     """``needs_aligned_classifier`` of the run's ROI provider and samples."""
     provider = registries().roi_providers.get(ctx.recipe.roi.provider)
     return needs_aligned_classifier(provider, ctx.samples)
-
-
-def two_stage_model(ctx: RunContext) -> str:
-    """What the two-stage row is: provider → which classifier, trained on which crops."""
-    r = ctx.recipe
-    if aligned_two_stage(ctx):
-        classifier = "two-stage classifier on axis-aligned enclosure crops"
-    else:
-        classifier = "teacher on expert crops"
-    return f"{r.roi.provider} → {classifier} ({r.teacher.backbone})"
 
 
 def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
@@ -244,25 +185,19 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
     results = RunResults(
         folds=list(per_fold.values()),
         classes=list(ctx.classes),
-        models={
-            TEACHER_CROP: r.teacher.backbone,
-            TWO_STAGE: two_stage_model(ctx),
-            BASELINE_FULL: r.student.backbone,
-            STUDENT: r.student.backbone,
-        },
+        models=row_models(
+            r.teacher.backbone, r.student.backbone, r.roi.provider, aligned_two_stage(ctx)
+        ),
         recipe_digest=r.digest(),
     )
-    made = write_figures(ctx, results)
-    write_results(ctx.paths.root, results)
-    path = write_report(ctx.paths.root, results, made)
-    gap = results.gap_closure()
-    ctx.log("gap closure: " + ("n/a" if gap is None else f"{100 * gap:.1f}%") + f"; report {path}")
+    path = write_outputs(ctx.paths, results, r.student.backbone, ctx.log)
     return RunResult(output=ctx.paths.root, report=path, run=results)
 
 
 def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
     """Run ``recipe`` into its run folder (locked while it runs) and write results, report
-    and figures; Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
+    and figures; each fold in this process, or as a job (``[launch]``, ``run_as_jobs``);
+    Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
     out = recipe.output_dir
     try:
         with RunLock(out) as lock:
@@ -270,6 +205,8 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
             with RunProgress(out / "run.log", quiet=quiet) as progress:
                 if lock.recovered:
                     progress.log(lock.recovered)
+                if recipe.launch.executor != "inline":
+                    return run_as_jobs(recipe, progress, force)
                 return run_in(recipe, progress, force)
     except KeyboardInterrupt:
         raise interrupted(out) from None
@@ -288,3 +225,83 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
             per_fold[k] = FoldResult.read(done)
     return finish_run(ctx, dict(sorted(per_fold.items())))
+
+
+def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
+    """The body of ``run`` with ``launch.executor`` local or slurm: the data and the fold
+    assignment are checked here once (on the CPU), each fold not evaluated before becomes a job
+    (``run_fold_job``), and the report covers every finished fold; failed jobs end it with
+    ``FoldsFailed`` (after the report of the others)."""
+    jobs = import_jobs()
+    out = recipe.output_dir.resolve()
+    recipe = replace(recipe, experiment=replace(recipe.experiment, output=str(out)))
+    progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
+    cpu = replace(recipe, experiment=replace(recipe.experiment, device="cpu"))
+    ctx = RunContext.open(cpu, progress, force)
+    progress.log(f"{len(ctx.samples)} samples, {ctx.num_classes} classes")
+    plan = fold_plan(recipe, aligned_two_stage(ctx))
+    todo = []
+    for k in ctx.folds_to_run():
+        done = ctx.paths.evaluation(k)
+        if plan.evaluation.cache and done.exists() and evaluation_reusable(ctx, plan, k):
+            progress.log(f"fold {k}: evaluated before, reusing {done}")
+        else:
+            todo.append(k)
+    status: dict[int, Any] = {}
+    if todo:
+
+        def job_of(k: int) -> Any:
+            return jobs.FoldJob(run_fold_job, recipe, k, force)
+
+        name = f"kd-{recipe.experiment.name}"
+        status = jobs.launch_folds(recipe.launch, out, todo, job_of, progress, name)
+    per_fold = finished_folds(ctx.paths, recipe.cv.folds)
+    for k in per_fold:
+        if k not in status and k not in ctx.folds_to_run():
+            progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
+    failed = [s for s in status.values() if s.state == "failed"]
+    if failed:
+        per_fold = {k: r for k, r in per_fold.items() if k not in {s.fold for s in failed}}
+        if per_fold:
+            finish_run(ctx, per_fold)
+        raise jobs.folds_failed(failed, list(per_fold))
+    return finish_run(ctx, per_fold)
+
+
+def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
+    """Fold ``k`` of ``recipe`` in a job's process (``jobs.FoldJob``), its fold folder locked,
+    its log in ``jobs/fold_<k>.log``; returns the path of its ``eval.json``."""
+    paths = RunPaths(recipe.output_dir)
+    log = import_jobs().job_log(paths.root, k)
+    with RunLock(paths.fold(k)) as lock, RunProgress(log, quiet=True) as progress:
+        progress.log(f"fold {k}: job started on {socket.gethostname()} (pid {os.getpid()})")
+        if lock.recovered:
+            progress.log(lock.recovered)
+        try:
+            ctx = RunContext.open(recipe, progress, force)
+            progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
+            run_folds(ctx, fold_plan(recipe, aligned_two_stage(ctx)), [k])
+        except BaseException as e:
+            why = (
+                "stopped (preempted or timed out); requeued jobs resume"
+                if isinstance(e, SystemExit)
+                else f"failed: {type(e).__name__}: {e}"
+            )
+            progress.log(f"fold {k}: {why}")
+            raise
+        progress.log(f"fold {k}: job done")
+    return str(paths.evaluation(k))
+
+
+def import_jobs() -> ModuleType:
+    """``kdtoolkit.engine.jobs`` (imported when used: it needs submitit)."""
+    try:
+        from kdtoolkit.engine import jobs
+    except ImportError as e:
+        if e.name != "submitit":
+            raise
+        raise KdError(
+            "launch.executor: folds as jobs need submitit, which is not installed; "
+            "pip install submitit, or run with --executor inline"
+        ) from None
+    return jobs

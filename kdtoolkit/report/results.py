@@ -44,7 +44,7 @@ ROLES = (TEACHER, ROI, STUDENT, BASELINE_FULL)
 ROW_LABELS = {
     TEACHER_CROP: "crops (teacher, upper bound)",
     BASELINE_FULL: "full image, baseline",
-    TWO_STAGE: "two-stage: ROI crop → teacher",
+    TWO_STAGE: "two-stage: ROI crop → classifier",
     STUDENT: "full image, student (KD)",
 }
 

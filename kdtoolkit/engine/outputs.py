@@ -1,0 +1,204 @@
+"""A run folder's outputs (results.json/csv, figures/, report.md), written from its finished
+folds: at the end of ``kd run``, and again by ``kd report RUN_DIR`` from whatever folds are
+finished in a folder (folds made on other machines join by copying their fold folders in)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtoolkit.engine.context import RunPaths
+from kdtoolkit.errors import KdError
+from kdtoolkit.report import figures
+from kdtoolkit.report.markdown import write_report
+from kdtoolkit.report.results import (
+    BASELINE_FULL,
+    ROLES,
+    STUDENT,
+    TEACHER,
+    TEACHER_CROP,
+    TWO_STAGE,
+    TWO_STAGE_CLASSIFIER,
+    FoldResult,
+    RunResults,
+    write_results,
+)
+
+
+def row_models(teacher: str, student: str, provider: str, aligned: bool = False) -> dict[str, str]:
+    """``{row: model name}`` of a run's report; the two-stage row says which classifier it
+    used: the teacher on expert crops, or (``aligned``) the two-stage classifier trained on
+    axis-aligned enclosure crops (``kdtoolkit.engine.plan.two_stage_spec``)."""
+    if aligned:
+        classifier = "two-stage classifier on axis-aligned enclosure crops"
+    else:
+        classifier = "teacher on expert crops"
+    return {
+        TEACHER_CROP: teacher,
+        TWO_STAGE: f"{provider} → {classifier} ({teacher})",
+        BASELINE_FULL: student,
+        STUDENT: student,
+    }
+
+
+def history_of(paths: RunPaths, k: int) -> dict[str, list[dict]]:
+    """The training history of fold ``k``'s stages that have one."""
+    out = {}
+    for role in (TEACHER, BASELINE_FULL, STUDENT):
+        meta = paths.stage(k, role) / "model.json"
+        if meta.exists():
+            out[role] = json.loads(meta.read_text()).get("history", [])
+    return out
+
+
+def write_figures(paths: RunPaths, results: RunResults, backbone: str) -> dict[str, str]:
+    """The run's figures into ``figures/`` (``backbone``: the model named in the results
+    table); ``{title: path relative to the run folder}``."""
+    out = paths.figures
+    out.mkdir(exist_ok=True)
+    made: dict[str, str] = {}
+    classes = list(results.classes)
+    figures.plot_confusions(out / "confusion.png", results.matrices(), classes)
+    made["confusion matrices"] = "figures/confusion.png"
+    figures.plot_results_table(out / "results_table.png", results.summary, backbone)
+    made["results table"] = "figures/results_table.png"
+    first = results.fold_ids[0]
+    figures.plot_curves(out / "curves.png", history_of(paths, first))
+    made[f"training curves (fold {first})"] = "figures/curves.png"
+    cams_path = paths.cams(first)
+    if cams_path.exists():
+        data = np.load(cams_path)
+        if BASELINE_FULL in data and STUDENT in data:
+            figures.plot_cam_pairs(
+                out / "gradcam.png",
+                [np.transpose(im, (1, 2, 0)) for im in data["images"]],
+                list(data[BASELINE_FULL]),
+                list(data[STUDENT]),
+                list(data["boxes"]),
+                [classes[int(y)] for y in data["labels"]],
+            )
+            made[f"Grad-CAM, baseline vs student (fold {first})"] = "figures/gradcam.png"
+    return made
+
+
+def write_outputs(
+    paths: RunPaths, results: RunResults, backbone: str, log: Callable[[str], None]
+) -> Path:
+    """Figures, results.json/csv and report.md of ``results``; returns the report's path."""
+    made = write_figures(paths, results, backbone)
+    write_results(paths.root, results)
+    path = write_report(paths.root, results, made)
+    gap = results.gap_closure()
+    log("gap closure: " + ("n/a" if gap is None else f"{100 * gap:.1f}%") + f"; report {path}")
+    return path
+
+
+def finished_folds(paths: RunPaths, folds: int) -> dict[int, FoldResult]:
+    """``{k: result}`` of the folds ``0..folds-1`` that have their ``fold_<k>/eval.json``."""
+    done = [k for k in range(folds) if paths.evaluation(k).exists()]
+    return {k: FoldResult.read(paths.evaluation(k)) for k in done}
+
+
+@dataclass
+class Rebuilt:
+    """What ``rebuild_report`` wrote: the results, the report's path, the folds it lacks and
+    the folds it left out (made by another recipe), each with a reason."""
+
+    results: RunResults
+    report: Path
+    missing: list[int]
+    left_out: dict[int, str]
+
+    def missing_line(self) -> str:
+        """One line naming the folds the report lacks ('' when none)."""
+        parts = []
+        if self.missing:
+            names = ", ".join(str(k) for k in self.missing)
+            parts.append(f"fold{'s' if len(self.missing) > 1 else ''} {names} not finished")
+        parts += [f"fold {k} left out ({why})" for k, why in self.left_out.items()]
+        if not parts:
+            return ""
+        done = ", ".join(str(k) for k in self.results.fold_ids)
+        return f"missing: {'; '.join(parts)}; the report covers fold(s) {done}"
+
+
+def saved_recipe(run_dir: Path) -> dict[str, Any]:
+    """The ``recipe.resolved.json`` document of a run folder (``digest`` and ``recipe``)."""
+    path = run_dir / "recipe.resolved.json"
+    if not run_dir.is_dir():
+        raise KdError(f"{run_dir}: no such folder; give a run folder (experiment.output)")
+    try:
+        doc = json.loads(path.read_text())
+        doc["recipe"]["cv"]["folds"]
+    except FileNotFoundError:
+        raise KdError(
+            f"{run_dir}: not a run folder (no recipe.resolved.json); give the folder kd run "
+            "wrote (experiment.output)"
+        ) from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise KdError(f"{path}: unreadable ({e}); rerun kd run to rewrite it") from None
+    return doc
+
+
+def stage_meta(paths: RunPaths, k: int) -> dict[str, Any]:
+    """The metadata (``model.json``: classes, recipe digest, history) of fold ``k``'s first
+    stage that has one, or {}."""
+    for role in ROLES:
+        meta = paths.stage(k, role) / "model.json"
+        if meta.exists():
+            return json.loads(meta.read_text())
+    return {}
+
+
+def rebuild_report(run_dir: Path, log: Callable[[str], None] = lambda line: None) -> Rebuilt:
+    """Rewrite results.json/csv, figures/ and report.md of ``run_dir`` from every fold that has
+    its ``eval.json`` (folds whose models another recipe made are left out); a ``KdError``
+    when there is none. The recipe is read from the folder, not validated again: no data,
+    plugin or device is needed."""
+    run_dir = Path(run_dir)
+    doc = saved_recipe(run_dir)
+    recipe: Mapping[str, Any] = doc["recipe"]
+    paths = RunPaths(run_dir)
+    n_folds = int(recipe["cv"]["folds"])
+    found = finished_folds(paths, n_folds)
+    left_out: dict[int, str] = {}
+    classes: list[str] = []
+    for k in list(found):
+        meta = stage_meta(paths, k)
+        digest = meta.get("recipe_digest")
+        if digest and digest != doc.get("digest"):
+            left_out[k] = f"its models were made by another recipe ({digest})"
+            del found[k]
+        elif meta.get("classes") and not classes:
+            classes = list(meta["classes"])
+    classes = classes or list(recipe.get("data", {}).get("classes") or [])
+    if not found:
+        raise KdError(
+            f"{run_dir}: no finished fold (no fold_<k>/eval.json for k in 0..{n_folds - 1}); "
+            "run kd run with this recipe, or copy finished fold folders into it"
+        )
+    if not classes:
+        raise KdError(
+            f"{run_dir}: the class names are unknown (no data.classes, no fold_<k>/<stage>/"
+            "model.json); copy a fold folder with its model.json files"
+        )
+    teacher, student = recipe["teacher"]["backbone"], recipe["student"]["backbone"]
+    results = RunResults(
+        folds=list(found.values()),
+        classes=classes,
+        models=row_models(
+            teacher,
+            student,
+            recipe.get("roi", {}).get("provider", ""),
+            any((run_dir / f"fold_{k}" / TWO_STAGE_CLASSIFIER).is_dir() for k in found),
+        ),
+        recipe_digest=str(doc.get("digest", "")),
+    )
+    report = write_outputs(paths, results, student, log)
+    missing = [k for k in range(n_folds) if k not in found and k not in left_out]
+    return Rebuilt(results, report, missing, left_out)
