@@ -217,7 +217,8 @@ def body(marks, fold, force):
 def test_a_preempted_fold_job_is_requeued_with_the_same_arguments(tmp_path, monkeypatch):
     (tmp_path / "preempted_once.py").write_text(textwrap.dedent(PREEMPTED_ONCE))
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ["PYTHONPATH"]]))
+    paths = [str(tmp_path), os.environ.get("PYTHONPATH", "")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in paths if p))
     body = importlib.import_module("preempted_once").body
     executor = jobs.make_executor(LaunchConfig(executor="local", timeout_min=5), tmp_path / "j")
     marks = tmp_path / "marks.txt"
