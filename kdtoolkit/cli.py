@@ -65,7 +65,7 @@ def run(
     quiet: Annotated[bool, typer.Option(help="No live progress view.")] = False,
     executor: Annotated[
         str | None,
-        typer.Option(help="inline (this process), or each fold a job: local, slurm ([launch])."),
+        typer.Option(help="inline (this process), or each fold a job: local, slurm (\\[launch])."),
     ] = None,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""

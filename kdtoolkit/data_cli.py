@@ -80,7 +80,7 @@ def check(
     recipe: Annotated[
         Path | None,
         typer.Option(
-            help="Recipe whose [data] keys (slice, window, spacing_mm, ...), classes, "
+            help="Recipe whose \\[data] keys (slice, window, spacing_mm, ...), classes, "
             "crop size and cv.folds to check with."
         ),
     ] = None,
