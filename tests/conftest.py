@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from kdtoolkit import testing
 from kdtoolkit.testing import kd_cli as kd  # noqa: F401  (the tests' ``kd`` helper)
 
 CLASSES = ["low", "mid", "high"]
@@ -16,28 +14,7 @@ CLASSES = ["low", "mid", "high"]
 
 def make_manifest(folder: Path, n: int = 30, size: int = 32, seed: int = 0) -> Path:
     """``n`` grey images; a bright 2:1 ROI whose inner stripe count encodes the class."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        label = i % len(CLASSES)
-        image = rng.integers(0, 60, (size, size), dtype=np.uint8)
-        w, h = size // 2, size // 4
-        x0 = int(rng.integers(1, size - w - 1))
-        y0 = int(rng.integers(1, size - h - 1))
-        image[y0 : y0 + h, x0 : x0 + w] = 200
-        for s in range(label + 1):
-            x = x0 + 2 + 4 * s
-            image[y0 : y0 + h, x : x + 2] = 40
-        name = f"img_{i:03d}.png"
-        Image.fromarray(image).save(folder / name)
-        rows.append([name, CLASSES[label], x0, y0, x0 + w, y0 + h, f"p{i}"])
-    path = folder / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["image", "label", "x0", "y0", "x1", "y1", "group"])
-        writer.writerows(rows)
-    return path
+    return testing.tiny_manifest(folder, n=n, size=size, classes=CLASSES, seed=seed)
 
 
 RECIPE = """
