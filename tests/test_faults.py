@@ -32,7 +32,8 @@ from tests.conftest import RECIPE, kd, make_manifest
 # A ``kd`` process that kills itself (SIGKILL) at a chosen file replacement: KD_KILL_AT is
 # "NAME:N[:partial]": the N-th ``os.replace`` onto a file called NAME (relative to the run
 # folder, e.g. fold_0/teacher/last.pt); with ``partial`` it dies before the replace, leaving a
-# half-written temporary file (a kill during a checkpoint write). Test-side only.
+# half-written temporary file (a kill during a checkpoint write); "detector:N" dies after
+# ultralytics saved the detector's epoch N. Test-side only.
 KILLER = """
 import os, signal, sys
 from kdtoolkit import cli
@@ -51,6 +52,15 @@ def replace(src, dst, *a, **k):
     if hit and seen[0] == int(n):
         os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
+if name == "detector":  # inside detector training: right after ultralytics saves epoch N
+    from ultralytics.engine.trainer import BaseTrainer
+    real_save = BaseTrainer.save_model
+    def save_model(self):
+        real_save(self)
+        seen[0] += 1
+        if seen[0] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+    BaseTrainer.save_model = save_model
 sys.argv = ["kd", *sys.argv[1:]]
 cli.main()
 """
@@ -72,10 +82,10 @@ def strip_timings(doc: object) -> object:
     return doc
 
 
-def kill_run(recipe: Path, at: str) -> subprocess.CompletedProcess:
+def kill_run(recipe: Path, at: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_KILL_AT": at}
     return subprocess.run(
-        [sys.executable, "-c", KILLER, "run", str(recipe), "--quiet"],
+        [sys.executable, "-c", KILLER, "run", str(recipe), "--quiet", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -117,6 +127,40 @@ def test_sigkill_at_several_points_resumes_to_identical_results(tmp_path):
     assert strip_timings(got) == strip_timings(expected)
 
 
+@pytest.mark.slow
+def test_sigkill_inside_detector_training_resumes_to_identical_results(tmp_path):
+    """Killed while ultralytics trains the ROI detector (after its first of two epochs), the
+    rerun trains the detector again from its start and ends with the uninterrupted results."""
+    manifest = make_manifest(tmp_path / "data")
+    yolo = [
+        "cv.only=[0]",
+        "teacher.epochs=1",
+        "student.epochs=1",
+        "evaluate.cam_examples=0",
+        'roi.provider="yolo"',
+        "roi.epochs=2",
+        "roi.imgsz=64",
+        "roi.batch=4",
+        "roi.workers=0",
+    ]
+    results = []
+    for name, kill in (("ref", None), ("cut", "detector:1")):
+        folder = tmp_path / name
+        folder.mkdir()
+        recipe = write_recipe(folder, manifest)
+        sets = [arg for s in yolo for arg in ("--set", s)]
+        if kill:
+            killed = kill_run(recipe, kill, *sets)
+            assert killed.returncode == -signal.SIGKILL, killed.stderr
+            assert (folder / "run" / "fold_0" / "teacher" / "model.safetensors").exists()
+            assert not (folder / "run" / "fold_0" / "student").exists()
+        done = kd("run", str(recipe), "--quiet", *sets)
+        assert done.returncode == 0, done.stderr
+        results.append(json.loads((folder / "run" / "results.json").read_text()))
+    assert "map50" in results[0]["roi"]["0"]  # the detector was trained and evaluated
+    assert strip_timings(results[1]) == strip_timings(results[0])
+
+
 def test_damaged_resume_state_is_set_aside_and_named(tmp_path):
     logged: list[str] = []
     empty = tmp_path / "a" / "last.pt"
@@ -146,6 +190,15 @@ def test_second_run_on_a_locked_folder_exits_2_naming_the_holder(tmp_path, tiny_
     assert result.returncode == 2, result.stderr
     assert f"process {os.getpid()}" in result.stderr and "in use" in result.stderr
     assert not (tmp_path / "run" / "run.log").exists()
+
+
+def test_kd_compare_on_a_locked_folder_exits_2_naming_the_holder(tmp_path, tiny_recipe):
+    out = tmp_path / "compare"
+    with RunLock(out):
+        result = kd("compare", str(tiny_recipe), "--variant", "paper:", "--output", str(out))
+    assert result.returncode == 2, result.stderr
+    assert f"process {os.getpid()}" in result.stderr and "in use" in result.stderr
+    assert not (out / "gap_closure.log").exists()
 
 
 def test_stale_lock_of_a_dead_process_is_recovered(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from kdtoolkit.engine import stage as engine_stage
 from kdtoolkit.engine import train
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.errors import KdError
+from kdtoolkit.errors import Interrupted, KdError
 from kdtoolkit.models.checkpoint import load_checkpoint
 from kdtoolkit.report.results import read_results
 from tests.conftest import kd
@@ -121,9 +122,10 @@ def test_interrupted_run_resumes_with_same_folds(tmp_path, tiny_recipe, monkeypa
         return original(stage, *args, **kwargs)
 
     monkeypatch.setattr(engine_stage, "train_stage", interrupt_student)
-    with pytest.raises(KeyboardInterrupt):
-        kdtoolkit.run(recipe, quiet=True)
     run = tmp_path / "run"
+    kept = re.escape(f"kept in {run}; rerun the same command to resume")
+    with pytest.raises(Interrupted, match=kept):
+        kdtoolkit.run(recipe, quiet=True)
     folds_before = (run / "folds.json").read_text()
     assert (run / "fold_0" / "teacher" / "model.safetensors").exists()
     assert (run / "fold_0" / "student" / "last.pt").exists()

@@ -135,7 +135,8 @@ def test_yolo_run_offline_writes_two_stage_results_inside_the_run_folder(
     assert results["models"]["two_stage"] == "yolo → teacher on expert crops (resnet10t)"
 
     report = (run / "report.md").read_text()
-    assert "| two-stage: ROI crop → classifier | yolo → teacher on expert crops (resnet10t) |" in report
+    row = "| two-stage: ROI crop → classifier | yolo → teacher on expert crops (resnet10t) |"
+    assert row in report
     assert "## ROI provider (held-out folds)" in report
     assert "| metric | mean ± std | fold 0 | fold 1 | meaning |" in report
     assert "detection mAP@0.5, held-out images |" in report

@@ -13,7 +13,6 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import roi_align
 
 from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
@@ -136,6 +135,8 @@ def roi_pool(ctx: LossContext, output_size: int) -> torch.Tensor:
     """The student's map A pooled inside each ROI box, B×C×k×k (``k = output_size``), with
     ``torchvision.ops.roi_align``: boxes scaled from image pixels to feature cells per axis
     (``x·w/W``, ``y·h/H``), ``aligned=True``."""
+    from torchvision.ops import roi_align  # torchvision takes seconds to import
+
     features = ctx.features.float()
     (h, w), (H, W) = features.shape[-2:], ctx.images.shape[-2:]
     scale = features.new_tensor([w / W, h / H, w / W, h / H])

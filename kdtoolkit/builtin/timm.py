@@ -11,8 +11,6 @@ import inspect
 from collections.abc import Callable
 from typing import Annotated, Any
 
-import timm
-
 from kdtoolkit.config.option import Range
 from kdtoolkit.models.timm import TimmBackbone, create_timm_model
 from kdtoolkit.models.weights import load_pretrained_option
@@ -58,15 +56,20 @@ def bind_timm_name(name: str) -> Callable[..., TimmBackbone]:
 
 def resolve_timm_name(name: str) -> Callable[..., TimmBackbone] | None:
     """The factory of timm model ``name``, or None when timm does not know the name."""
+    import timm  # imported on first use: timm and torchvision take seconds to import
+
     return bind_timm_name(name) if timm.is_model(name) else None
+
+
+def timm_names() -> list[str]:
+    """Every timm model name."""
+    import timm
+
+    return timm.list_models()
 
 
 @hookimpl
 def kd_register_backbones(registry):
-    count = len(timm.list_models())
     registry.add_resolver(
-        "timm",
-        resolve_timm_name,
-        describe=f"any timm model name ({count} names)",
-        candidates=timm.list_models,
+        "timm", resolve_timm_name, describe="any timm model name", candidates=timm_names
     )

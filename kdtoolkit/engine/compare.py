@@ -21,9 +21,10 @@ from typing import Any
 from kdtoolkit.config.override import apply_overrides, parse_override
 from kdtoolkit.config.recipe import Recipe, RecipeError, load_recipe, read_toml, task_defaults
 from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.plan import compare_plan
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.run import prepare_run_folder, run_folds
+from kdtoolkit.engine.run import interrupted, prepare_run_folder, run_folds
 from kdtoolkit.errors import KdError
 from kdtoolkit.report.comparison import Comparison, VariantInfo, write_comparison
 from kdtoolkit.report.results import (
@@ -167,6 +168,37 @@ def check_cached_student(out: Path, fold: int, variant: Variant, recipe: Recipe)
             )
 
 
+def compare_folds(
+    base: Recipe,
+    variants: list[Variant],
+    recipes: list[Recipe],
+    force: bool,
+    quiet: bool,
+    lock: RunLock,
+) -> tuple[dict[int, FoldResult], list[str]]:
+    """The body of ``compare`` in its locked output folder: every fold's results and the
+    class names."""
+    out = prepare_run_folder(base, force)
+    names = [v.name for v in variants]
+    with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
+        if lock.recovered:
+            progress.log(lock.recovered)
+        progress.log(f"gap closure of {names} ({base.source}) -> {out}")
+        ctx = RunContext.open(base, progress)
+        folds = ctx.folds_to_run()
+        if not force:
+            for k in folds:
+                for v, recipe in zip(variants, recipes, strict=True):
+                    check_cached_student(out, k, v, recipe)
+        plan = compare_plan(base, [(v.name, r) for v, r in zip(variants, recipes, strict=True)])
+
+        def report_fold(result: FoldResult) -> None:
+            accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
+            progress.log(f"fold {result.fold} accuracy: {accuracy}")
+
+        return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
+
+
 def compare(
     recipe_path: Path,
     variants: list[Variant],
@@ -192,28 +224,16 @@ def compare(
     for v, recipe in zip(variants, recipes, strict=True):
         check_shared(base, v, recipe)
 
-    out = prepare_run_folder(base, force)
-    with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
-        progress.log(f"gap closure of {names} ({recipe_path}) -> {out}")
-        ctx = RunContext.open(base, progress)
-        folds = ctx.folds_to_run()
-        if not force:
-            for k in folds:
-                for v, recipe in zip(variants, recipes, strict=True):
-                    check_cached_student(out, k, v, recipe)
-        plan = compare_plan(base, [(v.name, r) for v, r in zip(variants, recipes, strict=True)])
-
-        def report_fold(result: FoldResult) -> None:
-            accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
-            progress.log(f"fold {result.fold} accuracy: {accuracy}")
-
-        per_fold = run_folds(ctx, plan, folds, on_fold=report_fold)
-
+    try:
+        with RunLock(output) as lock:
+            per_fold, classes = compare_folds(base, variants, recipes, force, quiet, lock)
+    except KeyboardInterrupt:
+        raise interrupted(output) from None
     comparison = Comparison(
         recipe=str(recipe_path),
         recipe_digest=base.digest(),
-        output=out,
-        results=RunResults(folds=list(per_fold.values()), classes=list(ctx.classes)),
+        output=output,
+        results=RunResults(folds=list(per_fold.values()), classes=classes),
         variants=[
             VariantInfo(
                 name=v.name,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from torch import nn
 
@@ -100,6 +99,8 @@ def create_timm_model(
     ``kdtoolkit.config.pretrained``); timm adapts the first convolution to ``in_chans`` and
     leaves a classifier of another size at its initialisation. A local weights file is loaded
     afterwards by the caller (``kdtoolkit.models.weights``)."""
+    import timm  # imported here: timm and torchvision take seconds to import
+
     if not timm.is_model(name):
         raise KdError(f"unknown timm model {name!r}{suggestion(name, timm.list_models())}")
     if pretrained == "timm":

@@ -4,7 +4,6 @@ task and the ``kd sos`` command: test_sos_plugin.py)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -256,19 +255,20 @@ def test_expert_crop_matches_the_roi(dataset):
 
 # ------------------------------------------------------------------------------ difficulty
 
-HARD_IMAGES = {  # sha256 prefixes of the first slices of the "hard" phantom (generator v1)
-    (128, 0): ("4a0a0cf95a931c52", "0023bb92fcebe519", "b993f4b2394b6429", "71292966cb1b4e63"),
-    (96, 1): ("a0d04cbdb1f1cfcd", "0bad1f3f684ea23f", "5a22897e63eeca84", "136c1b368f3fc6eb"),
-}
+# The first slices of the "hard" phantom as generator v1 drew them (size 128 seed 0, size 96
+# seed 1). Library versions may move a pixel on an edge by a grey level; the generator may not.
+HARD_IMAGES = np.load(Path(__file__).parent / "data" / "hard_phantom_v1.npz")
 
 
-@pytest.mark.parametrize(("size", "seed"), sorted(HARD_IMAGES))
-def test_hard_draws_the_same_images_as_before(size, seed):
+@pytest.mark.parametrize("key", sorted(HARD_IMAGES.files))
+def test_hard_draws_the_same_images_as_before(key):
+    size, seed = (int(part[4:]) for part in key.split("_"))
     order = stage_order(300, seed)
-    for i, expected in enumerate(HARD_IMAGES[size, seed]):
+    for i, expected in enumerate(HARD_IMAGES[key]):
         sample = render(sample_rng(seed, i), int(order[i]), size, PRESETS["hard"])
-        assert hashlib.sha256(sample.image.tobytes()).hexdigest()[:16] == expected
-        assert sample.cues == {}
+        diff = np.abs(sample.image.astype(int) - expected.astype(int))
+        assert sample.image.shape == expected.shape and sample.cues == {}
+        assert (diff > 1).mean() < 0.002, (key, i, int((diff > 1).sum()))
 
 
 def test_presets():
