@@ -1,4 +1,4 @@
-"""Fault injection: every failure mode of docs/reliability.md, reproduced (issue #14)."""
+"""Fault injection: every failure mode of docs/reliability.md, reproduced."""
 
 from __future__ import annotations
 
@@ -137,6 +137,7 @@ def test_sigkill_inside_detector_training_resumes_to_identical_results(tmp_path)
         "teacher.epochs=1",
         "student.epochs=1",
         "evaluate.cam_examples=0",
+        "evaluate.baseline=false",
         'roi.provider="yolo"',
         "roi.epochs=2",
         "roi.imgsz=64",

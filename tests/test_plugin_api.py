@@ -1,4 +1,4 @@
-"""The plugin API at its boundaries (issue #15): plugin outputs checked where they enter the
+"""The plugin API at its boundaries: plugin outputs checked where they enter the
 engine, kinds and reserved option names checked at registration, ``Task.crop_aspect``,
 ``kd plugins --options`` and the ``kdtoolkit.testing`` helpers."""
 

@@ -25,6 +25,12 @@ def phantom_command(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = 0,
     size: Annotated[int, typer.Option(help="Image side in pixels (64-4096).")] = 256,
     crops: Annotated[bool, typer.Option(help="Also write the expert ROI crops.")] = False,
+    difficulty: Annotated[
+        str,
+        typer.Option(
+            help="paper: global maturity cues as on real scans; hard: only the synchondrosis."
+        ),
+    ] = "paper",
     fmt: Annotated[
         str,
         typer.Option(
@@ -43,8 +49,9 @@ def phantom_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from kd_sos.phantom import ensure_phantom
+    from kd_sos.phantom import ensure_phantom, preset
 
+    regime = preset(difficulty)  # an unknown name is a one-line error before any work
     console = Console(stderr=True)
     with Progress(
         "[bold]phantom",
@@ -60,10 +67,10 @@ def phantom_command(
             bar.update(task, completed=done, total=total)
 
         if fmt == "png":
-            manifest = ensure_phantom(out, n=n, seed=seed, size=size, crops=crops, progress=advance)
+            manifest = ensure_phantom(out, n, seed, size, crops, regime, progress=advance)
         else:
             manifest = ensure_volumes(
-                out, fmt, n=n, seed=seed, size=size, crops=crops, progress=advance
+                out, fmt, n, seed, size, crops, progress=advance, difficulty=difficulty
             )
     generated = bar.tasks[task].completed > 0
     verb = "wrote" if generated else "reused"

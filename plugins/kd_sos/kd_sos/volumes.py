@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from kd_sos.phantom import ensure_phantom
+from kd_sos.phantom import ensure_phantom, preset
 from kdtoolkit.errors import KdError
 
 FORMATS = ("png", "dicom", "nifti")
@@ -103,18 +103,22 @@ def ensure_volumes(
     crops: bool = False,
     slices: int = SLICES,
     progress: Callable[[int, int], None] | None = None,
+    difficulty: str = "paper",
 ) -> Path:
     """The manifest of the phantom as ``fmt`` scans in ``out_dir`` (PNG phantom in ``png/``),
-    reused when ``volumes.json`` matches; returns the manifest path."""
+    reused when ``volumes.json`` matches; returns the manifest path. ``difficulty``: a name of
+    :data:`kd_sos.phantom.PRESETS`."""
     if fmt not in FORMATS[1:]:
         raise KdError(f"phantom: format '{fmt}' — use one of: {', '.join(FORMATS)}")
     if slices < 1 or slices % 2 == 0:
         raise KdError(f"phantom: slices must be odd and >= 1, got {slices}")
     out_dir = Path(out_dir)
     png_manifest = ensure_phantom(
-        out_dir / "png", n=n, seed=seed, size=size, crops=crops, progress=progress
+        out_dir / "png", n, seed, size, crops, preset(difficulty), progress=progress
     )
     params = {"format": fmt, "n": n, "seed": seed, "size": size, "crops": crops, "slices": slices}
+    if difficulty != "paper":  # folders written before the option existed stay reusable
+        params["difficulty"] = difficulty
     manifest, params_file = out_dir / "manifest.csv", out_dir / PARAMS_FILE
     if manifest.exists():
         if params_file.exists() and json.loads(params_file.read_text()) == params:

@@ -7,11 +7,13 @@ import json
 from pathlib import Path
 
 import kd_sos.plugin
+import numpy as np
 import pluggy
 import pytest
 import typer
-from kd_sos.phantom import STAGES
+from kd_sos.phantom import PRESETS, STAGES, render, sample_rng, stage_order
 from kd_sos.task import phantom_data
+from PIL import Image
 from typer.testing import CliRunner
 
 import kdtoolkit.plugins.hookspec
@@ -95,3 +97,12 @@ def test_phantom_command(tmp_path):
     assert len(read_manifest(out / "manifest.csv")[1]) == 4  # the old phantom is untouched
     bad = runner.invoke(app, ["sos", "phantom", str(out), "--n", "many"])
     assert bad.exit_code == 2
+    bad = runner.invoke(app, ["sos", "phantom", str(out), "--difficulty", "easy"])
+    assert str(bad.exception) == "phantom: unknown difficulty 'easy' (known: paper, hard)"
+    hard = tmp_path / "hard"
+    hard_args = ["sos", "phantom", str(hard), *args[3:], "--difficulty", "hard"]
+    assert runner.invoke(app, hard_args).exit_code == 0
+    rows = [(d, read_manifest(d / "manifest.csv")[1][0]) for d in (out, hard)]
+    first = [np.asarray(Image.open(d / row["image"])) for d, row in rows]
+    expected = render(sample_rng(2, 0), int(stage_order(4, 2)[0]), 64, PRESETS["hard"]).image
+    assert np.array_equal(first[1], expected) and not np.array_equal(first[0], expected)
