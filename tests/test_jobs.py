@@ -27,47 +27,14 @@ from kdtoolkit.engine import jobs
 from kdtoolkit.engine.outputs import rebuild_report
 from kdtoolkit.errors import KdError
 from kdtoolkit.testing import tiny_manifest
+from tests.conftest import RECIPE as TINY
 
-#: ``kdtoolkit.testing.TINY_RECIPE`` as a file, every fold: 12 images of 32 pixels, 2 folds,
-#: teacher and student 1 epoch, no baseline, no Grad-CAM figure.
-RECIPE = """
-[experiment]
-name = "tiny"
-output = "{output}"
-device = "cpu"
-
-[data]
-manifest = "{manifest}"
-classes = ["low", "mid", "high"]
-image_size = 32
-crop_size = [16, 32]
-
-[cv]
-folds = 2
-val_fraction = 0.2
-
-[teacher]
-backbone = "resnet10t"
-epochs = 1
-batch_size = 8
-
-[student]
-backbone = "resnet10t"
-epochs = 1
-batch_size = 8
-
-[[loss]]
-name = "ce"
-weight = 0.5
-
-[[loss]]
-name = "kl"
-weight = 0.5
-
-[evaluate]
-cam_examples = 0
-baseline = false
-"""
+#: The tests' tiny recipe (tests/conftest.py), 2 folds of 12 images at 32 px, with teacher and
+#: student 1 epoch, no baseline and no Grad-CAM figure.
+RECIPE = TINY.replace("epochs = 2", "epochs = 1").replace(
+    "cam_examples = 2", "cam_examples = 0\nbaseline = false"
+)
+assert RECIPE.count("epochs = 1") == 2 and "baseline = false" in RECIPE
 
 
 def comparable(results: dict) -> dict:
