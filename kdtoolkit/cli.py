@@ -67,9 +67,16 @@ def run(
         str | None,
         typer.Option(help="inline (this process), or each fold a job: local, slurm (\\[launch])."),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Train each stage data-parallel in N processes (one per GPU): torchrun."
+        ),
+    ] = 1,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine import distributed
     from kdtoolkit.engine.run import run as run_recipe
 
     overrides = list(set_ or [])
@@ -79,10 +86,35 @@ def run(
         overrides.append(f"experiment.device={json.dumps(device)}")
     if executor is not None:
         overrides.append(f"launch.executor={json.dumps(executor)}")
-    result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
+    resolved = load_recipe(recipe, overrides)
+    size = distributed.world().size
+    if nproc > 1 and size == 1:  # checked here, then started again as nproc processes
+        for role in ("teacher", "student"):
+            batch_size = getattr(resolved, role).batch_size
+            distributed.check_batch_size(batch_size, f"{role}.batch_size", nproc)
+        distributed.launch(nproc, without_nproc(sys.argv[1:]))
+        return
+    if nproc > 1 and nproc != size:
+        raise KdError(f"--nproc {nproc}: this process is one of {size} (torchrun); drop --nproc")
+    result = run_recipe(resolved, force=force, quiet=quiet)
+    if not distributed.is_main():
+        return
     if not quiet:
         console.print(results_table(result.run))
     console.print(f"[green]done[/]: {result.report}")
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """Command-line ``args`` without ``--nproc N`` (or ``--nproc=N``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @app.command()
