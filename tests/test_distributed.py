@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -189,6 +191,43 @@ def test_two_processes_train_as_one(tiny_recipe: Path, tmp_path: Path) -> None:
     # what each stage wrote, the same files as one process (no rank's extra copies)
     files = {p.relative_to(two) for p in two.rglob("*") if p.is_file()}
     assert files == {p.relative_to(one.output) for p in one.output.rglob("*") if p.is_file()}
+
+
+#: ``kd`` killed (SIGKILL) right after it first writes ``fold_0/teacher/last.pt``.
+KILLED_AFTER_TEACHER_EPOCH_1 = """
+import os, signal, sys
+from kdtoolkit import cli
+real = os.replace
+def replace(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    if str(dst).endswith("fold_0/teacher/last.pt"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["kd", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_one_process_run_resumed_by_two_trains_as_one(tiny_recipe: Path, tmp_path: Path) -> None:
+    """A run killed after the teacher's first epoch, resumed with ``--nproc 2`` from its
+    ``last.pt``, ends with the weights of an uninterrupted one-process run."""
+    sets = [*DDP_SETS, "teacher.epochs=2"]
+    one = run(load_recipe(tiny_recipe, [*sets, f"experiment.output='{tmp_path / 'one'}'"]))
+    cut = tmp_path / "cut"
+    args = ["run", str(tiny_recipe), *(a for s in sets for a in ("--set", s)), "--quiet"]
+    args += ["--output", str(cut)]
+    command = [sys.executable, "-c", KILLED_AFTER_TEACHER_EPOCH_1, *args]
+    killed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (cut / "fold_0" / "teacher" / "last.pt").exists()
+    done = kd(*args, "--nproc", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = (cut / "run.log").read_text()
+    assert "resuming after epoch 1" in log and "recovered the stale lock" in log
+    for role, mine in weights(cut).items():
+        for key, value in weights(one.output)[role].items():
+            torch.testing.assert_close(mine[key], value, rtol=1e-4, atol=1e-5)
 
 
 def test_batch_size_not_divisible_is_one_line(
