@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -323,6 +324,8 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     except KdError as e:
         if debug:
             raise
+        if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun)
+            time.sleep(3)  # rank 0 failing alike stops this one first: one line, not N
         err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -74,6 +75,11 @@ def start(device: torch.device) -> torch.device:
     if w.size == 1:
         return device
     if device.type == "cuda":
+        if w.local_rank >= torch.cuda.device_count():
+            raise KdError(
+                f"--nproc: process {w.local_rank} has no GPU of its own "
+                f"({torch.cuda.device_count()} visible); start at most one process per GPU"
+            )
         device = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(device)
     if not active():
@@ -166,6 +172,8 @@ def data_parallel(model: nn.Module, extra: nn.Module, device: torch.device) -> n
         return net
     if device.type == "cuda":  # in place: the stage's model holds the synchronised norms
         nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if device.type == "cpu":  # a size-1 dimension's stride: no copy, nothing to fix
+        warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
     ids = [device.index] if device.type == "cuda" else None
     # static graph: the same parameters get gradients every step, some outside the forward
     # (the loss terms', the head's second-order Grad-CAM path): found in the first step
@@ -193,8 +201,8 @@ def launch(nproc: int, args: Sequence[str]) -> None:
     except (KeyboardInterrupt, SignalException):
         sys.exit(130)  # each process said what is kept
     except ChildFailedError as e:
-        codes = {rank: failure.exitcode for rank, failure in e.failures.items()}
-        rank, code = min(codes.items())
+        rank, first = e.get_first_failure()  # the others were stopped after it
+        code = first.exitcode
         if code in (1, 2, 130):  # the process printed its one line
             sys.exit(code)
         raise KdError(
