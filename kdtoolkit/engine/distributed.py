@@ -9,6 +9,7 @@ then does nothing, so the engine calls them unconditionally.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import sys
@@ -25,6 +26,9 @@ from kdtoolkit.data.bank import rank_slice
 from kdtoolkit.errors import KdError
 
 T = TypeVar("T")
+
+#: How long a rank waits for the others (rank 0 alone runs the ROI provider and evaluations).
+WAIT_HOURS = 24
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,8 @@ def start(device: torch.device) -> torch.device:
     if not active():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+        # long waits: the others wait while rank 0 alone trains a detector or evaluates
+        kwargs["timeout"] = datetime.timedelta(hours=WAIT_HOURS)
         dist.init_process_group(backend, rank=w.rank, world_size=w.size, **kwargs)
     return device
 
