@@ -324,8 +324,8 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     except KdError as e:
         if debug:
             raise
-        if os.environ.get("RANK", "0") != "0":  # one of several processes (torchrun)
-            time.sleep(3)  # rank 0 failing alike stops this one first: one line, not N
+        if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+            time.sleep(3)  # torchrun: rank 0 failing alike stops this one first (one line)
         err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
