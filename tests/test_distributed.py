@@ -167,11 +167,14 @@ def weights(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     }
 
 
-def test_two_processes_train_as_one(tiny_recipe: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loader", ["workers", pytest.param("device", marks=pytest.mark.slow)])
+def test_two_processes_train_as_one(tiny_recipe: Path, tmp_path: Path, loader: str) -> None:
     """``kd run --nproc 2`` (gloo): the same weights after one epoch as one process at the
-    same global batch, one results.json, and every file written by rank 0 alone."""
-    one = run(load_recipe(tiny_recipe, [*DDP_SETS, f"experiment.output='{tmp_path / 'one'}'"]))
-    sets = [arg for s in DDP_SETS for arg in ("--set", s)]
+    same global batch (per-sample or device-resident views), one results.json, and every file
+    written by rank 0 alone."""
+    sets = [*DDP_SETS, f"data.loader='{loader}'"]
+    one = run(load_recipe(tiny_recipe, [*sets, f"experiment.output='{tmp_path / 'one'}'"]))
+    sets = [arg for s in sets for arg in ("--set", s)]
     two = tmp_path / "two"
     done = kd("run", str(tiny_recipe), *sets, "--output", str(two), "--nproc", "2", "--quiet")
     assert done.returncode == 0, done.stderr[-3000:]
