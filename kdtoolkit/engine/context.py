@@ -216,11 +216,13 @@ class RunContext:
     def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:
         """Resolve the device, load the data, decode every image once (a broken file fails
         here), and read (or make) the fold assignment, duplicates kept within one fold.
-        Launched as several processes: this rank's device, and rank 0 makes the assignment."""
+        Launched as several processes: this rank's device; rank 0 makes a task's data and the
+        assignment before the others read them."""
         device = start(resolve_device(recipe.experiment.device))
         cfg = view_config(recipe)
         task = task_of(recipe)
-        manifest = load_data(recipe, progress)
+        with main_first():  # a task's data source writes its cache once
+            manifest = load_data(recipe, progress)
         paths = RunPaths(recipe.output_dir)
         loaders = Loaders(manifest.samples, cfg, device, recipe.data, progress.log)
         progress.start_stage("decoding images", len(manifest.samples))
