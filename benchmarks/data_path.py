@@ -15,79 +15,34 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from steps import ROLES, images_per_second, open_context, stage_setup
 
-from kdtoolkit.config.recipe import ModelConfig, load_recipe
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import autocast
-from kdtoolkit.engine.loss import build_loss, cross_entropy
-from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.train import Stage, make_context
-from kdtoolkit.models.backbone import build_backbone
-
-ROLES = {"teacher": "crop", "student": "image", "baseline": "image"}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _model(ctx: RunContext, config: ModelConfig) -> torch.nn.Module:
-    options = dict(config.backbone_options)
-    return build_backbone(config.backbone, ctx.num_classes, ctx.view.channels, options)
 
 
 def measure(ctx: RunContext, role: str, batches: int) -> dict[str, float]:
     """Images/s of view building alone and of full training steps of ``role``."""
-    r, device = ctx.recipe, ctx.device
-    config = r.teacher if role == "teacher" else r.student
-    view = ROLES[role]
-    loss = build_loss(r.loss) if role == "student" else cross_entropy()
-    teacher = _model(ctx, r.teacher).to(device).eval() if loss.needs_teacher else None
-    views = ("image", "crop") if teacher is not None else (view,)
-    train_idx = ctx.fold_indices(0)[0]
-    loader = ctx.loaders(train_idx, True, config.batch_size, seed=0, views=views)
-    model = _model(ctx, config).to(device).train()
-    loss.setup(model.num_features, teacher.num_features if teacher is not None else None)
-    loss.to(device)
-    stage = Stage(role, model, view, loss, config, teacher=teacher)
-    params = [*model.parameters(), *loss.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-
-    def batch_stream():
-        epoch = 0
-        while True:
-            loader.dataset.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
+    setup = stage_setup(ctx, role)
+    view = setup.stage.view
     out = {}
     for what in ("views", "step"):
-        stream, images = batch_stream(), 0
-        for i in range(batches + 1):
-            if i == 1:  # after one warm-up batch
-                _sync(device)
-                started, images = time.perf_counter(), 0
+        stream = setup.batches()
+
+        def step(what: str = what, stream=stream) -> int:
             batch = next(stream)
             if what == "step":
-                with autocast(device):
-                    total, _ = loss(make_context(stage, batch, device))
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                optimizer.step()
+                setup.step(batch)
             else:
-                batch[view].to(device)
-            images += len(batch["label"])
-        _sync(device)
-        out[what] = images / (time.perf_counter() - started)
+                batch[view].to(ctx.device)
+            return len(batch["label"])
+
+        out[what] = images_per_second(step, batches, ctx.device)
     return out
 
 
@@ -110,14 +65,8 @@ def main(
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for path in ("workers", "device"):
-            extra = [
-                f"data.loader='{path}'",
-                f"experiment.device='{device}'",
-                f"experiment.output='{Path(scratch) / path}'",
-            ]
-            r = load_recipe(recipe, [*(overrides or []), *extra])
-            with RunProgress(Path(scratch) / f"{path}.log", quiet=True) as progress:
-                ctx = RunContext.open(r, progress)
+            extra = [f"data.loader='{path}'", f"experiment.device='{device}'"]
+            with open_context(recipe, [*(overrides or []), *extra], Path(scratch), path) as ctx:
                 rows.append((path, measure(ctx, role, batches)))
     table = Table(title=f"{recipe.name}, {role}, {batches} batches, {ctx.device}")
     for column in ("data path", "views img/s", "training step img/s"):

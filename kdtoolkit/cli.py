@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -67,9 +68,16 @@ def run(
         str | None,
         typer.Option(help="inline (this process), or each fold a job: local, slurm (\\[launch])."),
     ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Train each stage data-parallel in N processes (one per GPU): torchrun."
+        ),
+    ] = 1,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine import distributed
     from kdtoolkit.engine.run import run as run_recipe
 
     overrides = list(set_ or [])
@@ -79,10 +87,35 @@ def run(
         overrides.append(f"experiment.device={json.dumps(device)}")
     if executor is not None:
         overrides.append(f"launch.executor={json.dumps(executor)}")
-    result = run_recipe(load_recipe(recipe, overrides), force=force, quiet=quiet)
+    resolved = load_recipe(recipe, overrides)
+    size = distributed.world().size
+    if nproc > 1 and size == 1:  # checked here, then started again as nproc processes
+        for role in ("teacher", "student"):
+            batch_size = getattr(resolved, role).batch_size
+            distributed.check_batch_size(batch_size, f"{role}.batch_size", nproc)
+        distributed.launch(nproc, without_nproc(sys.argv[1:]))
+        return
+    if nproc > 1 and nproc != size:
+        raise KdError(f"--nproc {nproc}: this process is one of {size} (torchrun); drop --nproc")
+    result = run_recipe(resolved, force=force, quiet=quiet)
+    if not distributed.is_main():
+        return
     if not quiet:
         console.print(results_table(result.run))
     console.print(f"[green]done[/]: {result.report}")
+
+
+def without_nproc(args: list[str]) -> list[str]:
+    """Command-line ``args`` without ``--nproc N`` (or ``--nproc=N``)."""
+    out, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 @app.command()
@@ -291,6 +324,8 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     except KdError as e:
         if debug:
             raise
+        if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+            time.sleep(3)  # torchrun: rank 0 failing alike stops this one first (one line)
         err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:

@@ -48,6 +48,7 @@ class ExperimentConfig:
     output: str = ""
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the feature trunk (engine.device.compile_trunk)
 
 
 @dataclass

@@ -8,6 +8,10 @@ draws) and samples a whole batch with one ``grid_sample`` per view
 (:func:`~kdtoolkit.data.warp.warp_stack`). Only the pixel noise differs: it is drawn on the device
 from a generator seeded by (seed, epoch, batch), not per sample; without noise the batches
 equal ``KdDataset``'s. :class:`BankLoader` batches it as a ``DataLoader`` would.
+
+Data-parallel training: every process draws the same global batches and takes its part of each
+(:func:`rank_slice`, :class:`RankBatches` for a ``DataLoader``); the bank draws a global batch's
+noise whole, so the parts together equal the batch one process builds.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, RandomSampler, Sampler, SequentialSampler
 
 from kdtoolkit.data.augment import apply_jitter, jitter_tensors
 from kdtoolkit.data.dataset import KdDataset
@@ -26,6 +30,28 @@ from kdtoolkit.data.imageio import image_key, read_native, to_float
 from kdtoolkit.data.mask import masks_and_boxes
 from kdtoolkit.data.view import ViewConfig, normalise_views, plan_views
 from kdtoolkit.data.warp import warp_stack
+
+
+def rank_slice(total: int, rank: int = 0, size: int = 1) -> slice:
+    """Part ``rank`` of ``size`` of ``total`` items: consecutive parts whose sizes differ by at
+    most one, rank 0 first (equal parts when ``size`` divides ``total``)."""
+    base, extra = divmod(total, size)
+    lo = rank * base + min(rank, extra)
+    return slice(lo, lo + base + (rank < extra))
+
+
+class RankBatches(Sampler[list[int]]):
+    """Part ``rank`` of ``size`` (:func:`rank_slice`) of every batch of ``batches``."""
+
+    def __init__(self, batches: BatchSampler, rank: int, size: int) -> None:
+        self.batches, self.rank, self.size = batches, rank, size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for items in self.batches:
+            yield items[rank_slice(len(items), self.rank, self.size)]
 
 
 def bank_bytes(sizes: Sequence[tuple[int, int]], channels: int) -> int:
@@ -94,9 +120,13 @@ class BankDataset(KdDataset):
         """One item, on the CPU (as ``KdDataset[item]``)."""
         return {k: v[0].cpu() for k, v in self.batch([item]).items()}
 
-    def batch(self, items: Sequence[int], number: int = 0) -> dict[str, torch.Tensor]:
+    def batch(
+        self, items: Sequence[int], number: int = 0, whole: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """The batch of ``items`` (positions in ``indices``); ``number`` (the batch's place
-        in the epoch) seeds its pixel noise."""
+        in the epoch) seeds its pixel noise. ``whole = (start, total)``: ``items`` are
+        ``[start, start + len(items))`` of a batch of ``total`` (a rank's part), whose noise
+        is drawn whole."""
         cfg, device = self.cfg, self.images.device
         indices = [int(self.indices[i]) for i in items]
         samples = [self.samples[i] for i in indices]
@@ -122,7 +152,7 @@ class BankDataset(KdDataset):
             image = warp_stack(
                 self.images.stack, image_rows, image_sizes, [p.image for p in plans], cfg.image_size
             )
-            out["image"] = self._finish(image, jitter, generator)
+            out["image"] = self._finish(image, jitter, generator, whole)
             out["mask"], out["box"] = masks_and_boxes(
                 [p.corners for p in plans], cfg.image_size, cfg.mask, device
             )
@@ -144,7 +174,7 @@ class BankDataset(KdDataset):
                         [plans[j].crop for j in chosen],
                         cfg.crop_size,
                     )
-            out["crop"] = self._finish(crop, jitter, generator)
+            out["crop"] = self._finish(crop, jitter, generator, whole)
         out["label"] = torch.tensor([s.label for s in samples], dtype=torch.long)
         out["index"] = torch.tensor(indices, dtype=torch.long)
         return out
@@ -154,13 +184,17 @@ class BankDataset(KdDataset):
         views: torch.Tensor,
         jitter: tuple[torch.Tensor, ...] | None,
         generator: torch.Generator | None,
+        whole: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Jitter (training) and normalise a batch of [0, 1] views."""
+        """Jitter (training) and normalise a batch of [0, 1] views (part ``whole`` of a
+        larger batch: see :meth:`batch`)."""
         if jitter is not None:
             noise = None
             if generator is not None:
-                shape, device = views.shape, views.device
-                noise = torch.randn(shape, generator=generator, device=device) * self.cfg.noise
+                start, total = whole or (0, len(views))
+                shape, device = (total, *views.shape[1:]), views.device
+                noise = torch.randn(shape, generator=generator, device=device)
+                noise = noise[start : start + len(views)] * self.cfg.noise
             views = apply_jitter(views, *jitter, noise)
         return normalise_views(views, self.cfg)
 
@@ -168,7 +202,8 @@ class BankDataset(KdDataset):
 class BankLoader:
     """Batches of a :class:`BankDataset` like a ``DataLoader``'s: ``batch_size`` items each
     (the last one short unless ``drop_last``), in order, or with ``shuffle`` in a fresh
-    permutation per epoch drawn from ``generator``."""
+    permutation per epoch drawn from ``generator``; ``rank`` of ``size``: that part of each
+    batch (:func:`rank_slice`)."""
 
     def __init__(
         self,
@@ -177,8 +212,11 @@ class BankLoader:
         shuffle: bool = False,
         drop_last: bool = False,
         generator: torch.Generator | None = None,
+        rank: int = 0,
+        size: int = 1,
     ) -> None:
         self.dataset = dataset
+        self.rank, self.size = rank, size
         sampler = (
             RandomSampler(range(len(dataset)), generator=generator)
             if shuffle
@@ -191,4 +229,5 @@ class BankLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         for number, items in enumerate(self.batch_sampler):
-            yield self.dataset.batch(items, number)
+            part = rank_slice(len(items), self.rank, self.size)
+            yield self.dataset.batch(items[part], number, (part.start, len(items)))

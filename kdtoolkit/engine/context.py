@@ -18,6 +18,7 @@ from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
 from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig, view_config
 from kdtoolkit.engine.device import resolve_device
+from kdtoolkit.engine.distributed import main_first, start
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.errors import KdError
@@ -214,17 +215,22 @@ class RunContext:
     @classmethod
     def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:
         """Resolve the device, load the data, decode every image once (a broken file fails
-        here), and read (or make) the fold assignment, duplicates kept within one fold."""
-        device = resolve_device(recipe.experiment.device)
+        here), and read (or make) the fold assignment, duplicates kept within one fold.
+        Launched as several processes: this rank's device; rank 0 makes a task's data and the
+        assignment before the others read them."""
+        device = start(resolve_device(recipe.experiment.device))
         cfg = view_config(recipe)
         task = task_of(recipe)
-        manifest = load_data(recipe, progress)
+        with main_first():  # a task's data source writes its cache once
+            manifest = load_data(recipe, progress)
         paths = RunPaths(recipe.output_dir)
         loaders = Loaders(manifest.samples, cfg, device, recipe.data, progress.log)
         progress.start_stage("decoding images", len(manifest.samples))
         loaders.decode_all(manifest.path, progress.advance_stage)
         progress.end_stage()
         groups = fold_groups(manifest.samples, loaders.content, progress.log)
+        with main_first():
+            fold_of = assign_run_folds(paths.folds, manifest, recipe, groups)
         return cls(
             recipe=recipe,
             device=device,
@@ -232,7 +238,7 @@ class RunContext:
             classes=tuple(manifest.classes),
             view=cfg,
             paths=paths,
-            fold_of=assign_run_folds(paths.folds, manifest, recipe, groups),
+            fold_of=fold_of,
             ordinal=bool(task.ordinal) if task else False,
             loaders=loaders,
             progress=progress,

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from kdtoolkit.config.recipe import DataConfig
-from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, bank_bytes
+from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, RankBatches, bank_bytes
 from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.imageio import image_key, read_native
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
+from kdtoolkit.engine.distributed import world
 from kdtoolkit.errors import KdError
 
 #: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
@@ -95,17 +96,31 @@ class Loaders:
     ) -> Loader:
         """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
         training batches are shuffled and augmented, deterministic given ``seed``.
-        ``samples``: the run's samples with other ROIs (same images; default: the run's)."""
+        ``samples``: the run's samples with other ROIs (same images; default: the run's).
+        Launched as several processes, each takes its part of every training batch (the
+        same global batches as one process); evaluation batches are whole."""
         generator = torch.Generator().manual_seed(seed)
         drop_last = train and len(indices) > batch_size
         args = (samples or self.samples, indices, self.cfg, train, seed, mask_rois)
+        w = world() if train else None
         if self.banks is not None:
             dataset = BankDataset(*self.banks, *args, views=views)
-            return BankLoader(dataset, batch_size, train, drop_last, generator)
+            rank, size = (w.rank, w.size) if w else (0, 1)
+            return BankLoader(dataset, batch_size, train, drop_last, generator, rank, size)
         dataset = KdDataset(*args, views=views, cache=self.image_cache)
         workers = self.workers()
         if workers:
             dataset.preload()  # decode once here; forked workers share it
+        if w is not None and w.size > 1:
+            sampler = RandomSampler(range(len(dataset)), generator=generator)
+            batches = BatchSampler(sampler, batch_size, drop_last)
+            return DataLoader(
+                dataset,
+                batch_sampler=RankBatches(batches, w.rank, w.size),
+                generator=generator,
+                num_workers=workers,
+                pin_memory=self.device.type == "cuda",
+            )
         return DataLoader(
             dataset,
             batch_size=batch_size,

@@ -2,11 +2,14 @@
 on every fold, then results, figures and report.
 
 Every stage writes its outputs into the run folder; a rerun of the same recipe skips finished
-stages and resumes an interrupted one from its last epoch.
+stages and resumes an interrupted one from its last epoch. Launched as several processes
+(``torchrun``, ``kd run --nproc``), every rank trains each stage on its part of the batches and
+rank 0 alone locks the folder, evaluates and writes (``engine.distributed``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -20,6 +23,16 @@ import torch
 
 from kdtoolkit.config.recipe import Recipe
 from kdtoolkit.engine.context import RunContext, RunPaths
+from kdtoolkit.engine.device import resolve_device
+from kdtoolkit.engine.distributed import (
+    barrier,
+    broadcast,
+    is_main,
+    launched,
+    start,
+    stop,
+    world,
+)
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
@@ -126,12 +139,14 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
             two_stage = rois if (learned and stage.two_stage) else None
             teacher = models[stage.teacher]
             classifier = models[stage.two_stage_model]
-            result = evaluate_fold(
-                ctx, k, test_idx, stage, (teacher, classifier), checkpoints, two_stage
-            )
-            result.roi = rois.metrics if rois is not None else {}
-            if stage.cache:
-                result.write(done)
+            if is_main():  # launched as several processes: rank 0 evaluates
+                result = evaluate_fold(
+                    ctx, k, test_idx, stage, (teacher, classifier), checkpoints, two_stage
+                )
+                result.roi = rois.metrics if rois is not None else {}
+                if stage.cache:
+                    result.write(done)
+            result = broadcast(result)
             ctx.progress.advance_run()
     assert result is not None
     return result
@@ -190,26 +205,41 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
         ),
         recipe_digest=r.digest(),
     )
-    path = write_outputs(ctx.paths, results, r.student.backbone, ctx.log)
+    path = ctx.paths.root / "report.md"
+    if is_main():
+        path = write_outputs(ctx.paths, results, r.student.backbone, ctx.log)
     return RunResult(output=ctx.paths.root, report=path, run=results)
 
 
 def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
     """Run ``recipe`` into its run folder (locked while it runs) and write results, report
     and figures; each fold in this process, or as a job (``[launch]``, ``run_as_jobs``);
-    Ctrl-C raises ``Interrupted`` (what is kept, how to resume)."""
+    Ctrl-C raises ``Interrupted`` (what is kept, how to resume). Launched as several
+    processes, rank 0 locks, prepares and logs while the others wait and log nowhere."""
     out = recipe.output_dir
+    main = is_main()
+    if launched() and recipe.launch.executor != "inline":
+        raise KdError(
+            "launch.executor: several processes per run (torchrun, --nproc) train each stage "
+            "together; folds as jobs need one process: use --executor inline"
+        )
     try:
-        with RunLock(out) as lock:
-            prepare_run_folder(recipe, force)
-            with RunProgress(out / "run.log", quiet=quiet) as progress:
-                if lock.recovered:
+        start(resolve_device(recipe.experiment.device))
+        with RunLock(out) if main else contextlib.nullcontext() as lock:
+            if main:
+                prepare_run_folder(recipe, force)
+            barrier()
+            log = out / "run.log" if main else Path(os.devnull)
+            with RunProgress(log, quiet=quiet or not main) as progress:
+                if lock is not None and lock.recovered:
                     progress.log(lock.recovered)
                 if recipe.launch.executor != "inline":
                     return run_as_jobs(recipe, progress, force)
                 return run_in(recipe, progress, force)
     except KeyboardInterrupt:
         raise interrupted(out) from None
+    finally:
+        stop()
 
 
 def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
@@ -218,6 +248,8 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
     ctx = RunContext.open(recipe, progress, force)
     progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
+    if launched():
+        progress.log(f"{world().size} processes train each stage, each on its part of a batch")
     per_fold = run_folds(ctx, fold_plan(recipe, aligned_two_stage(ctx)), ctx.folds_to_run())
     for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
         done = ctx.paths.evaluation(k)

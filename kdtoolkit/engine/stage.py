@@ -20,7 +20,8 @@ from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import seed_everything
+from kdtoolkit.engine.device import compile_trunk, seed_everything
+from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
@@ -158,7 +159,9 @@ def train_model(
     mask_rois: dict[int, tuple] | None = None,
 ) -> Path:
     """Train ``spec`` on ``split`` (train, validation) unless its checkpoint exists; return the
-    checkpoint path. ``teacher``: the frozen model of the terms that need one."""
+    checkpoint path. ``teacher``: the frozen model of the terms that need one. Launched as
+    several processes, every rank trains and rank 0 writes the checkpoint (the others wait for
+    it)."""
     ckpt = ctx.paths.checkpoint(fold, spec.role)
     description = f"fold {fold} {spec.role}"
     recipe = spec.recipe or ctx.recipe
@@ -179,7 +182,18 @@ def train_model(
     if teacher is not None and config.init_from_teacher:
         init_from_teacher(model, teacher, spec.role)
     loss.setup(model.num_features, teacher.num_features if teacher is not None else None)
+    if ctx.recipe.experiment.compile:
+        compile_trunk(model, ctx.device)
     train_idx, val_idx = split
+    size = world().size
+    if size > 1:
+        section = "teacher" if view == "crop" else "student"
+        check_batch_size(config.batch_size, f"{section}.batch_size")
+        if len(train_idx) < size:
+            raise KdError(
+                f"{description}: {len(train_idx)} training samples cannot be shared by {size} "
+                "processes; run fewer processes"
+            )
     views = ("image", "crop") if view == "image" and teacher is not None else (view,)
     samples = enclosure_samples(ctx.samples) if spec.crops == "enclosure" else None
     stage = Stage(
@@ -207,10 +221,12 @@ def train_model(
         log=ctx.log,
     )
     seconds = time.perf_counter() - started
-    meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
-    meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
-    save_checkpoint(ckpt, best, meta)
-    state_path.unlink(missing_ok=True)
+    if is_main():
+        meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
+        meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
+        save_checkpoint(ckpt, best, meta)
+        state_path.unlink(missing_ok=True)
+    barrier()  # the checkpoint is there for every rank
     ctx.progress.end_stage()
     ctx.log(f"{description}: trained in {seconds:.1f}s -> {ckpt}")
     return ckpt
@@ -220,7 +236,17 @@ def provide_rois(
     ctx: RunContext, fold: int, spec: RoiSpec, train_idx: np.ndarray
 ) -> tuple[RoiResult, bool]:
     """The ROI provider's boxes for every sample, fitted on ``train_idx`` (cached per fold),
-    and whether the provider learns (a detector: its boxes make the two-stage row)."""
+    and whether the provider learns (a detector: its boxes make the two-stage row). Launched
+    as several processes, rank 0 runs the provider and the others read its cache."""
+    with main_first():
+        return provider_rois(ctx, fold, spec, train_idx)
+
+
+def provider_rois(
+    ctx: RunContext, fold: int, spec: RoiSpec, train_idx: np.ndarray
+) -> tuple[RoiResult, bool]:
+    """``provide_rois`` in one process: the cache when it holds this recipe's boxes, else
+    the provider run (and cached)."""
     providers = registries().roi_providers
     provider_cls = providers.get(spec.provider)
     workdir = ctx.paths.stage(fold, spec.role)

@@ -1,5 +1,5 @@
 """The epoch loop: training one model (teacher, student or baseline) with resume, and its
-validation."""
+validation; data-parallel when launched as several processes (``engine.distributed``)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,15 @@ import torch
 from torch import nn
 
 from kdtoolkit.config.recipe import ModelConfig
-from kdtoolkit.engine.device import autocast
+from kdtoolkit.engine.device import autocast, channels_last
+from kdtoolkit.engine.distributed import (
+    all_sum,
+    broadcast,
+    data_parallel,
+    is_main,
+    main_first,
+    world,
+)
 from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.resume import read_state, restore_rng, rng_states, set_aside
 from kdtoolkit.errors import KdError
@@ -82,15 +90,26 @@ def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], floa
     return factor
 
 
-def make_context(stage: Stage, batch: dict[str, torch.Tensor], device: torch.device):
-    """Forward the student (and teacher when needed) and build the loss context."""
-    x = batch[stage.view].to(device, non_blocking=True)
-    features = stage.model.forward_features(x)
-    logits = stage.model.forward_head(features)
+def make_context(
+    stage: Stage,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    net: nn.Module | None = None,
+) -> LossContext:
+    """Forward the student (and teacher when needed) and build the loss context. ``net``:
+    the student's ``FeaturesAndLogits`` (DistributedDataParallel-wrapped when launched);
+    default the model's own methods."""
+    x = channels_last(batch[stage.view].to(device, non_blocking=True), device)
+    if net is not None:
+        features, logits = net(x)
+    else:
+        features = stage.model.forward_features(x)
+        logits = stage.model.forward_head(features)
     teacher_logits = teacher_features = None
     if stage.loss.needs_teacher and stage.teacher is not None:
         with torch.no_grad():
-            teacher_features = stage.teacher.forward_features(batch["crop"].to(device))
+            crop = channels_last(batch["crop"].to(device, non_blocking=True), device)
+            teacher_features = stage.teacher.forward_features(crop)
             teacher_logits = stage.teacher.forward_head(teacher_features)
     return LossContext(
         student=stage.model,
@@ -115,7 +134,7 @@ def predict_logits(
     out, labels, indices = [], [], []
     for batch in loader:
         with autocast(device):
-            logits = model(batch[view].to(device))
+            logits = model(channels_last(batch[view].to(device), device))
         out.append(logits.float().cpu())
         labels.append(batch["label"])
         indices.append(batch["index"])
@@ -145,6 +164,21 @@ def misfit_of(state: dict[str, Any], model: nn.Module, loss: nn.Module) -> str:
     return ""
 
 
+def resume_state(
+    stage: Stage, path: Path, model: nn.Module, loss: nn.Module, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """The resume state at ``path`` when it is this stage's (same recipe, weights that fit);
+    a damaged or foreign one is set aside (None)."""
+    state = read_state(path, log)
+    if state is not None and state.get("recipe_digest", stage.digest) != stage.digest:
+        set_aside(path, "made by another recipe", log)
+        state = None
+    if state is not None and (misfit := misfit_of(state, model, loss)):
+        set_aside(path, f"made for another model: {misfit}", log)
+        state = None
+    return state
+
+
 def train_stage(
     stage: Stage,
     train_loader: Loader,
@@ -164,11 +198,20 @@ def train_stage(
     Model selection on ``val_loader`` by ``config.select_by``; returns the best weights
     (model and loss-term parameters, the latter prefixed ``loss.``). The state file is
     rewritten atomically after every epoch.
+
+    Launched as several processes, each trains on its part of every batch (``train_loader``
+    gives it) under DistributedDataParallel: each part's mean loss, averaged over the ranks,
+    is the global batch's mean, so the gradients are those of one process. Rank 0 alone
+    validates (the others receive its metrics) and writes the state file.
     """
     config = stage.config
-    model, loss = stage.model.to(device), stage.loss.to(device)
+    model = channels_last(stage.model.to(device), device)
+    loss = stage.loss.to(device)
     if stage.teacher is not None:
-        stage.teacher.to(device).eval().requires_grad_(False)
+        channels_last(stage.teacher.to(device), device).eval().requires_grad_(False)
+    net = data_parallel(model, loss, device)
+    size = world().size
+    whole = min(config.batch_size, len(train_loader.dataset))  # items of a global batch
     params = [p for p in [*model.parameters(), *loss.parameters()] if p.requires_grad]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
@@ -179,13 +222,8 @@ def train_stage(
     )
     start, best_score, best = 0, -math.inf, None
     loaders = (train_loader, val_loader)
-    state = read_state(state_path, log)
-    if state is not None and state.get("recipe_digest", stage.digest) != stage.digest:
-        set_aside(state_path, "made by another recipe", log)
-        state = None
-    if state is not None and (misfit := misfit_of(state, model, loss)):
-        set_aside(state_path, f"made for another model: {misfit}", log)
-        state = None
+    with main_first():  # rank 0 sets a damaged or foreign state aside before the others look
+        state = resume_state(stage, state_path, model, loss, log)
     if state is not None:
         model.load_state_dict(state["model"])
         loss.load_state_dict(state["loss"])
@@ -203,20 +241,26 @@ def train_stage(
         sums: dict[str, float] = {}
         count = 0
         for batch in train_loader:
+            n = len(batch["label"])
             with autocast(device):
-                ctx = make_context(stage, batch, device)
+                ctx = make_context(stage, batch, device, net)
                 total, parts = loss(ctx)
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            # DDP averages the ranks' gradients: weigh each part's mean by its share
+            (total * (n * size / whole) if size > 1 else total).backward()
             check_finite(stage, epoch + 1, total, parts, params)
             optimizer.step()
             scheduler.step()
-            n = len(batch["label"])
             count += n
             for key, value in {"loss": float(total.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value * n
             on_step()
-        val = evaluate(model, val_loader, stage.view, device, num_classes)
+        if size > 1:
+            keys = sorted(sums)
+            *totals, count = all_sum([*(sums[k] for k in keys), count], device)
+            sums = dict(zip(keys, totals, strict=True))
+        val = evaluate(model, val_loader, stage.view, device, num_classes) if is_main() else {}
+        val = broadcast(val)
         if not math.isfinite(val["loss"]):
             raise DivergedError(
                 f"{stage.label or stage.name} epoch {epoch + 1}: the validation loss is "
@@ -236,6 +280,9 @@ def train_stage(
         if best is None or score > best_score:
             best_score = score
             best = weights_of(model, loss)
+        if not is_main():
+            on_epoch(epoch + 1, record)
+            continue
         save_state(
             state_path,
             {
