@@ -78,6 +78,7 @@ def run(
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
     from kdtoolkit.config.recipe import load_recipe
     from kdtoolkit.engine import distributed
+    from kdtoolkit.engine.device import resolve_device
     from kdtoolkit.engine.run import run as run_recipe
 
     overrides = list(set_ or [])
@@ -90,6 +91,8 @@ def run(
     resolved = load_recipe(recipe, overrides)
     size = distributed.world().size
     if nproc > 1 and size == 1:  # checked here, then started again as nproc processes
+        device = resolve_device(resolved.experiment.device)
+        distributed.check_launch(nproc, resolved.launch.executor, device)
         for role in ("teacher", "student"):
             batch_size = getattr(resolved, role).batch_size
             distributed.check_batch_size(batch_size, f"{role}.batch_size", nproc)
@@ -324,8 +327,7 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     except KdError as e:
         if debug:
             raise
-        if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
-            time.sleep(3)  # torchrun: rank 0 failing alike stops this one first (one line)
+        defer_other_ranks()
         err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
@@ -341,11 +343,19 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
         if _is_usage_error(e):
             e.show()
             sys.exit(2)
+        defer_other_ranks()
         _internal_error(e, debug)
     if code == 130:
         err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def defer_other_ranks() -> None:
+    """Under torchrun, a rank other than 0 waits before it reports an error: rank 0's own error
+    (or a lost peer when rank 0 failed alone) ends the launch first, so one line is printed."""
+    if os.environ.get("RANK", "0") != "0" and os.environ.get("WORLD_SIZE", "1") != "1":
+        time.sleep(3)
 
 
 def _internal_error(e: BaseException, debug: bool) -> None:

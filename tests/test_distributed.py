@@ -246,6 +246,42 @@ def test_batch_size_not_divisible_is_one_line(
     assert len(lines) == 1 and "student.batch_size" in lines[0] and "divisible" in lines[0]
 
 
+def test_folds_as_jobs_with_nproc_is_refused_before_any_process_starts(
+    tiny_recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["run", str(tiny_recipe), "--executor", "local", "--nproc", "2"]
+    monkeypatch.setattr(sys, "argv", ["kd", *args])
+    monkeypatch.setattr(distributed, "launch", lambda *a: pytest.fail("torchrun was started"))
+    with pytest.raises(SystemExit) as ended:
+        run_app(app)
+    assert ended.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "launch.executor" in lines[0] and "--executor inline" in lines[0]
+
+
+def test_a_stray_rank_without_a_world_is_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.world() == distributed.World() and distributed.is_main()
+
+
+def test_ultralytics_trains_as_one_process_under_torchrun(tmp_path: Path) -> None:
+    """Rank 0 alone trains a detector: ultralytics must not see torchrun's variables."""
+    code = (
+        "from pathlib import Path\n"
+        "from kdtoolkit.builtin.yolo.session import ultralytics_session\n"
+        f"with ultralytics_session(Path({str(tmp_path)!r})):\n"
+        "    import ultralytics.utils as u\n"
+        "    print(u.WORLD_SIZE, u.RANK, u.LOCAL_RANK)\n"
+    )
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "-1", "-1"]
+
+
 def test_nproc_is_dropped_from_the_processes_command() -> None:
     args = ["run", "r.toml", "--nproc", "2", "--set", "a=1", "--nproc=3", "--quiet"]
     assert without_nproc(args) == ["run", "r.toml", "--set", "a=1", "--quiet"]

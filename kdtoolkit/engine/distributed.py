@@ -50,11 +50,12 @@ def world() -> World:
     ``RANK``, ``LOCAL_RANK``); size 1 when not launched by it."""
     env = os.environ
     try:
-        return World(
+        w = World(
             int(env.get("WORLD_SIZE", 1)), int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0))
         )
     except ValueError:
         raise KdError("WORLD_SIZE, RANK, LOCAL_RANK: integers expected (set by torchrun)") from None
+    return w if w.size > 1 else World()  # a stray RANK alone does not make a launch
 
 
 def launched() -> bool:
@@ -141,6 +142,21 @@ def part(total: int, w: World | None = None) -> slice:
     """This rank's slice of ``total`` items (``kdtoolkit.data.bank.rank_slice``)."""
     w = w or world()
     return rank_slice(total, w.rank, w.size)
+
+
+def check_launch(nproc: int, executor: str, device: torch.device) -> None:
+    """Before ``nproc`` processes are started: one line when they could not run (folds as jobs,
+    or more processes than GPUs)."""
+    if executor != "inline":
+        raise KdError(
+            "launch.executor: several processes per run (torchrun, --nproc) train each stage "
+            "together; folds as jobs need one process: use --executor inline"
+        )
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise KdError(
+            f"--nproc {nproc}: {torch.cuda.device_count()} GPU(s) visible; start at most one "
+            "process per GPU"
+        )
 
 
 def check_batch_size(batch_size: int, key: str, size: int | None = None) -> None:

@@ -92,6 +92,11 @@ def ultralytics_session(
                 YOLO_AUTOINSTALL="0",
                 ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS="1",
                 ULTRALYTICS_API_KEY=None,
+                # under torchrun only rank 0 trains the detector, as one process: ultralytics
+                # reads these when imported and would join the run's process group
+                WORLD_SIZE=None,
+                RANK=None,
+                LOCAL_RANK=None,
             )
         )
         forward = _Forward(log)
