@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from kdtoolkit.config.recipe import DataConfig
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, RankBatches, bank_bytes
@@ -20,7 +20,7 @@ from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.imageio import image_key, read_native
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
-from kdtoolkit.engine.distributed import world
+from kdtoolkit.engine.distributed import World, world
 from kdtoolkit.errors import KdError
 
 #: ``data.loader = "auto"`` holds the images on the GPU when they take under this share of its
@@ -102,30 +102,20 @@ class Loaders:
         generator = torch.Generator().manual_seed(seed)
         drop_last = train and len(indices) > batch_size
         args = (samples or self.samples, indices, self.cfg, train, seed, mask_rois)
-        w = world() if train else None
+        w = world() if train else World()
         if self.banks is not None:
             dataset = BankDataset(*self.banks, *args, views=views)
-            rank, size = (w.rank, w.size) if w else (0, 1)
-            return BankLoader(dataset, batch_size, train, drop_last, generator, rank, size)
+            return BankLoader(dataset, batch_size, train, drop_last, generator, w.rank, w.size)
         dataset = KdDataset(*args, views=views, cache=self.image_cache)
         workers = self.workers()
         if workers:
             dataset.preload()  # decode once here; forked workers share it
-        if w is not None and w.size > 1:
-            sampler = RandomSampler(range(len(dataset)), generator=generator)
-            batches = BatchSampler(sampler, batch_size, drop_last)
-            return DataLoader(
-                dataset,
-                batch_sampler=RankBatches(batches, w.rank, w.size),
-                generator=generator,
-                num_workers=workers,
-                pin_memory=self.device.type == "cuda",
-            )
+        items = range(len(dataset))
+        sampler = RandomSampler(items, generator=generator) if train else SequentialSampler(items)
+        batches = BatchSampler(sampler, batch_size, drop_last)
         return DataLoader(
             dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=drop_last,
+            batch_sampler=RankBatches(batches, w.rank, w.size),
             generator=generator,
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
