@@ -21,7 +21,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
-from steps import ROLES, images_per_second, open_context, stage_setup
+from steps import (
+    ROLES,
+    DeviceOption,
+    RecipeArg,
+    SetOption,
+    images_per_second,
+    open_context,
+    stage_setup,
+)
 
 from kdtoolkit.engine.context import RunContext
 
@@ -51,13 +59,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Recipe override (repeatable).")
-    ] = None,
+    recipe: RecipeArg,
+    overrides: SetOption = None,
     role: Annotated[str, typer.Option(help="teacher, student or baseline.")] = "student",
     batches: Annotated[int, typer.Option(min=1, help="Timed batches per measurement.")] = 20,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     if role not in ROLES:
         raise typer.BadParameter(f"--role must be one of {', '.join(ROLES)}, got {role!r}")

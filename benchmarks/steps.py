@@ -8,8 +8,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 
 from kdtoolkit.config.recipe import ModelConfig, load_recipe
 from kdtoolkit.engine.context import RunContext
@@ -19,6 +21,11 @@ from kdtoolkit.engine.loss import build_loss, cross_entropy
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.train import Stage, make_context
 from kdtoolkit.models.backbone import build_backbone
+
+#: The command-line arguments every benchmark takes: the recipe, ``--set`` overrides, ``--device``.
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Recipe override (repeatable).")]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 
 #: What each role sees.
 ROLES = {"teacher": "crop", "student": "image", "baseline": "image"}

@@ -34,7 +34,17 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
-from steps import Batch, StageSetup, images_per_second, open_context, stage_setup, sync
+from steps import (
+    Batch,
+    DeviceOption,
+    RecipeArg,
+    SetOption,
+    StageSetup,
+    images_per_second,
+    open_context,
+    stage_setup,
+    sync,
+)
 
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.device import autocast, channels_last
@@ -111,14 +121,12 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
-    overrides: Annotated[
-        list[str] | None, typer.Option("--set", help="Recipe override (repeatable).")
-    ] = None,
+    recipe: RecipeArg,
+    overrides: SetOption = None,
     steps: Annotated[
         int | None, typer.Option(min=1, help="Timed steps per row (20 on CUDA, 2 on CPU).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    device: DeviceOption = "auto",
     compile_: Annotated[
         bool, typer.Option("--compile/--no-compile", help="Measure the compiled step too.")
     ] = True,
