@@ -65,7 +65,8 @@ def test_bank_batch_equals_per_sample_views(
     samples = _samples(tmp_path)
     cfg = ViewConfig(
         image_size=(64, 80), crop_size=(16, 32), channels=channels, letterbox=letterbox,
-        mask=mask, flip_p=0.5, degrees=30.0, scale=(0.8, 1.2), translate=0.1, **NO_NOISE,
+        mask=mask, flip_p=0.5, degrees=30.0, scale=(0.8, 1.2), translate=0.1, roi_shift=(0.2, 0.1),
+        roi_scale=0.1, roi_degrees=5.0, **NO_NOISE,
     )  # fmt: skip
     detected = {1: ((15.0, 35.0, 75.0, 75.0), 0.0)}
     order = [5, 0, 3, 1, 4, 2]

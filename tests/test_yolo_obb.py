@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from kdtoolkit.builtin.yolo.metrics import box_iou, detection_map
+from kdtoolkit.builtin.yolo.metrics import box_errors, box_iou, detection_map
 from kdtoolkit.builtin.yolo.obb import YoloObbProvider
 from kdtoolkit.builtin.yolo.obb_geometry import (
     angle_error,
@@ -244,7 +244,26 @@ def test_tiny_obb_training_runs_offline_and_inside_the_run_folder(
             assert angle == pytest.approx(mean[4])
             assert (box[0] + box[2]) / 2 == pytest.approx(mean[0] * 64)
     expected = {"map50", "map50_95", "mean_iou", "angle_error_deg", "n_fallback", "latency_ms"}
+    expected |= {"shift_along_p90", "shift_across_p90", "size_p90"}
     assert set(result.metrics) == expected
     assert 0 <= result.metrics["map50_95"] <= result.metrics["map50"] <= 1
     assert 0 <= result.metrics["angle_error_deg"] <= 90 and result.metrics["latency_ms"] > 0
     assert any("angle_error_deg" in line for line in lines)
+
+
+def test_box_errors_are_read_in_the_truth_roi_frame() -> None:
+    # truth: 40 × 20 px at (50, 50), turned 90° (its width runs up the screen)
+    truth = np.array([[30.0, 40.0, 70.0, 60.0, 90.0]] * 10)
+    chosen = truth.copy()
+    chosen[:, [1, 3]] -= 4.0  # 4 px up the screen: along the truth's width, 10 % of it
+    chosen[:, [0, 2]] += 3.0  # 3 px right: across it, 15 % of its height
+    chosen[:, 2] += 8.0  # 8 px wider: 20 % of the width
+    errors = box_errors(chosen, truth)
+    assert errors["shift_along_p90"] == pytest.approx(0.1)
+    assert errors["shift_across_p90"] == pytest.approx(0.15 + 4 / 20)  # the centre moved 4 more
+    assert errors["size_p90"] == pytest.approx(0.2)
+    spread = truth.copy()
+    spread[:, [0, 2]] += np.arange(10)[:, None] * 0.2  # across: 0, 1, ..., 9 % of the height
+    assert box_errors(spread, truth)["shift_across_p90"] == pytest.approx(
+        np.percentile(np.arange(10) * 0.01, 90)
+    )

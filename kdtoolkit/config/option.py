@@ -143,7 +143,10 @@ def check_value(value: Any, annotation: Any) -> str | None:
     origin = typing.get_origin(base)
     if origin in (typing.Union, types.UnionType):
         problems = [check_value(value, a) for a in typing.get_args(base)]
-        if all(problems):
+        if all(problems):  # a range problem of the alternative whose type fits, else the types
+            bounds = [p for p in problems if p and not p.startswith("expected")]
+            if bounds:
+                return bounds[0]
             return f"expected {type_name(base)}, got {type(value).__name__} {value!r}"
         problem = None
     elif origin is Literal:

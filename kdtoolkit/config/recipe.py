@@ -51,17 +51,28 @@ class ExperimentConfig:
     compile: bool = False  # torch.compile the feature trunk (engine.device.compile_trunk)
 
 
+#: ``[augment]`` keys of the crop-box jitter: off (0) they stay out of the digest.
+ROI_JITTER = ("roi_shift", "roi_scale", "roi_degrees")
+Fraction = Annotated[float, Range(ge=0, le=1)]
+
+
 @dataclass
 class AugmentConfig:
     """Training augmentation (``[augment]``): random flip, rotation (``degrees``), zoom
-    (``scale``: ±), shift (``translate``: fraction of the size) and intensity jitter
-    (``brightness`` ±, ``contrast`` ± gain, ``gamma``: exponent exp(±gamma), ``noise``:
-    Gaussian std) on [0, 1] pixels; 0 turns a term off."""
+    (``scale``: ±), shift (``translate``: fraction of the size); the crop classifier's ROI
+    box moved as a detector's may be (``roi_shift``: ± fraction of its width along it and
+    of its height across it, one value or ``[along, across]``, ``roi_scale``:
+    ± size, ``roi_degrees``: ± angle; not the crops a student's teacher reads); intensity
+    jitter (``brightness`` ±, ``contrast`` ± gain, ``gamma``: exponent exp(±gamma),
+    ``noise``: Gaussian std) on [0, 1] pixels; 0 turns a term off."""
 
     flip_p: Annotated[float, Range(ge=0, le=1)] = 0.5
     degrees: Annotated[float, Range(ge=0, le=180)] = 10.0
     scale: Annotated[float, Range(ge=0, lt=1)] = 0.1
     translate: Annotated[float, Range(ge=0, lt=1)] = 0.05
+    roi_shift: Fraction | list[Fraction] = 0.0
+    roi_scale: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    roi_degrees: Annotated[float, Range(ge=0, le=180)] = 0.0
     brightness: Annotated[float, Range(ge=0, le=1)] = 0.1
     contrast: Annotated[float, Range(ge=0, le=1)] = 0.1
     gamma: Annotated[float, Range(ge=0, le=1)] = 0.1
@@ -163,6 +174,8 @@ class Recipe:
         raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
         for role in ("teacher", "student"):  # unset, as before the key existed
             raw[role] = {k: v for k, v in raw[role].items() if (k, v) != ("pretrained", False)}
+        off = [(k, v) for k, v in raw["augment"].items() if k in ROI_JITTER and v in (0, [0, 0])]
+        raw["augment"] = {k: v for k, v in raw["augment"].items() if (k, v) not in off}
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -255,6 +268,9 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
         problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
     problems += _check_components(recipe)
     problems += data_problems(recipe.data) + launch_problems(recipe.launch)
+    shift = recipe.augment.roi_shift
+    if isinstance(shift, list) and len(shift) != 2:
+        problems.append(f"augment.roi_shift: expected one fraction or [along, across], got {shift}")
     if bad := [k for k in recipe.cv.only if not 0 <= k < recipe.cv.folds]:
         problems.append(f"cv.only: folds {bad} do not exist (0..{recipe.cv.folds - 1})")
     if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size

@@ -1,8 +1,10 @@
 """Training augmentation: a random similarity (flip, rotation, zoom, shift) applied to the
-sampling matrices, and an intensity jitter (gamma, contrast, brightness, noise) on pixels.
+sampling matrices, a jitter of the teacher's crop box (shift, size, angle: a detector's
+errors), and an intensity jitter (gamma, contrast, brightness, noise) on pixels.
 
 Every draw comes from the sample's generator in a fixed order (affine: 5 variates; jitter:
-3 variates; then the pixel noise of each view), so a seed reproduces the views exactly.
+3 variates; crop-box jitter, when on: 5 variates; then the pixel noise of each view), so a
+seed reproduces the views exactly.
 """
 
 from __future__ import annotations
@@ -57,6 +59,28 @@ def transform_roi(box: Box, angle: float, matrix: np.ndarray) -> tuple[Box, floa
     new_angle = math.degrees(math.atan2(-edge[1], edge[0]))
     cx, cy = p.mean(axis=0)
     return (cx - width / 2, cy - height / 2, cx + width / 2, cy + height / 2), new_angle
+
+
+def jitter_roi(
+    rng: np.random.Generator,
+    box: Box,
+    angle: float,
+    shift: tuple[float, float],
+    scale: float,
+    degrees: float,
+) -> tuple[Box, float]:
+    """The ROI ``(box, angle)`` moved as a detector's box may be: its centre by U(±shift[0])
+    of its width along its own axis and U(±shift[1]) of its height across it, each side
+    scaled by U(1 ± scale), the angle turned by U(±degrees). Always draws 5 variates."""
+    u = 2 * rng.random(5) - 1
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    dx, dy = u[0] * shift[0] * w, u[1] * shift[1] * h  # in the ROI's own frame
+    a = math.radians(angle)
+    cx = (x0 + x1) / 2 + dx * math.cos(a) + dy * math.sin(a)
+    cy = (y0 + y1) / 2 - dx * math.sin(a) + dy * math.cos(a)
+    hw, hh = w * (1 + u[2] * scale) / 2, h * (1 + u[3] * scale) / 2
+    return (cx - hw, cy - hh, cx + hw, cy + hh), angle + u[4] * degrees
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdtoolkit.data.augment import Jitter, draw_jitter, random_affine, transform_roi
+from kdtoolkit.data.augment import Jitter, draw_jitter, jitter_roi, random_affine, transform_roi
 from kdtoolkit.data.geometry import Box, roi_corners
 from kdtoolkit.data.imageio import expand_channels, image_tensor, to_tensor
 from kdtoolkit.data.warp import (
@@ -48,9 +48,11 @@ class ViewConfig:
     averaged over channels when ``channels == 1``); ``mask`` is the ROI mask kind.
     Augmentation (training only): ``flip_p`` horizontal flip probability, ``degrees`` max
     rotation, ``scale`` zoom range, ``translate`` max shift as a fraction of
-    the image size; intensity: ``brightness`` (± added), ``contrast`` (± relative gain),
-    ``gamma`` (exponent in exp(±gamma)), ``noise`` (Gaussian std), all on [0, 1] pixels;
-    0 turns each off.
+    the image size; the teacher's crop box: ``roi_shift`` (± fraction of its width along it
+    and of its height across it), ``roi_scale`` (± relative size of each side),
+    ``roi_degrees`` (± angle), see :func:`~kdtoolkit.data.augment.jitter_roi`; intensity:
+    ``brightness`` (± added), ``contrast`` (± relative gain), ``gamma`` (exponent in
+    exp(±gamma)), ``noise`` (Gaussian std), all on [0, 1] pixels; 0 turns each off.
     """
 
     image_size: tuple[int, int] = (224, 224)
@@ -64,6 +66,9 @@ class ViewConfig:
     degrees: float = 10.0
     scale: tuple[float, float] = (0.9, 1.1)
     translate: float = 0.05
+    roi_shift: tuple[float, float] = (0.0, 0.0)
+    roi_scale: float = 0.0
+    roi_degrees: float = 0.0
     brightness: float = 0.1
     contrast: float = 0.1
     gamma: float = 0.1
@@ -75,7 +80,7 @@ class ViewConfig:
             object.__setattr__(self, "mean", IMAGENET_GREY_MEAN if grey else IMAGENET_MEAN)
         if self.std is None:
             object.__setattr__(self, "std", IMAGENET_GREY_STD if grey else IMAGENET_STD)
-        for name in ("image_size", "crop_size", "mean", "std", "scale"):
+        for name in ("image_size", "crop_size", "mean", "std", "scale", "roi_shift"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = []
         for name in ("image_size", "crop_size"):
@@ -98,7 +103,12 @@ class ViewConfig:
             problems.append(f"flip_p must be in [0, 1], got {self.flip_p}")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             problems.append(f"scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        for name in ("degrees", "translate", "brightness", "contrast", "gamma", "noise"):
+        if len(self.roi_shift) != 2 or min(self.roi_shift) < 0:
+            problems.append(f"roi_shift must be (along, across) >= 0, got {self.roi_shift}")
+        if not 0 <= self.roi_scale < 1:
+            problems.append(f"roi_scale must be in [0, 1), got {self.roi_scale}")
+        nonnegative = ("degrees", "translate", "roi_degrees")
+        for name in (*nonnegative, "brightness", "contrast", "gamma", "noise"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if problems:
@@ -107,7 +117,8 @@ class ViewConfig:
 
 def view_config(recipe: Recipe) -> ViewConfig:
     """The :class:`ViewConfig` of a recipe: its ``data`` sizes and channels, ``roi.mask``
-    and every ``augment`` key (``augment.scale = s`` is the zoom range ``(1 − s, 1 + s)``)."""
+    and every ``augment`` key (``augment.scale = s`` is the zoom range ``(1 − s, 1 + s)``;
+    one ``augment.roi_shift`` applies along and across)."""
     a = recipe.augment
     return ViewConfig(
         image_size=recipe.size("image"),
@@ -119,6 +130,9 @@ def view_config(recipe: Recipe) -> ViewConfig:
         degrees=a.degrees,
         scale=(1 - a.scale, 1 + a.scale),
         translate=a.translate,
+        roi_shift=tuple(a.roi_shift) if isinstance(a.roi_shift, list) else (a.roi_shift,) * 2,
+        roi_scale=a.roi_scale,
+        roi_degrees=a.roi_degrees,
         brightness=a.brightness,
         contrast=a.contrast,
         gamma=a.gamma,
@@ -214,6 +228,8 @@ def plan_views(
         crop = roi_matrix(roi_corners(sample.box, sample.angle), cfg.crop_size)
     else:
         box, angle = transform_roi(sample.box, sample.angle, aug)
+        if any(cfg.roi_shift) or cfg.roi_scale or cfg.roi_degrees:
+            box, angle = jitter_roi(rng, box, angle, cfg.roi_shift, cfg.roi_scale, cfg.roi_degrees)
         crop = roi_matrix(roi_corners(box, angle), cfg.crop_size) @ aug
     corners = None
     if roi[0] is not None:

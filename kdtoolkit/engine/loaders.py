@@ -3,6 +3,7 @@ the device (``data.loader``), with decoded images shared by every loader of the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import os
@@ -95,13 +96,17 @@ class Loaders:
         samples: Sequence[Sample] | None = None,
     ) -> Loader:
         """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
-        training batches are shuffled and augmented, deterministic given ``seed``.
+        training batches are shuffled and augmented, deterministic given ``seed`` (the crop-box
+        jitter only on crops alone: a crop classifier's training).
         ``samples``: the run's samples with other ROIs (same images; default: the run's).
         Launched as several processes, each takes its part of every training batch (the
         same global batches as one process); evaluation batches are whole."""
         generator = torch.Generator().manual_seed(seed)
         drop_last = train and len(indices) > batch_size
-        args = (samples or self.samples, indices, self.cfg, train, seed, mask_rois)
+        cfg = self.cfg
+        if "image" in views:  # a student's teacher reads the exact crop
+            cfg = dataclasses.replace(cfg, roi_shift=(0.0, 0.0), roi_scale=0.0, roi_degrees=0.0)
+        args = (samples or self.samples, indices, cfg, train, seed, mask_rois)
         w = world() if train else World()
         if self.banks is not None:
             dataset = BankDataset(*self.banks, *args, views=views)

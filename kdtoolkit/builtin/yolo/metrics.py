@@ -1,4 +1,6 @@
-"""Detection metrics of the ``yolo`` ROI provider: box IoU, single-class AP and mAP.
+"""Detection metrics of the ``yolo`` ROI provider: box IoU, single-class AP and mAP, and
+the errors of the chosen boxes in the truth ROI's own frame (what ``augment.roi_shift``,
+``roi_scale`` and ``roi_degrees`` should cover).
 
 One truth box per image; mAP@0.5:0.95 averages AP over the COCO IoU thresholds.
 """
@@ -77,3 +79,24 @@ def detection_map(
     ious = iou(boxes, gts)
     aps = [average_precision(ids, scores, ious, len(truth), t) for t in IOU_THRESHOLDS]
     return aps[0], float(np.mean(aps))
+
+
+def box_errors(chosen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """90th percentiles over images of the chosen ROI's errors against the truth ROI (rows
+    ``x0, y0, x1, y1, angle``, kdtoolkit.data.geometry's convention): the centre offset along
+    the truth's width and across it, as fractions of its width and height (``shift_along_p90``,
+    ``shift_across_p90``), and the relative size error of either side (``size_p90``)."""
+    chosen, truth = np.asarray(chosen, float), np.asarray(truth, float)
+    offset = (chosen[:, :2] + chosen[:, 2:4]) / 2 - (truth[:, :2] + truth[:, 2:4]) / 2
+    a = np.radians(truth[:, 4])
+    along = np.stack([np.cos(a), -np.sin(a)], axis=1)  # the truth's width direction
+    across = np.stack([np.sin(a), np.cos(a)], axis=1)
+    sides = truth[:, 2:4] - truth[:, :2]
+    size = np.abs((chosen[:, 2:4] - chosen[:, :2]) / sides - 1).max(axis=1)
+    return {
+        "shift_along_p90": float(np.percentile(np.abs((offset * along).sum(1)) / sides[:, 0], 90)),
+        "shift_across_p90": float(
+            np.percentile(np.abs((offset * across).sum(1)) / sides[:, 1], 90)
+        ),
+        "size_p90": float(np.percentile(size, 90)),
+    }

@@ -13,7 +13,9 @@ fallback box (``mean_box``: the mean training box, in relative coordinates, scal
 ``whole_image``) and ``found = False``. Metrics (:mod:`kdtoolkit.builtin.yolo.metrics`) are
 detection mAP@0.5 and mAP@0.5:0.95 on the held-out images (``predict`` minus ``train``) against
 their expert enclosing boxes, counting detections down to confidence 0.001 as ultralytics'
-validation does; plus the mean IoU of the chosen boxes (``mean_iou``), the number of fallbacks
+validation does; plus the mean IoU of the chosen boxes (``mean_iou``), their centre and size
+errors in the expert ROI's frame (``shift_along_p90``, ``shift_across_p90``, ``size_p90``: what a
+crop classifier's ``augment.roi_*`` jitter should cover), the number of fallbacks
 (``n_fallback``) and the detector's mean per-image latency (``latency_ms``: batch of one,
 decoded image in, boxes out, after a warm-up; see :func:`detector_latency_ms`), which the
 two-stage latency adds to the crop + teacher time.
@@ -40,7 +42,7 @@ from kdtoolkit.builtin.yolo.dataset import (
     write_dataset,
     yolo_label,
 )
-from kdtoolkit.builtin.yolo.metrics import MAP_CONF, box_iou, detection_map
+from kdtoolkit.builtin.yolo.metrics import MAP_CONF, box_errors, box_iou, detection_map
 from kdtoolkit.builtin.yolo.options import (
     DETECT_HEADS,
     models_dir,
@@ -159,7 +161,7 @@ class YoloProvider(RoiProvider):
             metrics["map50"], metrics["map50_95"] = detection_map(flat, truth, self.iou)
             chosen, expert = rois[held], np.array([truth[k] for k in held])
             metrics["mean_iou"] = float(self.iou(chosen, expert).mean())
-            more = self.extra_metrics(chosen, expert)
+            more = box_errors(chosen, expert) | self.extra_metrics(chosen, expert)
             metrics |= more
             extra = "".join(f", {k} {v:.3f}" for k, v in more.items())
             log(
