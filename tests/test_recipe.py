@@ -98,6 +98,20 @@ def test_component_option_types_and_ranges(tmp_path):
     assert "loss[1].beta: unknown option" in joined
 
 
+def test_union_options_name_the_range_of_the_fitting_alternative():
+    from typing import Annotated, Literal
+
+    from kdtoolkit.config.option import Range, check_value
+
+    size = Annotated[int, Range(ge=8)] | list[Annotated[int, Range(ge=8)]]
+    assert check_value(4, size) == "must be >= 8, got 4"
+    assert check_value([16, 4], size) == "must be >= 8, got 4"
+    assert check_value("x", size) == "expected int | list[int], got str 'x'"
+    # a Literal alternative's "must be one of" is not a range: the types are named
+    assert check_value(2.5, int | Literal["mid"]) == "expected int | 'mid', got float 2.5"
+    assert check_value(16, size) is None and check_value([8, 9], size) is None
+
+
 def test_unknown_section_and_missing_loss(tmp_path):
     text = BASE.format(out="o").split("[[loss]]")[0] + "\n[studnet]\nepochs = 3\n"
     joined = "\n".join(problems_of(tmp_path, text))

@@ -291,3 +291,16 @@ def test_atomic_write_bytes_and_path(tmp_path: Path) -> None:
         tmp.write_bytes(b"new")
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["blob.bin"]
+
+
+def test_roi_section_shows_angles_in_degrees_and_box_errors_as_shares() -> None:
+    from kdtoolkit.report.markdown import roi_section
+
+    folds = {
+        "0": {"angle_error_deg": 0.8, "shift_along_p90": 0.25, "size_p90": 0.2},
+        "1": {"angle_error_deg": 0.6, "shift_along_p90": 0.35, "size_p90": 0.2},
+    }
+    text = "\n".join(roi_section(folds))
+    assert "| angle_error_deg | 0.700 ± 0.141 | 0.800 | 0.600 | mean angle error" in text  # not %
+    assert "| shift_along_p90 | 30.00 ± 7.07 % | 25.00 | 35.00 | 90% of box centres" in text
+    assert "| size_p90 | 20.00 ± 0.00 % | 20.00 | 20.00 | 90% of boxes have both sides" in text

@@ -109,30 +109,55 @@ def test_training_crop_is_the_jittered_box_and_only_the_crop_moves(tmp_path: Pat
 def test_only_a_crop_classifier_sees_jittered_boxes(tmp_path: Path, loader: str) -> None:
     path = _write_bar(tmp_path)
     samples = [_sample(path, i) for i in range(4)]
-    cfg = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **QUIET, roi_shift=(0.3, 0.3))
+    jitter = {"roi_shift": 0.3, "roi_scale": 0.3, "roi_degrees": 20.0}
+    cfg = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **QUIET, **jitter)
     loaders = Loaders(samples, cfg, torch.device("cpu"), DataConfig(loader=loader), print)
     exact = normalise(crop_roi(load_image(path, 1), BOX, ANGLE, (16, 32)), cfg)
     student = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("image", "crop"))))
     torch.testing.assert_close(student["crop"], exact.expand(4, -1, -1, -1), rtol=0, atol=1e-5)
     teacher = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("crop",))))
     assert all((crop - exact).abs().mean() > 0.05 for crop in teacher["crop"])
+    for key in ("roi_shift", "roi_scale", "roi_degrees"):  # each alone, turned off for students
+        alone = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **QUIET, **{key: jitter[key]})
+        loaders = Loaders(samples, alone, torch.device("cpu"), DataConfig(loader=loader), print)
+        student = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("image", "crop"))))
+        torch.testing.assert_close(student["crop"], exact.expand(4, -1, -1, -1), rtol=0, atol=1e-5)
+
+
+def test_off_it_draws_nothing_so_earlier_runs_repeat(tmp_path: Path) -> None:
+    """Jitter off, the sample's generator goes from the intensity draws straight to the pixel
+    noise, as before the jitter existed: replaying that order gives the same pixels."""
+    path = _write_bar(tmp_path)
+    cfg = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **{**QUIET, "noise": 0.05})
+    item = KdDataset([_sample(path)], [0], cfg, train=True, seed=3)[0]
+    rng = np.random.default_rng([3, 0, 0])
+    rng.random(8)  # affine 5, intensity 3; no crop-box variates
+    image = load_image(path, 1)
+    for key, clean in (
+        ("image", KdDataset([_sample(path)], [0], cfg, train=False, seed=3)[0]["image"]),
+        ("crop", normalise(crop_roi(image, BOX, ANGLE, (16, 32)), cfg)),
+    ):
+        noise = rng.standard_normal(tuple(clean.shape), dtype=np.float32) * np.float32(0.05)
+        expected = (clean + torch.from_numpy(noise)).clamp(0, 1)
+        torch.testing.assert_close(item[key], expected, rtol=0, atol=1e-6)
 
 
 def _recipe(*overrides: str):
-    return load_recipe({"data": {"manifest": "m.csv"}, "loss": [{"name": "ce"}]}, list(overrides))
+    raw = {"data": {"manifest": "/data/m.csv"}, "loss": [{"name": "ce"}]}
+    return load_recipe(raw, list(overrides))
 
 
 def test_recipe_keys_are_off_by_default_and_out_of_the_digest_when_off() -> None:
     base = _recipe()
     assert (base.augment.roi_shift, base.augment.roi_scale, base.augment.roi_degrees) == (0, 0, 0)
+    assert base.digest() == "abe58d51d3c05d05"  # this recipe's digest before the keys existed
     off = "augment.roi_shift=0", "augment.roi_scale=0.0", "augment.roi_degrees=0"
-    assert _recipe(*off).digest() == base.digest()  # runs made before the keys existed
+    assert _recipe(*off).digest() == base.digest()
     assert _recipe("augment.roi_shift=[0, 0.0]").digest() == base.digest()
     assert _recipe("augment.roi_shift=0.2").digest() != base.digest()
-    assert (
-        _recipe("augment.roi_shift=[0.2, 0.1]").digest()
-        != _recipe("augment.roi_shift=0.2").digest()
-    )
+    one = _recipe("augment.roi_shift=0.2").digest()
+    assert _recipe("augment.roi_shift=[0.2, 0.2]").digest() == one  # the same run
+    assert _recipe("augment.roi_shift=[0.2, 0.1]").digest() != one
     assert _recipe("augment.roi_degrees=4").digest() != _recipe("augment.roi_degrees=5").digest()
 
 
@@ -146,5 +171,6 @@ def test_out_of_range_jitter_is_a_one_line_error_naming_the_key() -> None:
         _recipe("augment.roi_shift=[0.1, 1.5]")
     with pytest.raises(KdError, match=r"roi_shift must be \(along, across\) >= 0"):
         ViewConfig(roi_shift=(0.1, -0.1))
+    assert ViewConfig(roi_shift=0.2).roi_shift == (0.2, 0.2)
     assert view_config(_recipe("augment.roi_shift=0.25")).roi_shift == (0.25, 0.25)
     assert view_config(_recipe("augment.roi_shift=[0.25, 0.05]")).roi_shift == (0.25, 0.05)

@@ -28,6 +28,7 @@ from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.errors import KdError
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiRequest
+from kdtoolkit.report.markdown import ROI_METRICS
 from tests import test_yolo
 from tests.test_yolo import sample
 
@@ -246,6 +247,7 @@ def test_tiny_obb_training_runs_offline_and_inside_the_run_folder(
     expected = {"map50", "map50_95", "mean_iou", "angle_error_deg", "n_fallback", "latency_ms"}
     expected |= {"shift_along_p90", "shift_across_p90", "size_p90"}
     assert set(result.metrics) == expected
+    assert expected <= set(ROI_METRICS)  # each has its meaning in the report
     assert 0 <= result.metrics["map50_95"] <= result.metrics["map50"] <= 1
     assert 0 <= result.metrics["angle_error_deg"] <= 90 and result.metrics["latency_ms"] > 0
     assert any("angle_error_deg" in line for line in lines)
@@ -267,3 +269,18 @@ def test_box_errors_are_read_in_the_truth_roi_frame() -> None:
     assert box_errors(spread, truth)["shift_across_p90"] == pytest.approx(
         np.percentile(np.arange(10) * 0.01, 90)
     )
+
+
+def test_box_errors_at_an_oblique_angle_follow_the_roi_corners() -> None:
+    """At 30° the signs of the axes matter (at 90° the absolute values hide them): the offset
+    is built from the truth's corners, kdtoolkit.data.geometry's convention."""
+    box, angle = (30.0, 40.0, 70.0, 60.0), 30.0
+    corners = roi_corners(box, angle)
+    along = (corners[1] - corners[0]) / 40.0
+    across = (corners[3] - corners[0]) / 20.0
+    offset = 0.1 * 40.0 * along + 0.3 * 20.0 * across  # 10% along, 30% across
+    chosen = np.array([[*(np.array(box) + np.tile(offset, 2)), angle]])
+    errors = box_errors(chosen, np.array([[*box, angle]]))
+    assert errors["shift_along_p90"] == pytest.approx(0.1)
+    assert errors["shift_across_p90"] == pytest.approx(0.3)
+    assert errors["size_p90"] == pytest.approx(0.0, abs=1e-12)

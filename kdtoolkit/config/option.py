@@ -27,6 +27,9 @@ from typing import Annotated, Any, Literal
 
 from kdtoolkit.errors import suggestion
 
+#: How :meth:`Range.check` problems start: the value had the right type, outside the bounds.
+RANGE_PROBLEMS = ("must be >", "must be <", "must be a finite")
+
 
 @dataclass(frozen=True)
 class Range:
@@ -144,7 +147,7 @@ def check_value(value: Any, annotation: Any) -> str | None:
     if origin in (typing.Union, types.UnionType):
         problems = [check_value(value, a) for a in typing.get_args(base)]
         if all(problems):  # a range problem of the alternative whose type fits, else the types
-            bounds = [p for p in problems if p and not p.startswith("expected")]
+            bounds = [p for p in problems if p and p.startswith(RANGE_PROBLEMS)]
             if bounds:
                 return bounds[0]
             return f"expected {type_name(base)}, got {type(value).__name__} {value!r}"

@@ -174,8 +174,10 @@ class Recipe:
         raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
         for role in ("teacher", "student"):  # unset, as before the key existed
             raw[role] = {k: v for k, v in raw[role].items() if (k, v) != ("pretrained", False)}
-        off = [(k, v) for k, v in raw["augment"].items() if k in ROI_JITTER and v in (0, [0, 0])]
-        raw["augment"] = {k: v for k, v in raw["augment"].items() if (k, v) not in off}
+        augment = raw["augment"]
+        if isinstance(augment["roi_shift"], list) and len(set(augment["roi_shift"])) == 1:
+            augment["roi_shift"] = augment["roi_shift"][0]  # [s, s] is s
+        raw["augment"] = {k: v for k, v in augment.items() if k not in ROI_JITTER or v != 0}
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

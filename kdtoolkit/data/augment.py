@@ -3,8 +3,8 @@ sampling matrices, a jitter of the teacher's crop box (shift, size, angle: a det
 errors), and an intensity jitter (gamma, contrast, brightness, noise) on pixels.
 
 Every draw comes from the sample's generator in a fixed order (affine: 5 variates; jitter:
-3 variates; crop-box jitter, when on: 5 variates; then the pixel noise of each view), so a
-seed reproduces the views exactly.
+3 variates; crop-box jitter, when on and the crop is cut from the full image: 5 variates;
+then the pixel noise of each view), so a seed reproduces the views exactly.
 """
 
 from __future__ import annotations

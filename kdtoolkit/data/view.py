@@ -66,7 +66,7 @@ class ViewConfig:
     degrees: float = 10.0
     scale: tuple[float, float] = (0.9, 1.1)
     translate: float = 0.05
-    roi_shift: tuple[float, float] = (0.0, 0.0)
+    roi_shift: tuple[float, float] | float = (0.0, 0.0)
     roi_scale: float = 0.0
     roi_degrees: float = 0.0
     brightness: float = 0.1
@@ -80,6 +80,8 @@ class ViewConfig:
             object.__setattr__(self, "mean", IMAGENET_GREY_MEAN if grey else IMAGENET_MEAN)
         if self.std is None:
             object.__setattr__(self, "std", IMAGENET_GREY_STD if grey else IMAGENET_STD)
+        if isinstance(self.roi_shift, int | float):  # one fraction: along and across
+            object.__setattr__(self, "roi_shift", (self.roi_shift, self.roi_shift))
         for name in ("image_size", "crop_size", "mean", "std", "scale", "roi_shift"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         problems = []
@@ -130,7 +132,7 @@ def view_config(recipe: Recipe) -> ViewConfig:
         degrees=a.degrees,
         scale=(1 - a.scale, 1 + a.scale),
         translate=a.translate,
-        roi_shift=tuple(a.roi_shift) if isinstance(a.roi_shift, list) else (a.roi_shift,) * 2,
+        roi_shift=tuple(a.roi_shift) if isinstance(a.roi_shift, list) else a.roi_shift,
         roi_scale=a.roi_scale,
         roi_degrees=a.roi_degrees,
         brightness=a.brightness,

@@ -34,6 +34,13 @@ ROI_METRICS = {
     "mean_iou": ("mean IoU of the chosen boxes with the expert boxes", "percent"),
     "n_fallback": ("images without a detection (fallback box used)", "count"),
     "latency_ms": ("provider latency, ms / image (batch of one)", "number"),
+    "shift_along_p90": (
+        "90% of box centres within this share of the ROI width, along it",
+        "percent",
+    ),
+    "shift_across_p90": ("the same across the ROI, in shares of its height", "percent"),
+    "size_p90": ("90% of boxes have both sides within this relative error", "percent"),
+    "angle_error_deg": ("mean angle error of the chosen boxes, degrees", "number"),
 }
 #: Pipeline names of the latency table (others: ``row_label``).
 LATENCY_LABELS = {
