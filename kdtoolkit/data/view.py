@@ -109,8 +109,16 @@ class ViewConfig:
             problems.append(f"roi_shift must be (along, across) >= 0, got {self.roi_shift}")
         if not 0 <= self.roi_scale < 1:
             problems.append(f"roi_scale must be in [0, 1), got {self.roi_scale}")
-        nonnegative = ("degrees", "translate", "roi_degrees")
-        for name in (*nonnegative, "brightness", "contrast", "gamma", "noise"):
+        nonnegative = (
+            "degrees",
+            "translate",
+            "roi_degrees",
+            "brightness",
+            "contrast",
+            "gamma",
+            "noise",
+        )
+        for name in nonnegative:
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
         if problems:
@@ -132,7 +140,7 @@ def view_config(recipe: Recipe) -> ViewConfig:
         degrees=a.degrees,
         scale=(1 - a.scale, 1 + a.scale),
         translate=a.translate,
-        roi_shift=tuple(a.roi_shift) if isinstance(a.roi_shift, list) else a.roi_shift,
+        roi_shift=a.roi_shift,
         roi_scale=a.roi_scale,
         roi_degrees=a.roi_degrees,
         brightness=a.brightness,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from kdtoolkit.data.geometry import roi_axes
+
 #: IoU thresholds of mAP@0.5:0.95 (COCO): 0.50, 0.55, ..., 0.95.
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 #: Confidence down to which detections count for mAP (as ultralytics' own validation).
@@ -88,15 +90,9 @@ def box_errors(chosen: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     ``shift_across_p90``), and the relative size error of either side (``size_p90``)."""
     chosen, truth = np.asarray(chosen, float), np.asarray(truth, float)
     offset = (chosen[:, :2] + chosen[:, 2:4]) / 2 - (truth[:, :2] + truth[:, 2:4]) / 2
-    a = np.radians(truth[:, 4])
-    along = np.stack([np.cos(a), -np.sin(a)], axis=1)  # the truth's width direction
-    across = np.stack([np.sin(a), np.cos(a)], axis=1)
     sides = truth[:, 2:4] - truth[:, :2]
+    along, across = roi_axes(truth[:, 4])
+    shift = np.abs(np.stack([(offset * along).sum(1), (offset * across).sum(1)], 1)) / sides
     size = np.abs((chosen[:, 2:4] - chosen[:, :2]) / sides - 1).max(axis=1)
-    return {
-        "shift_along_p90": float(np.percentile(np.abs((offset * along).sum(1)) / sides[:, 0], 90)),
-        "shift_across_p90": float(
-            np.percentile(np.abs((offset * across).sum(1)) / sides[:, 1], 90)
-        ),
-        "size_p90": float(np.percentile(size, 90)),
-    }
+    p90 = [float(np.percentile(x, 90)) for x in (shift[:, 0], shift[:, 1], size)]
+    return dict(zip(("shift_along_p90", "shift_across_p90", "size_p90"), p90, strict=True))
