@@ -75,10 +75,9 @@ def jitter_roi(
     u = 2 * rng.random(5) - 1
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
+    dx, dy = u[0] * shift[0] * w, u[1] * shift[1] * h  # in the ROI's own frame
     along, across = roi_axes(angle)
-    cx, cy = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) + (
-        u[0] * shift[0] * w * along + u[1] * shift[1] * h * across
-    )
+    cx, cy = np.array([(x0 + x1) / 2, (y0 + y1) / 2]) + dx * along + dy * across
     hw, hh = w * (1 + u[2] * scale) / 2, h * (1 + u[3] * scale) / 2
     return (cx - hw, cy - hh, cx + hw, cy + hh), angle + u[4] * degrees
 
