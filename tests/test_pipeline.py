@@ -227,6 +227,29 @@ def test_seeded_cpu_runs_repeat_exactly(tmp_path, tiny_recipe):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_paired_rows_differ_only_in_their_loss(tmp_path, tiny_recipe):
+    """``experiment.paired`` (the default): a student whose loss is the baseline's own
+    cross-entropy starts from the baseline's weights and sees its batches and augmentation, so
+    the two train to the same weights bit for bit; unpaired, their seeds differ."""
+    base = ["teacher.epochs=1", "student.epochs=2", "cv.only=[0]", "evaluate.cam_examples=0"]
+    base += ["loss=[{name='ce', weight=1.0}]"]
+
+    def weights(name: str, *overrides: str) -> tuple[dict, dict]:
+        out = f"experiment.output='{tmp_path / name}'"
+        kdtoolkit.run(load_recipe(tiny_recipe, [*base, out, *overrides]), quiet=True)
+        fold = tmp_path / name / "fold_0"
+        student = load_checkpoint(fold / "student" / "model.safetensors")[0]
+        baseline = load_checkpoint(fold / "baseline_full" / "model.safetensors")[0]
+        return student, baseline
+
+    student, baseline = weights("paired")
+    assert student.keys() == baseline.keys()
+    assert all(torch.equal(student[k], baseline[k]) for k in student)
+    student, baseline = weights("unpaired", "experiment.paired=false")
+    assert not all(torch.equal(student[k], baseline[k]) for k in student)
+
+
 def test_cam_names_never_overwrite_each_other(tmp_path):
     from kdtoolkit.engine.predict import cam_name
 

@@ -150,7 +150,9 @@ def _recipe(*overrides: str):
 def test_recipe_keys_are_off_by_default_and_out_of_the_digest_when_off() -> None:
     base = _recipe()
     assert (base.augment.roi_shift, base.augment.roi_scale, base.augment.roi_degrees) == (0, 0, 0)
-    assert base.digest() == "abe58d51d3c05d05"  # this recipe's digest before the keys existed
+    unpaired = _recipe("experiment.paired=false")  # how runs were made before these keys
+    assert unpaired.digest() == "abe58d51d3c05d05"  # this recipe's digest before the keys existed
+    assert base.digest() != unpaired.digest()  # paired rows compute something else
     off = "augment.roi_shift=0", "augment.roi_scale=0.0", "augment.roi_degrees=0"
     assert _recipe(*off).digest() == base.digest()
     assert _recipe("augment.roi_shift=[0, 0.0]").digest() == base.digest()

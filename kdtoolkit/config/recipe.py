@@ -49,6 +49,7 @@ class ExperimentConfig:
     seed: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the feature trunk (engine.device.compile_trunk)
+    paired: bool = True  # full-image rows share initial weights and batch order (stage_seed)
 
 
 #: ``[augment]`` keys of the crop-box jitter: off (0) they stay out of the digest.
@@ -164,7 +165,10 @@ class Recipe:
         folder, on any machine)."""
         raw = self.to_dict()
         raw.pop("launch")
-        raw["experiment"] = {k: v for k, v in raw["experiment"].items() if k == "seed"}
+        experiment = raw["experiment"]
+        raw["experiment"] = {k: v for k, v in experiment.items() if k == "seed"}
+        if experiment["paired"]:  # unpaired is how every run was made before the key existed
+            raw["experiment"]["paired"] = True
         defaults = dataclasses.asdict(DataConfig())
         raw["data"] = {
             k: v

@@ -31,14 +31,19 @@ from kdtoolkit.models.checkpoint import read_metadata, save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiRequest, RoiResult, run_provider
+from kdtoolkit.report.results import BASELINE_FULL, STUDENT
 
 ROLE_SEEDS = {"teacher": 1, "student": 2, "baseline_full": 3}
 
 
-def role_seed(role: str) -> int:
+def role_seed(role: str, paired: bool = False) -> int:
     """A stage's seed offset: ``ROLE_SEEDS[role]``; a variant ``<role>_<name>`` of a known role
     (``student_kl``) shares that role's offset, so variants start from the same weights and
-    batch order and differ only in what they change; any other role, a stable hash of its name."""
+    batch order and differ only in what they change; any other role, a stable hash of its name.
+    ``paired``: the full-image baseline shares the student's offset too, so student, variants
+    and baseline differ only in their loss (``experiment.paired``)."""
+    if paired and role == BASELINE_FULL:
+        return ROLE_SEEDS[STUDENT]
     if role in ROLE_SEEDS:
         return ROLE_SEEDS[role]
     base = role.split("_", 1)[0]
@@ -49,7 +54,7 @@ def role_seed(role: str) -> int:
 
 def stage_seed(recipe: Recipe, fold: int, role: str) -> int:
     """The seed of stage ``role`` on ``fold``: model initialisation, batch order, augmentation."""
-    return recipe.experiment.seed * 1000 + fold * 10 + role_seed(role)
+    return recipe.experiment.seed * 1000 + fold * 10 + role_seed(role, recipe.experiment.paired)
 
 
 def model_metadata(
