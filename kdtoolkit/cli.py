@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kdtoolkit import __version__
@@ -246,7 +247,7 @@ def plugins(
     """List every registered component by kind, with the plugin that provides it, and the
     resolvers that accept whole families of names (e.g. any timm model name); with
     ``--options NAME``, the options a recipe may give that component."""
-    from kdtoolkit.plugins.manager import list_components, options_of
+    from kdtoolkit.plugins.manager import broken_plugins, list_components, options_of
 
     if options is not None:
         for c in options_of(options):
@@ -262,6 +263,8 @@ def plugins(
         table.add_column(column)
     for c in list_components():
         table.add_row(c.kind, f"<{c.name}>" if c.resolver else c.name, c.plugin)
+    for name, why in broken_plugins().items():
+        table.add_row("[red]broken[/]", escape(name), escape(f"switched off: it {why}"))
     console.print(table)
 
 
@@ -298,8 +301,15 @@ def predict(
 
 
 def _add_plugin_commands() -> None:
-    from kdtoolkit.plugins.manager import plugin_manager
+    """Plugins' sub-commands; one warning line per installed plugin that is switched off."""
+    from kdtoolkit.plugins.manager import broken_message, broken_plugins, plugin_manager
 
+    for name, why in broken_plugins().items():
+        err_console.print(
+            f"[yellow]warning[/]: {escape(broken_message(name, why))}",
+            highlight=False,
+            soft_wrap=True,
+        )
     plugin_manager().hook.kd_register_commands(app=app)
 
 

@@ -103,10 +103,12 @@ def kd_cli(
 @contextlib.contextmanager
 def use_plugins(*plugins: object, installed: bool = True) -> Iterator[Registries]:
     """Within the block, ``kdtoolkit.plugins.manager.registries()`` (what recipes and runs use)
-    holds the built-ins, the installed plugins (unless ``installed=False``) and ``plugins``."""
+    holds the built-ins, the installed plugins (unless ``installed=False``) and ``plugins``
+    (a plugin that is also installed is registered once)."""
     pm = manager.make_plugin_manager(load_entry_points=installed)
     for plugin in plugins:
-        pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
+        if not pm.is_registered(plugin):  # an installed plugin passed again is the same one
+            pm.register(plugin, name=getattr(plugin, "__name__", None) or type(plugin).__name__)
     check_plugins(pm)
     saved = manager.plugin_manager
     manager.registries.cache_clear()

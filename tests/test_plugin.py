@@ -144,14 +144,44 @@ def test_installed_plugin_can_be_blocked(tmp_path):
     assert "dummy_loss" not in result.stdout
 
 
-def test_installed_plugin_with_bad_hook_is_a_one_line_error(tmp_path):
+def test_installed_plugin_with_bad_hook_is_switched_off_and_kd_still_works(tmp_path, tiny_recipe):
+    """One plugin with a misspelt hook never takes ``kd`` down: every command works and
+    prints one warning naming the plugin, the hook it probably meant and KD_DISABLE_PLUGINS;
+    ``kd plugins`` lists it as broken; a recipe naming one of its components says why."""
     env = _install_throwaway(tmp_path)
     init = tmp_path / "kd_dummy.py"
-    init.write_text(init.read_text().replace("def kd_register_losses", "def kd_register_lossez"))
+    init.write_text(init.read_text().replace("def kd_register_losses", "def kd_register_loss"))
+    warning = (
+        "warning: plugin 'kd_dummy' is switched off: it declares unknown hook kd_register_loss "
+        "(did you mean 'kd_register_losses'?); fix it, or hide it with KD_DISABLE_PLUGINS=kd_dummy"
+    )
+    for args in (["--help"], ["plugins"], ["validate", str(tiny_recipe)]):
+        result = kd(*args, env=env)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.strip().splitlines() == [warning], args
+    listing = kd("plugins", env=env).stdout
+    assert "broken" in listing and "kd_dummy" in listing
+    assert "dummy_loss" not in listing
+    uses_it = kd("validate", str(tiny_recipe), "--set", "loss.0.name=dummy_loss", env=env)
+    assert uses_it.returncode == 2
+    assert "unknown loss 'dummy_loss'" in uses_it.stderr
+    assert "plugin 'kd_dummy' is switched off: it declares unknown hook" in uses_it.stderr
+    assert "Traceback" not in uses_it.stderr
+    env["KD_DISABLE_PLUGINS"] = "kd_dummy"
+    assert kd("plugins", env=env).stderr == ""
+
+
+def test_installed_plugin_that_fails_to_import_is_switched_off(tmp_path):
+    env = _install_throwaway(tmp_path)
+    (tmp_path / "kd_dummy.py").write_text("import not_a_module_anywhere\n")
     result = kd("plugins", env=env)
-    assert result.returncode == 2
-    assert "kd_register_lossez" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "warning: plugin 'kd_dummy' is switched off: it cannot be imported "
+        "(ModuleNotFoundError: No module named 'not_a_module_anywhere'); fix it, or hide it "
+        "with KD_DISABLE_PLUGINS=kd_dummy"
+    ]
+    assert "resnet" in result.stdout or "timm" in result.stdout  # the rest is listed
 
 
 def test_every_hook_on_a_fresh_manager():
@@ -206,3 +236,14 @@ def test_a_loss_registered_as_a_backbone_stops_kd_plugins_naming_it(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "backbone 'dummy_net' from plugin 'kd-dummy 0.3'" in result.stderr
     assert "expected a backbone factory, got class DummyLoss" in result.stderr
+
+
+def test_use_plugins_takes_an_installed_plugin_again():
+    """Passing a plugin that is also installed registers it once (no pluggy error)."""
+    import kd_sos.plugin
+
+    from kdtoolkit.testing import use_plugins
+
+    with use_plugins(kd_sos.plugin) as regs:
+        assert "sos" in regs.tasks
+        assert regs.tasks.owner("sos").startswith("kd-sos")

@@ -287,7 +287,17 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
 
 
 def _check_components(recipe: Recipe) -> list[str]:
-    """Registry names and component options, with close matches."""
+    """Registry names and component options, with close matches; an unknown name also
+    names the installed plugins that are switched off (it may be one of theirs)."""
+    from kdtoolkit.plugins.manager import broken_message, broken_plugins
+
+    problems = _component_problems(recipe)
+    if any(": unknown " in p for p in problems):
+        problems += [broken_message(n, why) for n, why in broken_plugins().items()]
+    return problems
+
+
+def _component_problems(recipe: Recipe) -> list[str]:
     from kdtoolkit.plugins.manager import registries
 
     regs = registries()

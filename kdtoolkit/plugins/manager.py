@@ -12,7 +12,7 @@ from typing import NamedTuple
 import pluggy
 
 from kdtoolkit.config.option import OptionInfo
-from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.errors import KdError, close_matches, suggestion
 from kdtoolkit.plugins import hookspec
 from kdtoolkit.plugins.kinds import CHECKS, component_options
 from kdtoolkit.plugins.registry import Registry, UnknownComponent
@@ -54,10 +54,67 @@ def disabled_plugins() -> set[str]:
     return {p.strip() for p in os.environ.get("KD_DISABLE_PLUGINS", "").split(",") if p.strip()}
 
 
-def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+class KdPluginManager(pluggy.PluginManager):
+    """pluggy's manager with what kdtoolkit keeps about installed plugins: ``versions``
+    (plugin name → 'distribution version') and ``broken`` (plugin name → why it is switched
+    off: it failed to import, or declares a hook that matches none)."""
+
+    def __init__(self) -> None:
+        super().__init__(GROUP)
+        self.versions: dict[str, str] = {}
+        self.broken: dict[str, str] = {}
+
+
+def unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    """The registered ``plugin``'s hook implementations that match no hook spec, each with a
+    'did you mean' for the closest hook."""
+    specs = [name for name in dir(hookspec) if name.startswith("kd_")]
+    return [
+        f"{caller.name}{suggestion(caller.name, close_matches(caller.name, specs, n=1))}"
+        for caller in pm.get_hookcallers(plugin) or []
+        if not caller.has_spec()
+    ]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def load_installed(pm: KdPluginManager) -> None:
+    """Register every installed plugin of the ``kdtoolkit`` entry-point group that is not
+    blocked. One that fails to import or declares an unknown hook is switched off (recorded
+    in ``pm.broken``), so it never takes the others, or ``kd`` itself, down."""
+    for ep in metadata.entry_points(group=GROUP):
+        if pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as e:  # any import-time failure of third-party code
+            pm.broken[ep.name] = f"cannot be imported ({_first_line(e)})"
+            continue
+        if unknown := unknown_hooks(pm, plugin):
+            pm.unregister(plugin)
+            pm.broken[ep.name] = f"declares unknown hook {', '.join(unknown)}"
+            continue
+        if ep.dist is not None:
+            pm.versions[ep.name] = f"{ep.dist.name} {ep.dist.version}"
+
+
+def broken_message(name: str, why: str) -> str:
+    """The one line that reports a switched-off plugin."""
+    return (
+        f"plugin {name!r} is switched off: it {why}; fix it, or hide it with "
+        f"KD_DISABLE_PLUGINS={name}"
+    )
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> KdPluginManager:
     """A plugin manager with the hookspecs, the built-in plugins and (optionally) every
-    installed plugin of the ``kdtoolkit`` entry-point group, minus the disabled ones."""
-    pm = pluggy.PluginManager(GROUP)
+    installed plugin of the ``kdtoolkit`` entry-point group, minus the disabled ones and the
+    broken ones (``load_installed``)."""
+    pm = KdPluginManager()
     pm.add_hookspecs(hookspec)
     blocked = disabled_plugins()
     for name in blocked:
@@ -66,28 +123,31 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
         if module_name not in blocked:
             pm.register(importlib.import_module(module_name), name=module_name)
     if load_entry_points:
-        try:
-            pm.load_setuptools_entrypoints(GROUP)
-        except pluggy.PluginValidationError as e:
-            raise KdError(f"plugin {e.plugin!r} is invalid: {e}") from None
+        load_installed(pm)
     check_plugins(pm)
     return pm
 
 
 def check_plugins(pm: pluggy.PluginManager) -> None:
     """Reject hook implementations that match no hook (a misspelt ``kd_register_*``)."""
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as e:
-        raise KdError(f"plugin {pm.get_name(e.plugin)!r}: {e}") from None
+    for plugin in pm.get_plugins():
+        if unknown := unknown_hooks(pm, plugin):
+            raise KdError(
+                f"plugin {pm.get_name(plugin)!r} declares unknown hook {', '.join(unknown)}"
+            )
+
+
+def broken_plugins() -> dict[str, str]:
+    """``{plugin name: why}`` of the installed plugins that are switched off."""
+    return dict(getattr(plugin_manager(), "broken", {}))
 
 
 def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
     """'name version' of a plugin: its distribution's version, or kdtoolkit's for built-ins."""
     name = pm.get_name(plugin) or repr(plugin)
-    for p, dist in pm.list_plugin_distinfo():
-        if p is plugin:
-            return f"{dist.project_name} {dist.version}"
+    versions = getattr(pm, "versions", {})
+    if name in versions:
+        return versions[name]
     if name in BUILTIN_PLUGINS:
         return f"kdtoolkit {metadata.version('kdtoolkit')}"
     return name
