@@ -46,8 +46,8 @@ temperature = 3.0
 """
 
 
-def write(tmp_path, text):
-    path = tmp_path / "r.toml"
+def write(tmp_path, text, name="r.toml"):
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -182,6 +182,33 @@ image_size = 64
     names = [lc.name for lc in recipe.loss]
     assert "kl" in names and "ce" in names
     assert recipe.task.options == {"n": 40}
+
+
+def test_set_appends_a_loss_term_as_in_kd_compare(tmp_path):
+    """``loss.N.…`` with N the number of terms appends one, for ``kd run``/``kd validate``
+    as for ``kd compare`` variants, also on the task's default terms."""
+    text = """
+[task]
+name = "sos"
+n = 40
+[data]
+image_size = 64
+"""
+    path = write(tmp_path, text)
+    recipe = load_recipe(path, ["loss.3.name=roi_ce", "loss.3.weight=0.5", "loss.1.weight=0.4"])
+    assert [(lc.name, lc.weight) for lc in recipe.loss] == [
+        ("ce", 0.2),
+        ("kl", 0.4),
+        ("attention_mse", 0.01),
+        ("roi_ce", 0.5),
+    ]
+    assert recipe.loss[1].options == {"temperature": 3.0}
+    one = write(tmp_path, text + '[[loss]]\nname = "ce"\n', "one.toml")
+    assert [lc.name for lc in load_recipe(one, ["loss.1.name=kl"]).loss] == ["ce", "kl"]
+    with pytest.raises(KdError, match=r"loss\.5 is not an index of a list of 1"):
+        load_recipe(one, ["loss.5.name=kl"])
+    result = kd("validate", str(one), "--set", "loss.1.name=kl")
+    assert result.returncode == 0, result.stderr
 
 
 def test_digest_ignores_output_and_device(tmp_path):

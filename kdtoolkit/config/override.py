@@ -48,7 +48,7 @@ def flatten_values(values: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> l
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) -> dict[str, Any]:
     """Set each override in a copy of ``raw``: an ``"a.b=value"`` string (the value read as
     TOML) or an already parsed ``(["a", "b"], value)`` pair. ``loss.N.key`` indexes the loss
-    list.
+    list; N equal to its length appends a term (``loss.3.name=roi_ce`` after three terms).
 
     An override that names another component (``roi.provider``, ``task.name``) than ``raw``
     drops the options ``raw`` gave the old one (they belong to it); options set with
@@ -74,6 +74,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str | Override]) ->
                 try:
                     if int(part) < 0:
                         raise IndexError(part)
+                    if int(part) == len(node):  # the next index appends a table
+                        node.append({})
                     node = node[int(part)]
                 except (ValueError, IndexError):
                     raise KdError(

@@ -7,6 +7,7 @@ validation, the value read as a TOML value (a bare word is a string).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -25,6 +26,7 @@ from kdtoolkit.config.override import (
     apply_overrides,
     deep_merge,
     flatten_values,
+    parse_override,
 )
 from kdtoolkit.config.pretrained import check_model_pretrained
 from kdtoolkit.errors import KdError, suggestion
@@ -380,6 +382,16 @@ def task_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def with_default_losses(raw: dict[str, Any], overrides: Sequence[Any]) -> dict[str, Any]:
+    """``raw`` with its task's default ``[[loss]]`` list written out when an override edits
+    or appends a loss term and ``raw`` has none (the override then applies to those terms)."""
+    parsed = [parse_override(o)[0] if isinstance(o, str) else list(o[0]) for o in overrides]
+    if "loss" in raw or not any(path[0] == "loss" and len(path) > 1 for path in parsed):
+        return raw
+    losses = task_defaults(raw).get("loss")
+    return {**raw, "loss": copy.deepcopy(losses)} if isinstance(losses, list) else raw
+
+
 def load_recipe(
     source: str | Path | dict[str, Any],
     overrides: Sequence[str] = (),
@@ -401,7 +413,8 @@ def load_recipe(
         if path.is_dir():
             raise KdError(f"{path}: is a folder; give the recipe's .toml file")
         raw, name, base = read_toml(path), str(path), path.resolve().parent
-    raw = apply_overrides(raw, [*overrides, *flatten_values(values)])
+    changes = [*overrides, *flatten_values(values)]
+    raw = apply_overrides(with_default_losses(raw, changes), changes)
     raw = deep_merge(task_defaults(raw), raw)
     recipe = validate(raw, name)
     if recipe.data.manifest and not Path(recipe.data.manifest).is_absolute():

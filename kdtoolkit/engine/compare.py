@@ -11,15 +11,14 @@ seed. It is the run's fold plan with one student stage per variant (``compare_pl
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kdtoolkit.config.override import apply_overrides, parse_override
-from kdtoolkit.config.recipe import Recipe, RecipeError, load_recipe, read_toml, task_defaults
+from kdtoolkit.config.override import parse_override
+from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.plan import compare_plan
@@ -88,45 +87,10 @@ def parse_variant(text: str) -> Variant:
     return Variant(name, overrides)
 
 
-def with_new_loss_terms(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """A copy of ``raw`` with an empty ``[[loss]]`` table appended for each ``loss.N.…``
-    override whose N is the next free index, so ``--set`` style overrides can add a term."""
-    indices = set()
-    for text in overrides:
-        path, _ = parse_override(text)
-        if path[0] == "loss" and len(path) > 2 and path[1].isdigit():
-            indices.add(int(path[1]))
-    out = copy.deepcopy(raw)
-    losses = out.get("loss")
-    if losses is None:
-        losses = copy.deepcopy(task_defaults(out).get("loss", []))
-    if not isinstance(losses, list):
-        return out  # validation reports it
-    for index in sorted(indices):
-        if index == len(losses):
-            losses.append({})
-    if indices:
-        out["loss"] = losses
-    return out
-
-
 def load_variant_recipe(path: Path, overrides: list[str]) -> Recipe:
-    """``load_recipe(path, overrides)`` that also accepts overrides appending loss terms."""
-    raw = with_new_loss_terms(read_toml(path), overrides)
-    overrides = list(overrides)
-    # load_recipe reads relative data paths against the cwd for a dict; keep them file-relative
-    data = apply_overrides(raw, overrides).get("data")
-    manifest = data.get("manifest") if isinstance(data, dict) else None
-    if isinstance(manifest, str) and manifest and not Path(manifest).is_absolute():
-        candidate = path.resolve().parent / manifest
-        if candidate.exists() or not Path(manifest).exists():
-            overrides.append(f"data.manifest={json.dumps(str(candidate))}")
-    try:
-        recipe = load_recipe(raw, overrides)
-    except RecipeError as e:
-        raise RecipeError(str(path), e.problems) from None
-    recipe.source = str(path)
-    return recipe
+    """The recipe at ``path`` with a variant's ``overrides`` (``load_recipe``; an override
+    ``loss.N.…`` with N the number of terms appends one, as ``--set`` does everywhere)."""
+    return load_recipe(path, overrides)
 
 
 def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
