@@ -259,14 +259,24 @@ TINY_RECIPE: dict[str, Any] = {
 
 
 def run_tiny_recipe(tmp_path: Path, *plugins: object, **overrides: Any) -> RunResult:
-    """Run ``TINY_RECIPE`` on a 12-image ``tiny_manifest`` into ``tmp_path/run`` with
-    ``plugins`` registered (``use_plugins``); ``overrides`` as in ``kdtoolkit.load_recipe``
-    (``roi={"provider": "my_provider"}``, ``**{"student.epochs": 2}``)."""
+    """Run ``TINY_RECIPE`` into ``tmp_path/run`` with ``plugins`` registered (``use_plugins``;
+    a plugin that is also installed is fine); ``overrides`` as in ``kdtoolkit.load_recipe``
+    (``roi={"provider": "my_provider"}``, ``loss=[...]``, ``**{"student.epochs": 2}``).
+
+    The data: a 12-image ``tiny_manifest``; with ``task={"name": ..., **options}`` the task's
+    own data source instead (its cache in ``tmp_path/.kdcache``), its classes, its crop
+    aspect and, unless ``loss`` is given, its default loss terms. A task without a data
+    source is a recipe error asking for ``data.manifest``."""
     from kdtoolkit.config.recipe import load_recipe
     from kdtoolkit.engine.run import run
 
     raw = {**TINY_RECIPE, "experiment": {**TINY_RECIPE["experiment"]}}
     raw["experiment"]["output"] = str(tmp_path / "run")
-    raw["data"] = {**raw["data"], "manifest": str(tiny_manifest(tmp_path / "data"))}
+    if "task" in overrides:
+        data = {k: v for k, v in raw["data"].items() if k not in ("classes", "crop_size")}
+        raw["data"] = {**data, "cache": str(tmp_path / ".kdcache")}
+        raw.pop("loss")  # the task's default terms, unless overridden
+    else:
+        raw["data"] = {**raw["data"], "manifest": str(tiny_manifest(tmp_path / "data"))}
     with use_plugins(*plugins):
         return run(load_recipe(raw, **overrides), quiet=True)

@@ -4,6 +4,7 @@ engine, kinds and reserved option names checked at registration, ``Task.crop_asp
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
 import numpy as np
@@ -412,3 +413,41 @@ def test_run_tiny_recipe_with_a_plugin_provider(tmp_path):
 def test_a_short_provider_result_stops_the_run_naming_it(tmp_path):
     with pytest.raises(PluginError, match=r"ROI provider 'short_box' \(plugin 'kd_centre'\)"):
         run_tiny_recipe(tmp_path, RoiPlugin(), roi={"provider": "short_box"})
+
+
+def _knee_data(out_dir, n: int = 12):
+    """A task's data source: its own classes in its own manifest, cached per option set."""
+    from kdtoolkit.testing import tiny_manifest
+
+    return tiny_manifest(out_dir / f"n{n}", n=n, classes=("kl0", "kl1", "kl2"))
+
+
+class KneePlugin:
+    __name__ = "kd_knee"
+
+    @hookimpl
+    def kd_register_tasks(self, registry):
+        from kdtoolkit import Task
+
+        defaults = {"loss": [{"name": "ce", "weight": 1.0}]}
+        registry.register(
+            "knee", Task("knee", ("kl0", "kl1", "kl2"), defaults=defaults, make_data=_knee_data)
+        )
+
+
+def test_run_tiny_recipe_runs_the_given_tasks_own_data(tmp_path):
+    result = run_tiny_recipe(tmp_path, KneePlugin(), task={"name": "knee", "n": 14})
+    assert result.results["classes"] == ["kl0", "kl1", "kl2"]
+    assert (tmp_path / ".kdcache" / "knee" / "n14" / "manifest.csv").exists()
+    assert not (tmp_path / "data").exists()  # not the helper's own tiny data
+    recipe = json.loads((result.output / "recipe.resolved.json").read_text())
+    assert [t["name"] for t in recipe["recipe"]["loss"]] == ["ce"]  # the task's default terms
+
+
+def test_run_tiny_recipe_takes_an_installed_plugin_too(tmp_path):
+    import kd_sos.plugin
+
+    result = run_tiny_recipe(
+        tmp_path, kd_sos.plugin, task={"name": "sos", "n": 20, "size": 64}, **{"cv.folds": 2}
+    )
+    assert len(result.results["classes"]) == 5  # the SOS stages, from its own phantom
