@@ -20,7 +20,7 @@ from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import compile_trunk, seed_everything
+from kdtoolkit.engine.device import compile_trunk, seed_everything, torch_state
 from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
@@ -212,7 +212,9 @@ def train_model(
     started = time.perf_counter()
     best = train_stage(
         stage,
-        ctx.loaders(train_idx, True, config.batch_size, seed, mask_rois, views, samples),
+        ctx.loaders(
+            train_idx, True, config.batch_size, seed, mask_rois, views, samples, spec.jitter
+        ),
         ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,), samples=samples),
         ctx.device,
         state_path,
@@ -224,6 +226,8 @@ def train_model(
     if is_main():
         meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
         meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
+        if view == "crop":  # which crops it learned from (the report names them)
+            meta.update({"crops": spec.crops, "crop_jitter": spec.jitter})
         save_checkpoint(ckpt, best, meta)
         state_path.unlink(missing_ok=True)
     barrier()  # the checkpoint is there for every rank
@@ -266,21 +270,22 @@ def provider_rois(
     workdir.mkdir(parents=True, exist_ok=True)
     provider = provider_cls(**spec.options)
     ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
-    result = run_provider(
-        provider,
-        RoiRequest(
-            fold=fold,
-            samples=ctx.samples,
-            train=train_idx,
-            predict=np.arange(len(ctx.samples)),
-            workdir=workdir,
-            device=str(ctx.device),
-            seed=ctx.recipe.experiment.seed + fold,
-            log=ctx.log,
-        ),
-        spec.provider,
-        providers.owner(spec.provider),
-    )
+    with torch_state():  # what the provider's code sets process-wide stays with it
+        result = run_provider(
+            provider,
+            RoiRequest(
+                fold=fold,
+                samples=ctx.samples,
+                train=train_idx,
+                predict=np.arange(len(ctx.samples)),
+                workdir=workdir,
+                device=str(ctx.device),
+                seed=ctx.recipe.experiment.seed + fold,
+                log=ctx.log,
+            ),
+            spec.provider,
+            providers.owner(spec.provider),
+        )
     saved = {
         "boxes": result.boxes.tolist(),
         "angles": result.angles.tolist(),
