@@ -25,7 +25,7 @@ from kdtoolkit.data.view import crop_roi, normalise, view_config
 from kdtoolkit.engine.evaluate import two_stage_logits
 from kdtoolkit.engine.outputs import rebuild_report
 from kdtoolkit.engine.plan import fold_plan, two_stage_crops
-from kdtoolkit.engine.stage import enclosure_samples
+from kdtoolkit.engine.stage import enclosure_samples, stage_samples
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
@@ -335,6 +335,20 @@ def test_the_plan_trains_the_teacher_on_exact_crops_and_the_classifier_on_its_cr
         assert (plan.stages[0].crops, plan.stages[0].jitter) == ("expert", False)
         assert plan.evaluation.two_stage_model == "teacher"
     assert all(not getattr(s, "jitter", False) for s in fold_plan(jitter).stages)
+
+
+def test_jittered_expert_crops_are_cut_from_the_full_image(tiny_recipe):
+    samples, _ = tiny_samples(tiny_recipe)
+    samples = [dataclasses.replace(s, crop=s.image) for s in samples]  # as if a crop file
+    jitter = load_recipe(tiny_recipe, JITTER)
+    teacher = fold_plan(jitter).stages[0]
+    expert = fold_plan(jitter, "expert").stages[2]
+    enclosure = fold_plan(jitter, "enclosure").stages[2]
+    assert stage_samples(samples, teacher) is None  # the run's, crop files included
+    moved = stage_samples(samples, expert)
+    assert [s.crop for s in moved] == [None] * len(samples)
+    assert [(s.box, s.angle) for s in moved] == [(s.box, s.angle) for s in samples]
+    assert stage_samples(samples, enclosure) == enclosure_samples(samples)
 
 
 @pytest.mark.slow

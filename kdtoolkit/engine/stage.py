@@ -149,6 +149,17 @@ def enclosure_samples(samples: Sequence[Sample]) -> list[Sample]:
     return out
 
 
+def stage_samples(samples: Sequence[Sample], spec: TrainSpec) -> list[Sample] | None:
+    """The samples a crop stage trains on, None: the run's. Enclosure crops:
+    ``enclosure_samples``; jittered expert crops: cut from the full image (no crop file, which
+    holds nothing around the ROI to move into), as a detector's crops are."""
+    if spec.crops == "enclosure":
+        return enclosure_samples(samples)
+    if spec.jitter:
+        return [replace(s, crop=None) for s in samples]
+    return None
+
+
 def train_model(
     ctx: RunContext,
     fold: int,
@@ -195,7 +206,7 @@ def train_model(
                 "processes; run fewer processes"
             )
     views = ("image", "crop") if view == "image" and teacher is not None else (view,)
-    samples = enclosure_samples(ctx.samples) if spec.crops == "enclosure" else None
+    samples = stage_samples(ctx.samples, spec)
     stage = Stage(
         name=spec.role,
         model=model,
