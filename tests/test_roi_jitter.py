@@ -1,9 +1,12 @@
-"""The crop-box jitter (``augment.roi_shift/roi_scale/roi_degrees``): a crop classifier
-trained on boxes moved as a detector's may be, against hand-computed geometry."""
+"""The crop-box jitter (``augment.roi_shift/roi_scale/roi_degrees``): the two-stage classifier
+trained on boxes moved as a detector's may be, against hand-computed geometry; the teacher
+always on exact crops."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +21,11 @@ from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig, crop_roi, normalise, view_config
 from kdtoolkit.engine.loaders import Loaders
+from kdtoolkit.engine.plan import teacher_spec
+from kdtoolkit.engine.run import check_run_folder
+from kdtoolkit.engine.stage import reusable
 from kdtoolkit.errors import KdError
+from kdtoolkit.testing import run_tiny_recipe
 
 PLAIN = {"channels": 1, "mean": (0.0,), "std": (1.0,), "image_size": (96, 128)}
 STILL = {"flip_p": 0.0, "degrees": 0.0, "scale": (1.0, 1.0), "translate": 0.0}
@@ -106,22 +113,49 @@ def test_training_crop_is_the_jittered_box_and_only_the_crop_moves(tmp_path: Pat
 
 
 @pytest.mark.parametrize("loader", ["workers", "device"])
-def test_only_a_crop_classifier_sees_jittered_boxes(tmp_path: Path, loader: str) -> None:
+def test_only_the_two_stage_classifier_sees_jittered_boxes(tmp_path: Path, loader: str) -> None:
     path = _write_bar(tmp_path)
     samples = [_sample(path, i) for i in range(4)]
     jitter = {"roi_shift": 0.3, "roi_scale": 0.3, "roi_degrees": 20.0}
     cfg = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **QUIET, **jitter)
     loaders = Loaders(samples, cfg, torch.device("cpu"), DataConfig(loader=loader), print)
-    exact = normalise(crop_roi(load_image(path, 1), BOX, ANGLE, (16, 32)), cfg)
-    student = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("image", "crop"))))
-    torch.testing.assert_close(student["crop"], exact.expand(4, -1, -1, -1), rtol=0, atol=1e-5)
-    teacher = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("crop",))))
-    assert all((crop - exact).abs().mean() > 0.05 for crop in teacher["crop"])
-    for key in ("roi_shift", "roi_scale", "roi_degrees"):  # each alone, turned off for students
+    exact = normalise(crop_roi(load_image(path, 1), BOX, ANGLE, (16, 32)), cfg).expand(
+        4, -1, -1, -1
+    )
+    for views in (("crop",), ("image", "crop")):  # the teacher's, a student's teacher's
+        batch = next(iter(loaders(np.arange(4), True, 4, seed=0, views=views)))
+        torch.testing.assert_close(batch["crop"], exact, rtol=0, atol=1e-5)
+    classifier = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("crop",), jitter=True)))
+    assert all((crop - exact[0]).abs().mean() > 0.05 for crop in classifier["crop"])
+    for key in ("roi_shift", "roi_scale", "roi_degrees"):  # each alone: the classifier's only
         alone = ViewConfig(crop_size=(16, 32), **PLAIN, **STILL, **QUIET, **{key: jitter[key]})
         loaders = Loaders(samples, alone, torch.device("cpu"), DataConfig(loader=loader), print)
-        student = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("image", "crop"))))
-        torch.testing.assert_close(student["crop"], exact.expand(4, -1, -1, -1), rtol=0, atol=1e-5)
+        for views in (("crop",), ("image", "crop")):
+            batch = next(iter(loaders(np.arange(4), True, 4, seed=0, views=views)))
+            torch.testing.assert_close(batch["crop"], exact, rtol=0, atol=1e-5)
+        moved = next(iter(loaders(np.arange(4), True, 4, seed=0, views=("crop",), jitter=True)))
+        assert (moved["crop"] - exact).abs().mean() > 0.01, key
+
+
+@pytest.mark.parametrize("loader", ["workers", "device"])
+def test_a_jitter_recipe_trains_its_teacher_on_the_crops_of_a_recipe_without(
+    tmp_path: Path, loader: str
+) -> None:
+    """With every augmentation on, the teacher's training batches under a jitter recipe are
+    those of the same recipe without the jitter, draw for draw."""
+    path = _write_bar(tmp_path)
+    samples = [_sample(path, i) for i in range(4)]
+    jitter = {"roi_shift": (0.25, 0.05), "roi_scale": 0.1, "roi_degrees": 5.0}
+    keys = ("augment.roi_shift=[0.25, 0.05]", "augment.roi_scale=0.1", "augment.roi_degrees=5")
+    teacher = teacher_spec(_recipe(*keys))
+    assert not teacher.jitter
+    batches = []
+    for extra in (jitter, {}):
+        cfg = ViewConfig(crop_size=(16, 32), **PLAIN, **extra)
+        loaders = Loaders(samples, cfg, torch.device("cpu"), DataConfig(loader=loader), print)
+        made = loaders(np.arange(4), True, 4, seed=7, views=("crop",), jitter=teacher.jitter)
+        batches.append(next(iter(made))["crop"])
+    torch.testing.assert_close(batches[0], batches[1], rtol=0, atol=0)
 
 
 def test_off_it_draws_nothing_so_earlier_runs_repeat(tmp_path: Path) -> None:
@@ -163,6 +197,33 @@ def test_recipe_keys_are_off_by_default_and_out_of_the_digest_when_off() -> None
     assert _recipe("augment.roi_degrees=4").digest() != _recipe("augment.roi_degrees=5").digest()
 
 
+def test_a_jitter_recipe_no_longer_reuses_a_teacher_trained_on_jittered_crops(
+    tmp_path: Path,
+) -> None:
+    """Its teacher now trains on exact crops: its digest is not the one a run folder made
+    when the jitter applied to the teacher carries, so neither that folder nor its teacher
+    checkpoint is taken for this run's; a recipe without the jitter keeps its digest."""
+    recipe = _recipe("augment.roi_shift=0.2")
+    assert recipe.augment.crop_jitter and not _recipe().augment.crop_jitter
+    assert recipe.digest() != "99e5b75484576348"  # its digest with the teacher jittered
+    assert _recipe().digest() == "abe58d51d3c05d05"
+    recipe.experiment.output = str(tmp_path / "run")
+    recipe.output_dir.mkdir()
+    stamp = {"digest": "99e5b75484576348", "recipe": recipe.to_dict()}
+    (recipe.output_dir / "recipe.resolved.json").write_text(json.dumps(stamp))
+    with pytest.raises(KdError, match="belongs to a different recipe"):
+        check_run_folder(recipe, force=False)
+    ctx = SimpleNamespace(force=False, log=print)
+    with pytest.raises(KdError, match="made by another recipe"):
+        reusable(
+            ctx,
+            "fold 0 teacher",
+            tmp_path / "model.safetensors",
+            "99e5b75484576348",
+            recipe.digest(),
+        )
+
+
 def test_out_of_range_jitter_is_a_one_line_error_naming_the_key() -> None:
     with pytest.raises(KdError, match=r"augment\.roi_scale") as info:
         _recipe("augment.roi_scale=1.0")
@@ -176,3 +237,31 @@ def test_out_of_range_jitter_is_a_one_line_error_naming_the_key() -> None:
     assert ViewConfig(roi_shift=0.2).roi_shift == (0.2, 0.2)
     assert view_config(_recipe("augment.roi_shift=0.25")).roi_shift == (0.25, 0.25)
     assert view_config(_recipe("augment.roi_shift=[0.25, 0.05]")).roi_shift == (0.25, 0.05)
+
+
+@pytest.mark.slow
+def test_with_the_manual_provider_the_jitter_changes_nothing_but_says_so(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """No two-stage row, so no classifier for the jitter: the teacher trains on exact crops,
+    no extra stage runs, and the log says why the keys did nothing."""
+    calls = []
+    made = Loaders.__call__
+
+    def spy(self, indices, train, *args, **kwargs):
+        calls.append((train, kwargs.get("jitter", args[5] if len(args) > 5 else False)))
+        return made(self, indices, train, *args, **kwargs)
+
+    monkeypatch.setattr(Loaders, "__call__", spy)
+    jitter = {"augment.roi_shift": 0.3, "augment.roi_scale": 0.2, "augment.roi_degrees": 10}
+    result = run_tiny_recipe(tmp_path, **jitter)
+    run = result.output
+    assert not (run / "fold_0" / "two_stage_classifier").exists()
+    assert [train for train, _ in calls].count(True) == 2  # teacher and student
+    assert not any(jittered for _, jittered in calls)
+    meta = json.loads((run / "fold_0" / "teacher" / "model.json").read_text())
+    assert (meta["crops"], meta["crop_jitter"]) == ("expert", False)
+    log = (run / "run.log").read_text()
+    note = "augment.roi_shift/roi_scale/roi_degrees apply to the two-stage classifier only; "
+    assert note + "the manual provider has none (the teacher trains on exact crops)" in log
+    assert result.results["models"]["teacher_crop"] == "resnet10t on exact expert crops"

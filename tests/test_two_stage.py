@@ -23,8 +23,9 @@ from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import read_manifest
 from kdtoolkit.data.view import crop_roi, normalise, view_config
 from kdtoolkit.engine.evaluate import two_stage_logits
-from kdtoolkit.engine.plan import fold_plan, needs_aligned_classifier
-from kdtoolkit.engine.stage import enclosure_samples
+from kdtoolkit.engine.outputs import rebuild_report
+from kdtoolkit.engine.plan import fold_plan, two_stage_crops
+from kdtoolkit.engine.stage import enclosure_samples, stage_samples
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
@@ -238,7 +239,17 @@ class AxisBoxes(RoiProvider):
 
 
 class OrientedBoxes(AxisBoxes):
+    """A perfect oriented detector: the expert ROIs themselves."""
+
     oriented = True
+
+    def provide(self, request):
+        rows = [request.samples[i] for i in request.predict]
+        return RoiResult(
+            boxes=np.array([s.box for s in rows]),
+            angles=np.array([s.angle for s in rows]),
+            found=np.ones(len(rows), dtype=bool),
+        )
 
 
 class AxisPlugin:
@@ -247,6 +258,14 @@ class AxisPlugin:
     @hookimpl
     def kd_register_roi_providers(self, registry):
         registry.register("axis_box", AxisBoxes)
+
+
+class OrientedPlugin:
+    __name__ = "kd_oriented"
+
+    @hookimpl
+    def kd_register_roi_providers(self, registry):
+        registry.register("oriented_box", OrientedBoxes)
 
 
 def rotated_manifest(folder: Path, angle: float) -> Path:
@@ -277,18 +296,59 @@ def test_enclosure_samples_are_the_clipped_axis_aligned_box_around_the_roi(tiny_
         assert torch.equal(dataset[s.index]["crop"], expected)
 
 
-def test_only_a_learned_unoriented_provider_on_rotated_rois_needs_its_own_classifier(tiny_recipe):
+JITTER = ["augment.roi_shift=[0.25, 0.05]", "augment.roi_scale=0.1", "augment.roi_degrees=5"]
+
+
+def test_the_two_stage_row_has_its_own_classifier_only_when_the_teacher_crops_do_not_fit(
+    tiny_recipe,
+):
     samples, _ = tiny_samples(tiny_recipe)  # some rotated
     flat = [dataclasses.replace(s, angle=0.0) for s in samples]
-    assert needs_aligned_classifier(AxisBoxes, samples)
-    assert not needs_aligned_classifier(OrientedBoxes, samples)
-    assert not needs_aligned_classifier(AxisBoxes, flat)
-    assert not needs_aligned_classifier(RoiProvider, samples)  # not learned: no two-stage row
-    recipe = load_recipe(tiny_recipe)
-    roles = [s.role for s in fold_plan(recipe, aligned_two_stage=True).stages[:-1]]
-    assert roles == ["teacher", "roi", "two_stage_classifier", "student", "baseline_full"]
-    assert fold_plan(recipe, aligned_two_stage=True).evaluation.two_stage_model == roles[2]
-    assert fold_plan(recipe).evaluation.two_stage_model == "teacher"
+    plain, jitter = load_recipe(tiny_recipe), load_recipe(tiny_recipe, JITTER)
+    # an axis-aligned detector on rotated ROIs: enclosure crops, jitter or not
+    assert two_stage_crops(plain, AxisBoxes, samples) == "enclosure"
+    assert two_stage_crops(jitter, AxisBoxes, samples) == "enclosure"
+    # its crops fit the teacher's (oriented, or no rotated ROI): the teacher, unless jittered
+    assert two_stage_crops(plain, OrientedBoxes, samples) is None
+    assert two_stage_crops(plain, AxisBoxes, flat) is None
+    assert two_stage_crops(jitter, OrientedBoxes, samples) == "expert"
+    assert two_stage_crops(jitter, AxisBoxes, flat) == "expert"
+    # no learned provider, or no two-stage row: no classifier, whatever the jitter
+    assert two_stage_crops(jitter, RoiProvider, samples) is None
+    off = load_recipe(tiny_recipe, [*JITTER, "evaluate.two_stage=false"])
+    assert two_stage_crops(off, OrientedBoxes, samples) is None
+
+
+def test_the_plan_trains_the_teacher_on_exact_crops_and_the_classifier_on_its_crops(tiny_recipe):
+    plain, jitter = load_recipe(tiny_recipe), load_recipe(tiny_recipe, JITTER)
+    roles = ["teacher", "roi", "two_stage_classifier", "student", "baseline_full"]
+    for recipe in (plain, jitter):
+        for crops in ("enclosure", "expert"):
+            plan = fold_plan(recipe, crops)
+            assert [s.role for s in plan.stages[:-1]] == roles
+            teacher, classifier = plan.stages[0], plan.stages[2]
+            assert (teacher.crops, teacher.jitter) == ("expert", False)
+            assert (classifier.crops, classifier.jitter) == (crops, recipe is jitter)
+            assert plan.evaluation.two_stage_model == "two_stage_classifier"
+        plan = fold_plan(recipe)  # the teacher reads the detector's crops: no extra stage
+        assert [s.role for s in plan.stages[:-1]] == ["teacher", "roi", "student", "baseline_full"]
+        assert (plan.stages[0].crops, plan.stages[0].jitter) == ("expert", False)
+        assert plan.evaluation.two_stage_model == "teacher"
+    assert all(not getattr(s, "jitter", False) for s in fold_plan(jitter).stages)
+
+
+def test_jittered_expert_crops_are_cut_from_the_full_image(tiny_recipe):
+    samples, _ = tiny_samples(tiny_recipe)
+    samples = [dataclasses.replace(s, crop=s.image) for s in samples]  # as if a crop file
+    jitter = load_recipe(tiny_recipe, JITTER)
+    teacher = fold_plan(jitter).stages[0]
+    expert = fold_plan(jitter, "expert").stages[2]
+    enclosure = fold_plan(jitter, "enclosure").stages[2]
+    assert stage_samples(samples, teacher) is None  # the run's, crop files included
+    moved = stage_samples(samples, expert)
+    assert [s.crop for s in moved] == [None] * len(samples)
+    assert [(s.box, s.angle) for s in moved] == [(s.box, s.angle) for s in samples]
+    assert stage_samples(samples, enclosure) == enclosure_samples(samples)
 
 
 @pytest.mark.slow
@@ -315,3 +375,49 @@ def test_an_axis_aligned_provider_gets_a_classifier_trained_on_axis_aligned_crop
         rois = AxisBoxes().provide(everything)
         logits, _ = two_stage_logits(classifier, samples, test_idx, rois, cfg, torch.device("cpu"))
         assert logits.argmax(1).tolist() == evaluation["predictions"]["two_stage"]
+
+
+def two_stage_predictions(run: Path, manifest: Path, provider: RoiProvider, fold: int) -> tuple:
+    """(the row's saved predictions, the two-stage classifier's on ``provider``'s crops)."""
+    cfg = view_config(load_recipe(TINY_RECIPE, **{"data.manifest": str(manifest)}))
+    samples = read_manifest(manifest, CLASSES).samples
+    ckpt = run / f"fold_{fold}" / "two_stage_classifier" / "model.safetensors"
+    classifier = load_model(ckpt, torch.device("cpu"))[0]
+    evaluation = json.loads((run / f"fold_{fold}" / "eval.json").read_text())
+    test_idx = np.array(evaluation["predictions"]["index"])
+    rois = provider.provide(SimpleNamespace(samples=samples, predict=np.arange(len(samples))))
+    logits, _ = two_stage_logits(classifier, samples, test_idx, rois, cfg, torch.device("cpu"))
+    return evaluation["predictions"]["two_stage"], logits.argmax(1).tolist()
+
+
+@pytest.mark.slow
+def test_an_oriented_provider_with_the_jitter_gets_a_classifier_on_jittered_expert_crops(
+    tmp_path,
+):
+    manifest = rotated_manifest(tmp_path / "rotated", 8.0)
+    jitter = {"augment.roi_shift": [0.25, 0.05], "augment.roi_degrees": 5.0}
+    result = run_tiny_recipe(
+        tmp_path,
+        OrientedPlugin(),
+        roi={"provider": "oriented_box"},
+        **{"data.manifest": str(manifest)},
+        **jitter,
+    )
+    run = result.output
+    models = result.results["models"]
+    assert models["two_stage"] == (
+        "oriented_box → two-stage classifier on jittered expert crops (resnet10t)"
+    )
+    assert models["teacher_crop"] == "resnet10t on exact expert crops"
+    report = (run / "report.md").read_text()
+    assert "| oriented_box → two-stage classifier on jittered expert crops (resnet10t) |" in report
+    assert "| resnet10t on exact expert crops |" in report
+    for role, crops, jittered in (
+        ("teacher", "expert", False),
+        ("two_stage_classifier", "expert", True),
+    ):
+        meta = json.loads((run / "fold_0" / role / "model.json").read_text())
+        assert (meta["crops"], meta["crop_jitter"]) == (crops, jittered), role
+    saved, recomputed = two_stage_predictions(run, manifest, OrientedBoxes(), 0)
+    assert saved == recomputed  # the row is the classifier's, not the teacher's
+    assert rebuild_report(run).results.models == models  # kd report names them alike

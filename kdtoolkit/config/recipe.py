@@ -65,7 +65,8 @@ class AugmentConfig:
     (``scale``: ±), shift (``translate``: fraction of the size); the crop classifier's ROI
     box moved as a detector's may be (``roi_shift``: ± fraction of its width along it and
     of its height across it, one value or ``[along, across]``, ``roi_scale``:
-    ± size, ``roi_degrees``: ± angle; not the crops a student's teacher reads); intensity
+    ± size, ``roi_degrees``: ± angle; only the two-stage classifier's crops, never the
+    teacher's, see ``crop_jitter``); intensity
     jitter (``brightness`` ±, ``contrast`` ± gain, ``gamma``: exponent exp(±gamma),
     ``noise``: Gaussian std) on [0, 1] pixels; 0 turns a term off."""
 
@@ -80,6 +81,13 @@ class AugmentConfig:
     contrast: Annotated[float, Range(ge=0, le=1)] = 0.1
     gamma: Annotated[float, Range(ge=0, le=1)] = 0.1
     noise: Annotated[float, Range(ge=0, le=1)] = 0.01
+
+    @property
+    def crop_jitter(self) -> bool:
+        """Whether the crop-box jitter is on (any of ``ROI_JITTER`` above 0): the two-stage
+        classifier of a learned ROI provider trains on jittered crops."""
+        shift = self.roi_shift if isinstance(self.roi_shift, list) else [self.roi_shift]
+        return bool(any(shift) or self.roi_scale or self.roi_degrees)
 
 
 @dataclass
@@ -184,6 +192,8 @@ class Recipe:
         if isinstance(augment["roi_shift"], list) and len(set(augment["roi_shift"])) == 1:
             augment["roi_shift"] = augment["roi_shift"][0]  # [s, s] is s
         raw["augment"] = {k: v for k, v in augment.items() if k not in ROI_JITTER or v != 0}
+        if self.augment.crop_jitter:  # the teacher trains on exact crops whatever the jitter
+            raw["augment"]["teacher_crops"] = "exact"
         text = json.dumps(raw, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -44,8 +44,9 @@ def two_stage_logits(
     cfg: ViewConfig,
     device: torch.device,
 ) -> tuple[np.ndarray, float]:
-    """Teacher logits on crops cut at the provider's boxes, with exactly the teacher's crop
-    geometry, and the mean per-image crop + classify time (ms)."""
+    """Logits of ``teacher`` (the teacher or the two-stage classifier) on crops cut at the
+    provider's boxes, with exactly the teacher's crop geometry, and the mean per-image crop +
+    classify time (ms)."""
     logits, seconds = [], 0.0
     for i in test_idx:
         image = load_image(samples[i], cfg.channels)

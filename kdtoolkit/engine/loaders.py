@@ -94,17 +94,19 @@ class Loaders:
         mask_rois: dict[int, tuple] | None = None,
         views: tuple[str, ...] = ("image", "crop"),
         samples: Sequence[Sample] | None = None,
+        jitter: bool = False,
     ) -> Loader:
         """Batches of ``views`` ("image" with its mask and box, and/or "crop") of ``indices``;
-        training batches are shuffled and augmented, deterministic given ``seed`` (the crop-box
-        jitter only on crops alone: a crop classifier's training).
+        training batches are shuffled and augmented, deterministic given ``seed``.
+        ``jitter``: training crops are cut at boxes moved by the crop-box jitter (the two-stage
+        classifier's); otherwise exactly at the ROIs (the teacher's, a student's teacher's).
         ``samples``: the run's samples with other ROIs (same images; default: the run's).
         Launched as several processes, each takes its part of every training batch (the
         same global batches as one process); evaluation batches are whole."""
         generator = torch.Generator().manual_seed(seed)
         drop_last = train and len(indices) > batch_size
         cfg = self.cfg
-        if "image" in views:  # a student's teacher reads the exact crop
+        if not jitter:  # exact crops: no crop-box variates are drawn
             cfg = dataclasses.replace(cfg, roi_shift=(0.0, 0.0), roi_scale=0.0, roi_degrees=0.0)
         args = (samples or self.samples, indices, cfg, train, seed, mask_rois)
         w = world() if train else World()

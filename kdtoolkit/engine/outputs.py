@@ -5,7 +5,7 @@ finished in a folder (folds made on other machines join by copying their fold fo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,21 +29,44 @@ from kdtoolkit.report.results import (
     write_results,
 )
 
+#: The two-stage row's own classifier, by the crops it trained on (``TrainSpec.crops``).
+CLASSIFIER_CROPS = {"enclosure": "axis-aligned enclosure crops", "expert": "expert crops"}
 
-def row_models(teacher: str, student: str, provider: str, aligned: bool = False) -> dict[str, str]:
-    """``{row: model name}`` of a run's report; the two-stage row says which classifier it
-    used: the teacher on expert crops, or (``aligned``) the two-stage classifier trained on
-    axis-aligned enclosure crops (``kdtoolkit.engine.plan.two_stage_spec``)."""
-    if aligned:
-        classifier = "two-stage classifier on axis-aligned enclosure crops"
-    else:
+
+def row_models(
+    teacher: str,
+    student: str,
+    provider: str,
+    two_stage: str | None = None,
+    jitter: bool = False,
+) -> dict[str, str]:
+    """``{row: model name}`` of a run's report. The teacher trains on exact expert crops; the
+    two-stage row says which classifier it used: the teacher, or (``two_stage``: "enclosure"
+    or "expert", ``kdtoolkit.engine.plan.two_stage_crops``) the two-stage classifier trained
+    on those crops, ``jitter``: moved by the crop-box jitter."""
+    if two_stage is None:
         classifier = "teacher on expert crops"
+    else:
+        jittered = "jittered " if jitter else ""
+        classifier = f"two-stage classifier on {jittered}{CLASSIFIER_CROPS[two_stage]}"
     return {
-        TEACHER_CROP: teacher,
+        TEACHER_CROP: f"{teacher} on exact expert crops",
         TWO_STAGE: f"{provider} → {classifier} ({teacher})",
         BASELINE_FULL: student,
         STUDENT: student,
     }
+
+
+def classifier_of(run_dir: Path, folds: Iterable[int]) -> tuple[str | None, bool]:
+    """``(crops, jitter)`` of the two-stage classifier of a run folder's ``folds`` (its
+    ``model.json``; a folder made before it recorded them: axis-aligned enclosures, no
+    jitter), or ``(None, False)`` when the two-stage row used the teacher."""
+    for k in folds:
+        meta = run_dir / f"fold_{k}" / TWO_STAGE_CLASSIFIER / "model.json"
+        if meta.parent.is_dir():
+            doc = json.loads(meta.read_text()) if meta.exists() else {}
+            return str(doc.get("crops", "enclosure")), bool(doc.get("crop_jitter", False))
+    return None, False
 
 
 def history_of(paths: RunPaths, k: int) -> dict[str, list[dict]]:
@@ -195,7 +218,7 @@ def rebuild_report(run_dir: Path, log: Callable[[str], None] = lambda line: None
             teacher,
             student,
             recipe.get("roi", {}).get("provider", ""),
-            any((run_dir / f"fold_{k}" / TWO_STAGE_CLASSIFIER).is_dir() for k in found),
+            *classifier_of(run_dir, found),
         ),
         recipe_digest=str(doc.get("digest", "")),
     )

@@ -34,6 +34,8 @@ class TrainSpec:
     teacher (and ``init_from_teacher``); ``rois`` puts the ROI stage's boxes into the views'
     ROI masks. ``crops``: the teacher-view ROIs, "expert" (rotated as annotated) or
     "enclosure" (the axis-aligned box around each, as an axis-aligned detector cuts).
+    ``jitter``: its training crops are cut at boxes moved by the crop-box jitter
+    (``augment.roi_*``, the two-stage classifier only); otherwise exactly at the ROIs.
     ``recipe``: the recipe stamped into the checkpoint (a variant's own; None: the run's).
     """
 
@@ -44,6 +46,7 @@ class TrainSpec:
     teacher: str | None = None
     rois: bool = False
     crops: str = "expert"
+    jitter: bool = False
     recipe: Recipe | None = None
 
 
@@ -60,8 +63,9 @@ class RoiSpec:
 @dataclass(frozen=True)
 class EvaluateSpec:
     """Held-out evaluation of fold ``k``: the ``teacher`` stage on crops (``teacher_crop``),
-    each image model ``(row, role)`` on full images and, with ``two_stage``, the teacher on
-    the crops a learned ROI provider cut (``two_stage``). ``cam_examples`` Grad-CAMs are kept
+    each image model ``(row, role)`` on full images and, with ``two_stage``, the
+    ``two_stage_model`` stage (the teacher, or the two-stage classifier) on the crops a
+    learned ROI provider cut (``two_stage``). ``cam_examples`` Grad-CAMs are kept
     for the figures; ``cache``: write ``fold_<k>/eval.json`` and reuse it on a rerun."""
 
     rows: tuple[tuple[str, str], ...]
@@ -106,7 +110,9 @@ class FoldPlan:
 
 
 def teacher_spec(recipe: Recipe) -> TrainSpec:
-    """The crop teacher: ``teacher.*``, trained with the engine's cross-entropy."""
+    """The crop teacher: ``teacher.*``, trained with the engine's cross-entropy on the exact
+    expert crops (never the crop-box jitter: it is the distillation source and the crop
+    upper bound)."""
     return TrainSpec(TEACHER, "crop", recipe.teacher)
 
 
@@ -134,31 +140,40 @@ def baseline_spec(recipe: Recipe) -> TrainSpec:
     return TrainSpec(BASELINE_FULL, "image", recipe.student)
 
 
-def two_stage_spec(recipe: Recipe) -> TrainSpec:
-    """The two-stage classifier of an axis-aligned ROI provider: the teacher's settings, trained
-    on the axis-aligned enclosures of the expert ROIs (the crops such a provider cuts), so the
-    two-stage row is not a rotated-crop teacher fed crops it has never seen."""
-    return TrainSpec(TWO_STAGE_CLASSIFIER, "crop", recipe.teacher, crops="enclosure")
+def two_stage_spec(recipe: Recipe, crops: str) -> TrainSpec:
+    """The two-stage classifier: the teacher's settings, trained on the crops a learned ROI
+    provider cuts: ``crops`` "enclosure" (the axis-aligned enclosures of the expert ROIs, for
+    an axis-aligned provider on rotated ROIs) or "expert"; their boxes moved by the crop-box
+    jitter when it is on (``augment.roi_*``), as a detector's boxes are."""
+    return TrainSpec(
+        TWO_STAGE_CLASSIFIER, "crop", recipe.teacher, crops=crops, jitter=recipe.augment.crop_jitter
+    )
 
 
-def needs_aligned_classifier(provider: type, samples: Sequence[Any]) -> bool:
-    """Whether a two-stage row needs its own classifier on axis-aligned crops: the ROI
-    ``provider`` (a class) is learned but predicts no angle (not ``oriented``), while some
-    expert ROIs are rotated, so the teacher's crops are not what the provider's boxes cut."""
+def two_stage_crops(recipe: Recipe, provider: type, samples: Sequence[Any]) -> str | None:
+    """The crops the two-stage row's own classifier trains on, or None when the row uses the
+    teacher (or there is no such row). A learned ROI ``provider`` (a class) that predicts no
+    angle (not ``oriented``) on rotated expert ROIs: "enclosure" (the teacher's crops are not
+    what its boxes cut). Any other learned provider: "expert" with the crop-box jitter on,
+    None (the teacher) with it off. No classifier for a provider that learns nothing or with
+    ``evaluate.two_stage`` off."""
+    if not (getattr(provider, "learned", False) and recipe.evaluate.two_stage):
+        return None
     rotated = any(s.box is not None and s.angle != 0 for s in samples)
-    learned, oriented = getattr(provider, "learned", False), getattr(provider, "oriented", False)
-    return bool(learned and not oriented and rotated)
+    if rotated and not getattr(provider, "oriented", False):
+        return "enclosure"
+    return "expert" if recipe.augment.crop_jitter else None
 
 
-def fold_plan(recipe: Recipe, aligned_two_stage: bool = False) -> FoldPlan:
+def fold_plan(recipe: Recipe, two_stage: str | None = None) -> FoldPlan:
     """A run's plan: teacher → roi → student → baseline (``evaluate.baseline``) → evaluate;
-    ``aligned_two_stage`` (the provider's boxes have no angle, the expert ROIs do) adds the
-    two-stage classifier on axis-aligned crops (``two_stage_spec``) that the two-stage row uses
-    instead of the teacher."""
+    ``two_stage`` (``two_stage_crops``: "enclosure" or "expert") adds the two-stage
+    classifier on those crops (``two_stage_spec``) that the two-stage row uses instead of the
+    teacher."""
     stages: list[StageSpec] = [teacher_spec(recipe), roi_spec(recipe), student_spec(recipe)]
-    aligned = aligned_two_stage and recipe.evaluate.two_stage
-    if aligned:
-        stages.insert(2, two_stage_spec(recipe))
+    crops = two_stage if recipe.evaluate.two_stage else None
+    if crops is not None:
+        stages.insert(2, two_stage_spec(recipe, crops))
     rows = [(STUDENT, STUDENT)]
     if recipe.evaluate.baseline:
         stages.append(baseline_spec(recipe))
@@ -167,7 +182,7 @@ def fold_plan(recipe: Recipe, aligned_two_stage: bool = False) -> FoldPlan:
         rows=tuple(rows),
         batch_size=recipe.student.batch_size,
         two_stage=recipe.evaluate.two_stage,
-        two_stage_model=TWO_STAGE_CLASSIFIER if aligned else TEACHER,
+        two_stage_model=TWO_STAGE_CLASSIFIER if crops is not None else TEACHER,
         cam_examples=recipe.evaluate.cam_examples,
     )
     return FoldPlan((*stages, evaluation))

@@ -43,7 +43,7 @@ from kdtoolkit.engine.plan import (
     RoiSpec,
     TrainSpec,
     fold_plan,
-    needs_aligned_classifier,
+    two_stage_crops,
 )
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.stage import (
@@ -188,10 +188,26 @@ def run_folds(
     return out
 
 
-def aligned_two_stage(ctx: RunContext) -> bool:
-    """``needs_aligned_classifier`` of the run's ROI provider and samples."""
+def two_stage_of(ctx: RunContext) -> str | None:
+    """``two_stage_crops`` of the run's recipe, ROI provider and samples: the crops of the
+    two-stage row's own classifier, None when the row uses the teacher."""
     provider = registries().roi_providers.get(ctx.recipe.roi.provider)
-    return needs_aligned_classifier(provider, ctx.samples)
+    return two_stage_crops(ctx.recipe, provider, ctx.samples)
+
+
+def run_plan(ctx: RunContext) -> FoldPlan:
+    """The run's fold plan (``fold_plan``), with a note when the crop-box jitter is set but
+    there is no two-stage classifier for it to apply to."""
+    r = ctx.recipe
+    crops = two_stage_of(ctx)
+    if r.augment.crop_jitter and crops is None:
+        learned = getattr(registries().roi_providers.get(r.roi.provider), "learned", False)
+        why = "evaluate.two_stage is off" if learned else f"the {r.roi.provider} provider has none"
+        ctx.log(
+            "augment.roi_shift/roi_scale/roi_degrees apply to the two-stage classifier only; "
+            f"{why} (the teacher trains on exact crops)"
+        )
+    return fold_plan(r, crops)
 
 
 def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
@@ -201,7 +217,11 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
         folds=list(per_fold.values()),
         classes=list(ctx.classes),
         models=row_models(
-            r.teacher.backbone, r.student.backbone, r.roi.provider, aligned_two_stage(ctx)
+            r.teacher.backbone,
+            r.student.backbone,
+            r.roi.provider,
+            two_stage_of(ctx),
+            r.augment.crop_jitter,
         ),
         recipe_digest=r.digest(),
     )
@@ -250,7 +270,7 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
     if launched():
         progress.log(f"{world().size} processes train each stage, each on its part of a batch")
-    per_fold = run_folds(ctx, fold_plan(recipe, aligned_two_stage(ctx)), ctx.folds_to_run())
+    per_fold = run_folds(ctx, run_plan(ctx), ctx.folds_to_run())
     for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
         done = ctx.paths.evaluation(k)
         if k not in per_fold and done.exists():
@@ -271,7 +291,7 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
     cpu = replace(recipe, experiment=replace(recipe.experiment, device="cpu"))
     ctx = RunContext.open(cpu, progress, force)
     progress.log(f"{len(ctx.samples)} samples, {ctx.num_classes} classes")
-    plan = fold_plan(recipe, aligned_two_stage(ctx))
+    plan = run_plan(ctx)
     todo = []
     for k in ctx.folds_to_run():
         done = ctx.paths.evaluation(k)
@@ -312,7 +332,7 @@ def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
         try:
             ctx = RunContext.open(recipe, progress, force)
             progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
-            run_folds(ctx, fold_plan(recipe, aligned_two_stage(ctx)), [k])
+            run_folds(ctx, run_plan(ctx), [k])
         except BaseException as e:
             why = (
                 "stopped (preempted or timed out); requeued jobs resume"

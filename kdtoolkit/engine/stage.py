@@ -20,7 +20,7 @@ from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import compile_trunk, seed_everything
+from kdtoolkit.engine.device import compile_trunk, seed_everything, torch_state
 from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
@@ -154,6 +154,17 @@ def enclosure_samples(samples: Sequence[Sample]) -> list[Sample]:
     return out
 
 
+def stage_samples(samples: Sequence[Sample], spec: TrainSpec) -> list[Sample] | None:
+    """The samples a crop stage trains on, None: the run's. Enclosure crops:
+    ``enclosure_samples``; jittered expert crops: cut from the full image (no crop file, which
+    holds nothing around the ROI to move into), as a detector's crops are."""
+    if spec.crops == "enclosure":
+        return enclosure_samples(samples)
+    if spec.jitter:
+        return [replace(s, crop=None) for s in samples]
+    return None
+
+
 def train_model(
     ctx: RunContext,
     fold: int,
@@ -200,7 +211,7 @@ def train_model(
                 "processes; run fewer processes"
             )
     views = ("image", "crop") if view == "image" and teacher is not None else (view,)
-    samples = enclosure_samples(ctx.samples) if spec.crops == "enclosure" else None
+    samples = stage_samples(ctx.samples, spec)
     stage = Stage(
         name=spec.role,
         model=model,
@@ -217,7 +228,9 @@ def train_model(
     started = time.perf_counter()
     best = train_stage(
         stage,
-        ctx.loaders(train_idx, True, config.batch_size, seed, mask_rois, views, samples),
+        ctx.loaders(
+            train_idx, True, config.batch_size, seed, mask_rois, views, samples, spec.jitter
+        ),
         ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,), samples=samples),
         ctx.device,
         state_path,
@@ -229,6 +242,8 @@ def train_model(
     if is_main():
         meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
         meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
+        if view == "crop":  # which crops it learned from (the report names them)
+            meta.update({"crops": spec.crops, "crop_jitter": spec.jitter})
         save_checkpoint(ckpt, best, meta)
         state_path.unlink(missing_ok=True)
     barrier()  # the checkpoint is there for every rank
@@ -271,21 +286,22 @@ def provider_rois(
     workdir.mkdir(parents=True, exist_ok=True)
     provider = provider_cls(**spec.options)
     ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
-    result = run_provider(
-        provider,
-        RoiRequest(
-            fold=fold,
-            samples=ctx.samples,
-            train=train_idx,
-            predict=np.arange(len(ctx.samples)),
-            workdir=workdir,
-            device=str(ctx.device),
-            seed=ctx.recipe.experiment.seed + fold,
-            log=ctx.log,
-        ),
-        spec.provider,
-        providers.owner(spec.provider),
-    )
+    with torch_state():  # what the provider's code sets process-wide stays with it
+        result = run_provider(
+            provider,
+            RoiRequest(
+                fold=fold,
+                samples=ctx.samples,
+                train=train_idx,
+                predict=np.arange(len(ctx.samples)),
+                workdir=workdir,
+                device=str(ctx.device),
+                seed=ctx.recipe.experiment.seed + fold,
+                log=ctx.log,
+            ),
+            spec.provider,
+            providers.owner(spec.provider),
+        )
     saved = {
         "boxes": result.boxes.tolist(),
         "angles": result.angles.tolist(),

@@ -15,6 +15,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from kdtoolkit.engine.device import torch_state
+
 #: Settings switched off for the duration of a session.
 _OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 _OFF += ("vscode_msg", "openvino_msg")
@@ -76,6 +78,10 @@ def ultralytics_session(
       the font check (an ``Arial.ttf`` download) is a no-op; ``ULTRALYTICS_API_KEY`` is hidden
       (no Platform streaming); requirement checks are skipped; its logger is silenced, with
       warnings passed to ``log``.
+    - torch's process-wide settings (``kdtoolkit.engine.device.torch_state``: threads,
+      deterministic algorithms, cuDNN and TF32 flags, default dtype, random states and the
+      environment variables ultralytics sets for them) are restored when the block ends, so a
+      detector's training leaves the stages after it as they would be without it.
 
     Everything is restored afterwards, except the import-time directory, which stays the
     first session's ``folder/config/Ultralytics``. Yields the ``ultralytics`` module.
@@ -85,6 +91,7 @@ def ultralytics_session(
     config.mkdir(parents=True, exist_ok=True)
     ul_logger = logging.getLogger("ultralytics")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(torch_state())  # entered first: restored last
         stack.enter_context(
             _environ(
                 YOLO_CONFIG_DIR=str(config),
