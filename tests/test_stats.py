@@ -299,3 +299,43 @@ def test_kd_report_prints_the_verdict_table(repeated_run: Path) -> None:
     comparison = json.loads((repeated_run / "results.json").read_text())["comparisons"][0]
     assert verdict(comparison["ci95"]) in result.stdout
     assert "mcnemar" not in result.stderr.lower()
+
+
+def _recipe(*overrides: str):
+    from kdtoolkit.config.recipe import load_recipe
+
+    return load_recipe({"data": {"manifest": "/data/m.csv"}, "loss": [{"name": "ce"}]}, overrides)
+
+
+def test_cv_repeats_in_the_recipe_and_its_digest() -> None:
+    from kdtoolkit.config.recipe import RecipeError
+
+    assert _recipe().cv.repeats == 1
+    assert _recipe("cv.repeats=1").digest() == "abe58d51d3c05d05"  # as before the key existed
+    assert _recipe("cv.repeats=2").digest() != _recipe().digest()
+    assert _recipe("cv.repeats=2", "cv.only=[9]").cv.only == [9]  # fold 4 of repeat 1
+    with pytest.raises(RecipeError, match=r"cv.only: folds \[10\] do not exist \(0..9\)"):
+        _recipe("cv.repeats=2", "cv.only=[10]")
+    with pytest.raises(RecipeError, match="cv.repeats"):
+        _recipe("cv.repeats=0")
+
+
+def test_one_repeat_writes_folds_json_as_before(tmp_path: Path) -> None:
+    from kdtoolkit.data.manifest import read_manifest
+    from kdtoolkit.engine.context import assign_run_folds
+    from kdtoolkit.testing import tiny_manifest
+
+    manifest = read_manifest(tiny_manifest(tmp_path / "data", n=12))
+    recipe = _recipe("cv.folds=2")
+    one = assign_run_folds(tmp_path / "one.json", manifest, recipe)
+    doc = json.loads((tmp_path / "one.json").read_text())
+    assert list(doc) == ["folds", "seed", "root", "samples"]
+    assert list(doc["samples"][0]) == ["index", "image", "group", "label", "fold"]
+    two = assign_run_folds(tmp_path / "two.json", manifest, _recipe("cv.folds=2", "cv.repeats=2"))
+    assert two.shape == (2, 12) and (two[0] == one).all() and (two[1] != one).any()
+    assert (
+        assign_run_folds(tmp_path / "two.json", manifest, _recipe("cv.folds=2", "cv.repeats=2"))
+        == two
+    ).all()
+    with pytest.raises(KdError, match="made for cv.repeats = 2, not 1"):
+        assign_run_folds(tmp_path / "two.json", manifest, recipe)
