@@ -129,9 +129,12 @@ def report(
     """Rebuild results.json/csv, report.md and figures/ of a run folder from its finished
     folds (fold folders copied in from other machines included); say which are missing."""
     from kdtoolkit.engine.outputs import rebuild_report
+    from kdtoolkit.report.verdicts import verdict_table
 
     rebuilt = rebuild_report(run_dir)
     console.print(results_table(rebuilt.results))
+    if (table := verdict_table(rebuilt.results.statistics())) is not None:
+        Console(width=None if sys.stdout.isatty() else 140).print(table)
     if line := rebuilt.missing_line():
         console.print(f"[yellow]{line}[/]", highlight=False, soft_wrap=True)
     console.print(f"[green]done[/]: {rebuilt.report}", highlight=False, soft_wrap=True)
@@ -180,14 +183,17 @@ def compare(
     """Gap closure of student variants against one crop teacher and one full-image baseline."""
     from kdtoolkit.engine.compare import compare as compare_variants
     from kdtoolkit.engine.compare import parse_variant
+    from kdtoolkit.report.verdicts import verdict_table
 
     sets = list(set_ or [])
     if device is not None:
         sets.append(f"experiment.device={json.dumps(device)}")
     variants = [parse_variant(text) for text in (variant or ["recipe:"])]
     comparison = compare_variants(recipe, variants, sets, output, force, quiet)
-    out = Console(width=None if sys.stdout.isatty() else 120)
+    out = Console(width=None if sys.stdout.isatty() else 140)
     out.print(comparison_table(comparison))
+    if (table := verdict_table(comparison.results.statistics(), comparison.names)) is not None:
+        out.print(table)
     for v in comparison.variants:
         out.print(f"  {v.name}: {', '.join(v.overrides) or '(recipe as is)'}", highlight=False)
     folder = comparison.output

@@ -117,6 +117,12 @@ def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
         assert [t["name"] for t in meta["recipe"]["loss"]][-1] == "roi_feature"
     report = (out / "gap_closure.md").read_text()
     assert all(f"| {row} |" in report for row in rows)
+    # the statistics of the pooled predictions, variants named, in the file, report and terminal
+    pairs = [(c["a"], c["b"], c["metric"]) for c in data["comparisons"]]
+    assert pairs == [(v, "baseline_full", "accuracy") for v in ("paper", "roi_feature")]
+    assert set(data["gap_closure_ci95"]) == {"paper", "roi_feature"}
+    assert data["bootstrap"]["unit"] == "group" and set(data["pooled"]) == set(rows)
+    assert "## Is the student better?" in report and "Is the student better?" in result.stdout
 
     # a rerun with one of the variants trains nothing and gives the same figures
     checkpoint = out / "fold_0" / "student_paper" / "model.safetensors"

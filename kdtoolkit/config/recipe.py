@@ -95,6 +95,7 @@ class CvConfig:
     folds: Annotated[int, Range(ge=2)] = 5
     val_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.15
     only: list[int] = field(default_factory=list)
+    repeats: Annotated[int, Range(ge=1, le=1000)] = 1  # repeat r's fold k: id r·folds + k
 
 
 @dataclass
@@ -185,7 +186,8 @@ class Recipe:
             for k, v in raw["data"].items()
             if k not in ("workers", "loader") and not (k in SCAN_KEYS and v == defaults[k])
         }
-        raw["cv"] = {k: v for k, v in raw["cv"].items() if k != "only"}  # runs in parts
+        cv = raw["cv"]  # only: runs in parts; one repeat: unset, as before the key existed
+        raw["cv"] = {k: v for k, v in cv.items() if k != "only" and (k, v) != ("repeats", 1)}
         for role in ("teacher", "student"):  # unset, as before the key existed
             raw[role] = {k: v for k, v in raw[role].items() if (k, v) != ("pretrained", False)}
         augment = raw["augment"]
@@ -289,8 +291,9 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
     shift = recipe.augment.roi_shift
     if isinstance(shift, list) and len(shift) != 2:
         problems.append(f"augment.roi_shift: expected one fraction or [along, across], got {shift}")
-    if bad := [k for k in recipe.cv.only if not 0 <= k < recipe.cv.folds]:
-        problems.append(f"cv.only: folds {bad} do not exist (0..{recipe.cv.folds - 1})")
+    n = recipe.cv.folds * recipe.cv.repeats  # every repeat's folds
+    if bad := [k for k in recipe.cv.only if not 0 <= k < n]:
+        problems.append(f"cv.only: folds {bad} do not exist (0..{n - 1})")
     if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size
         problems += crop_problems(task, recipe.data, raw.get("data"))
     if problems:

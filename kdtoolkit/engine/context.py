@@ -149,50 +149,76 @@ def fold_groups(
     return out
 
 
+def fold_count(recipe: Recipe) -> int:
+    """The folds of every repeat: ids 0..``cv.folds · cv.repeats`` − 1 (repeat r's fold k is
+    r · ``cv.folds`` + k)."""
+    return recipe.cv.folds * recipe.cv.repeats
+
+
 def assign_run_folds(
     path: Path, manifest: Manifest, recipe: Recipe, groups: list | None = None
 ) -> np.ndarray:
     """Each sample's fold: read from ``folds.json`` (``path``) when the run folder has it (a
     resumed run, or one run in parts), else assigned (keeping ``groups`` whole; default the
-    manifest's) and written there."""
+    manifest's) and written there. With ``cv.repeats`` R > 1, an ``R × samples`` array: repeat
+    r is assigned with seed ``experiment.seed + r`` (repeat 0 is the one-repeat assignment),
+    and ``folds.json`` keeps every repeat's folds (``repeats``, each sample's ``repeat_folds``)."""
     samples = manifest.samples
     groups = groups if groups is not None else groups_of(samples)
     root = manifest.path.parent
+    repeats = recipe.cv.repeats
     if path.exists():
         saved = json.loads(path.read_text())
         # images relative to their manifest: a run folder moved to another machine stays valid
         before = Path(saved.get("root", root))  # older files: absolute paths, here
         names = [os.path.relpath(s["image"], before) for s in saved["samples"]]
-        if names == [os.path.relpath(s.image, root) for s in samples]:
-            return np.array([s["fold"] for s in saved["samples"]])
-        raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
+        if names != [os.path.relpath(s.image, root) for s in samples]:
+            raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
+        if int(saved.get("repeats", 1)) != repeats:
+            raise KdError(
+                f"{path}: the fold assignment was made for cv.repeats = "
+                f"{saved.get('repeats', 1)}, not {repeats}; use a new output"
+            )
+        if repeats > 1:
+            return np.array([s["repeat_folds"] for s in saved["samples"]]).T
+        return np.array([s["fold"] for s in saved["samples"]])
     predefined = [s.fold for s in samples]
-    assignment = folds_mod.assign_folds(
-        np.array([s.label for s in samples]),
-        groups,
-        predefined if all(f is not None for f in predefined) else None,
-        recipe.cv.folds,
-        recipe.experiment.seed,
-        classes=manifest.classes,
-    )
+    if repeats > 1 and all(f is not None for f in predefined):
+        raise KdError(
+            f"cv.repeats = {repeats}: the manifest's fold column fixes one assignment; "
+            "set cv.repeats = 1 or drop the fold column"
+        )
+    assignments = [
+        folds_mod.assign_folds(
+            np.array([s.label for s in samples]),
+            groups,
+            predefined if all(f is not None for f in predefined) else None,
+            recipe.cv.folds,
+            recipe.experiment.seed + r,
+            classes=manifest.classes,
+        )
+        for r in range(repeats)
+    ]
     records = [
         {
             "index": s.index,
             "image": str(s.image),
             "group": s.group if groups is None else groups[s.index],
             "label": int(s.label),
-            "fold": int(f),
+            "fold": int(assignments[0][s.index]),
+            **({"repeat_folds": [int(a[s.index]) for a in assignments]} if repeats > 1 else {}),
         }
-        for s, f in zip(samples, assignment, strict=False)
+        for s in samples
     ]
     document = {
         "folds": recipe.cv.folds,
+        **({"repeats": repeats} if repeats > 1 else {}),
         "seed": recipe.experiment.seed,
         "root": str(root),
         "samples": records,
     }
     atomic_write_text(path, json.dumps(document, indent=1))
-    return np.asarray(assignment)
+    return np.asarray(assignments[0]) if repeats == 1 else np.array(assignments)
 
 
 @dataclass
@@ -205,12 +231,13 @@ class RunContext:
     classes: tuple[str, ...]
     view: ViewConfig
     paths: RunPaths
-    fold_of: np.ndarray
+    fold_of: np.ndarray  # each sample's fold (of repeat 0)
     ordinal: bool
     loaders: Loaders
     progress: RunProgress
     groups: list | None = None  # what folds and validation splits keep whole
     force: bool = False  # retrain stages made by another recipe (else an error)
+    repeat_folds: np.ndarray | None = None  # cv.repeats > 1: repeats × samples
 
     @classmethod
     def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:
@@ -230,7 +257,8 @@ class RunContext:
         progress.end_stage()
         groups = fold_groups(manifest.samples, loaders.content, progress.log)
         with main_first():
-            fold_of = assign_run_folds(paths.folds, manifest, recipe, groups)
+            assigned = assign_run_folds(paths.folds, manifest, recipe, groups)
+        fold_of = assigned if assigned.ndim == 1 else assigned[0]
         return cls(
             recipe=recipe,
             device=device,
@@ -244,6 +272,7 @@ class RunContext:
             progress=progress,
             groups=groups,
             force=force,
+            repeat_folds=assigned if assigned.ndim == 2 else None,
         )
 
     @property
@@ -262,10 +291,13 @@ class RunContext:
         self.progress.log(message)
 
     def fold_indices(self, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(train, val, test) sample indices of fold ``k``; test is the held-out fold."""
+        """(train, val, test) sample indices of fold ``k``; test is the held-out fold (fold
+        ``k mod cv.folds`` of repeat ``k // cv.folds``)."""
+        repeat, fold = divmod(k, self.recipe.cv.folds)
+        folds = self.fold_of if self.repeat_folds is None else self.repeat_folds[repeat]
         all_idx = np.arange(len(self.samples))
-        test = all_idx[self.fold_of == k]
-        rest = all_idx[self.fold_of != k]
+        test = all_idx[folds == fold]
+        rest = all_idx[folds != fold]
         train, val = folds_mod.split_validation(
             rest,
             self.labels,
@@ -276,12 +308,12 @@ class RunContext:
         return np.asarray(train), np.asarray(val), test
 
     def folds_to_run(self) -> list[int]:
-        """``cv.only``, or every fold."""
-        only = self.recipe.cv.only
-        bad = [k for k in only if not 0 <= k < self.recipe.cv.folds]
+        """``cv.only``, or every fold (of every repeat)."""
+        only, total = self.recipe.cv.only, fold_count(self.recipe)
+        bad = [k for k in only if not 0 <= k < total]
         if bad:
-            raise KdError(f"cv.only: folds {bad} do not exist (0..{self.recipe.cv.folds - 1})")
-        return list(only) or list(range(self.recipe.cv.folds))
+            raise KdError(f"cv.only: folds {bad} do not exist (0..{total - 1})")
+        return list(only) or list(range(total))
 
     def class_weights(self, indices: np.ndarray, config: ModelConfig) -> torch.Tensor | None:
         """Inverse-frequency class weights of ``indices`` when ``config.class_weights``."""

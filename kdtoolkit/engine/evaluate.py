@@ -111,6 +111,9 @@ def evaluate_fold(
     logits, labels, indices = predict_logits(teacher, loader, "crop", device)
     result.predictions["index"] = indices.tolist()
     result.predictions["label"] = labels.tolist()
+    # what the bootstrap resamples: the groups folds keep whole (None: the sample alone)
+    groups = ctx.groups or [s.group for s in ctx.samples]
+    result.predictions["group"] = [groups[int(i)] for i in indices]
     add(TEACHER_CROP, labels, logits)
 
     cams: dict[str, np.ndarray] = {}

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kdtoolkit.config.recipe import Recipe
-from kdtoolkit.engine.context import RunContext, RunPaths
+from kdtoolkit.engine.context import RunContext, RunPaths, fold_count
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.engine.distributed import (
     barrier,
@@ -271,7 +271,7 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     if launched():
         progress.log(f"{world().size} processes train each stage, each on its part of a batch")
     per_fold = run_folds(ctx, run_plan(ctx), ctx.folds_to_run())
-    for k in range(recipe.cv.folds):  # folds run earlier into this folder (runs in parts)
+    for k in range(fold_count(recipe)):  # folds run earlier into this folder (runs in parts)
         done = ctx.paths.evaluation(k)
         if k not in per_fold and done.exists():
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
@@ -307,7 +307,7 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
 
         name = f"kd-{recipe.experiment.name}"
         status = jobs.launch_folds(recipe.launch, out, todo, job_of, progress, name)
-    per_fold = finished_folds(ctx.paths, recipe.cv.folds)
+    per_fold = finished_folds(ctx.paths, fold_count(recipe))
     for k in per_fold:
         if k not in status and k not in ctx.folds_to_run():
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")

@@ -17,6 +17,7 @@ from kdtoolkit.report.results import (
     jsonable,
     variant_row,
 )
+from kdtoolkit.report.verdicts import statistics_lines
 
 #: What the gap closure is.
 FORMULA = "(student - baseline_full) / (teacher_crop - baseline_full), mean accuracy"
@@ -63,6 +64,30 @@ class Comparison:
     def summary(self) -> dict[str, Any]:
         return self.named(self.results.summary)
 
+    @property
+    def names(self) -> dict[str, str]:
+        """``{student_<name>: name}`` of the variants' rows."""
+        return {v.role: v.name for v in self.variants}
+
+    def statistics(self) -> dict[str, Any]:
+        """The bootstrap statistics (``report.stats``) with the variants' rows named, or {}."""
+        stats = self.results.statistics()
+        if stats is None:
+            return {}
+        doc = stats.to_json()
+        names = self.names
+        doc["pooled"] = self.named(doc["pooled"])
+        doc["comparisons"] = [
+            {**c, "a": names.get(c["a"], c["a"]), "b": names.get(c["b"], c["b"])}
+            for c in doc["comparisons"]
+        ]
+        doc["gap_closures"] = self.named(doc["gap_closures"])
+        doc["gap_closure_ci95"] = {
+            v.name: doc["gap_closures"].get(v.name, {}).get("ci95") for v in self.variants
+        }
+        doc.pop("gap_closure_pooled")
+        return doc
+
     def gap_closure(self) -> dict[str, float | None]:
         return {v.name: self.results.gap_closure(student=v.role) for v in self.variants}
 
@@ -94,6 +119,7 @@ class Comparison:
                 ],
                 "summary": self.summary,
                 "gap_closure": self.gap_closure(),
+                **self.statistics(),
             }
         )
 
@@ -148,7 +174,9 @@ def comparison_markdown(comparison: Comparison) -> str:
         metrics = comparison.named(fold.metrics)
         cells = [f"{100 * metrics[row]['accuracy']:.2f}" for row in rows]
         lines.append(f"| {fold.fold} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    stats = comparison.results.statistics()
+    lines += ["", *statistics_lines(stats, names=comparison.names, order=comparison.rows)]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def write_comparison(comparison: Comparison) -> tuple[Path, Path]:

@@ -22,6 +22,7 @@ from kdtoolkit.report.results import (
     ordered_rows,
     row_label,
 )
+from kdtoolkit.report.verdicts import statistics_lines
 
 #: (metric, heading, shown as percent)
 EXTRA_METRICS = (("macro_f1", "macro F1", True), ("qwk", "QWK", False), ("mae", "MAE", False))
@@ -70,9 +71,11 @@ def write_report(
     """Write ``run_dir/report.md`` and return its path.
 
     Sections: the results table (setting | model | acc | prec | rec | F1, percent, mean ± std,
-    rows present only), the gap-closure line, macro F1/QWK/MAE, attention agreement (pointing
-    game, CAM IoU), ROI provider metrics per fold, latency, accuracy per fold (real fold ids)
-    and figure links. ``figures``: ``{title: path}``, relative to ``run_dir`` or absolute.
+    rows present only), the gap-closure line, the statistics of the pooled held-out predictions
+    (paired comparisons with verdicts, intervals: ``verdicts.statistics_lines``), macro
+    F1/QWK/MAE, attention agreement (pointing game, CAM IoU), ROI provider metrics per fold,
+    latency, accuracy per fold (real fold ids) and figure links. ``figures``: ``{title:
+    path}``, relative to ``run_dir`` or absolute.
     """
     run = Path(run_dir)
     summary = results.summary
@@ -100,6 +103,8 @@ def write_report(
     out += md_table(["setting", "model", *(h for _, h in TABLE_METRICS)], table_rows)
     out.append("")
     out += gap_lines(results)
+    labels = {row: row_label(row) for row in rows}
+    out += statistics_lines(results.statistics(), labels, order=rows)
     out += extra_metrics_section(summary, rows)
     out += attention_section(summary, rows)
     out += roi_section(results.roi)

@@ -22,6 +22,7 @@ import numpy as np
 
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.report.metrics import gap_closure, summarise
+from kdtoolkit.report.stats import Statistics, compute
 
 # -- rows and roles ----------------------------------------------------------------------------
 
@@ -105,8 +106,9 @@ class FoldResult:
     """Every row's held-out results on fold ``fold`` (``fold_<k>/eval.json``).
 
     ``metrics``: ``{row: {metric: value}}``; ``confusion``: ``{row: K×K counts}``;
-    ``predictions``: ``index``, ``label`` and per row the predicted classes (plus
-    ``student_probabilities``); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
+    ``predictions``: ``index``, ``label``, ``group`` (each sample's group, None: none) and per
+    row the predicted classes (plus ``student_probabilities``, and ``pointing``: ``{row: 0/1 per
+    sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
     provider's metrics on this fold.
     """
 
@@ -163,9 +165,29 @@ class RunResults:
     classes: list[str]
     models: dict[str, str] = field(default_factory=dict)
     recipe_digest: str = ""
+    saved_statistics: Statistics | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.folds = sorted(self.folds, key=lambda f: f.fold)
+        self._statistics: tuple[Statistics | None] | None = None
+
+    @property
+    def ordinal(self) -> bool:
+        """Whether the task is ordinal (its folds report QWK)."""
+        return any("qwk" in m for f in self.folds for m in f.metrics.values())
+
+    def statistics(self) -> Statistics | None:
+        """The bootstrap statistics of the folds' pooled predictions (``report.stats``;
+        computed once), or the ones a results.json kept, or None."""
+        if self._statistics is None:
+            found = compute(
+                [f.predictions for f in self.folds],
+                len(self.classes),
+                self.ordinal,
+                folds=self.fold_ids,
+            )
+            self._statistics = (found or self.saved_statistics,)
+        return self._statistics[0]
 
     @property
     def fold_ids(self) -> list[int]:
@@ -211,7 +233,10 @@ class RunResults:
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` document: ``summary``, ``folds`` (one ``{row: {metric: x}}`` per
         fold, in the order of ``folds_run``), ``gap_closure``, ``classes``, ``folds_run``,
-        ``roi``, ``latency_ms``, ``recipe_digest``, ``models``."""
+        ``roi``, ``latency_ms``, ``recipe_digest``, ``models`` and, with the folds'
+        predictions, the statistics (``Statistics.to_json``: ``bootstrap``, ``pooled``,
+        ``comparisons``, ``gap_closure_pooled``, ``gap_closure_ci95``, ``gap_closures``)."""
+        stats = self.statistics()
         return jsonable(
             {
                 "summary": self.summary,
@@ -223,6 +248,7 @@ class RunResults:
                 "latency_ms": self.latency_ms,
                 "recipe_digest": self.recipe_digest,
                 "models": self.models,
+                **(stats.to_json() if stats is not None else {}),
             }
         )
 
@@ -250,6 +276,7 @@ class RunResults:
             classes=list(doc.get("classes") or []),
             models=dict(doc.get("models") or {}),
             recipe_digest=str(doc.get("recipe_digest") or ""),
+            saved_statistics=Statistics.from_json(doc),
         )
 
 
