@@ -25,7 +25,11 @@ from kdtoolkit.report.results import (
 
 #: (metric, heading, shown as percent)
 EXTRA_METRICS = (("macro_f1", "macro F1", True), ("qwk", "QWK", False), ("mae", "MAE", False))
-ATTENTION_METRICS = (("pointing_game", "pointing game", True), ("cam_iou", "CAM IoU", False))
+ATTENTION_METRICS = (
+    ("pointing_game", "pointing game", True),
+    ("pointing_ceiling", "pointing ceiling", True),
+    ("cam_iou", "CAM IoU", False),
+)
 #: ROI-provider metrics with a fixed form: (meaning, form); form is "percent", "count" or
 #: "number". Others are shown as percent when every value lies in [0, 1].
 ROI_METRICS = {
@@ -168,6 +172,8 @@ def attention_section(summary: Mapping[str, Any], rows: list[str]) -> list[str]:
         *md_table(header, body),
         "",
         "Pointing game: share of images whose Grad-CAM maximum lies in the ROI. "
+        "Pointing ceiling: share of ROIs holding a feature-grid cell centre, the highest "
+        "pointing game the upsampled CAM can reach. "
         "CAM IoU: IoU of the top 20% CAM pixels with the ROI.",
         "",
     ]
