@@ -161,20 +161,26 @@ def attention_section(summary: Mapping[str, Any], rows: list[str]) -> list[str]:
     attention = {row: values for row, values in attention.items() if values}
     if not attention:
         return []
+    shown = [m for m in ATTENTION_METRICS if any(m[0] in v for v in attention.values())]
     body = [
-        [row_label(r), *(fmt(mean_std(attention[r].get(m)), p) for m, _, p in ATTENTION_METRICS)]
+        [row_label(r), *(fmt(mean_std(attention[r].get(m)), p) for m, _, p in shown)]
         for r in ordered_rows(attention)
     ]
-    header = ["setting", *(h + (" (%)" if p else "") for _, h, p in ATTENTION_METRICS)]
+    header = ["setting", *(h + (" (%)" if p else "") for _, h, p in shown)]
+    ceiling = (
+        "Pointing ceiling: share of ROIs holding a feature-grid cell centre, the highest "
+        "pointing game a CAM upsampled from that grid can reach. "
+        if any(m == "pointing_ceiling" for m, _, _ in shown)
+        else ""
+    )
     return [
         "## Attention agreement with the ROI",
         "",
         *md_table(header, body),
         "",
         "Pointing game: share of images whose Grad-CAM maximum lies in the ROI. "
-        "Pointing ceiling: share of ROIs holding a feature-grid cell centre, the highest "
-        "pointing game the upsampled CAM can reach. "
-        "CAM IoU: IoU of the top 20% CAM pixels with the ROI.",
+        + ceiling
+        + "CAM IoU: IoU of the top 20% CAM pixels with the ROI.",
         "",
     ]
 
