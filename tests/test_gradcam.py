@@ -25,7 +25,8 @@ def _last_stage(model):
 
 def _reference_raw_cam(model, x, target):
     """pytorch_grad_cam's GradCAM on the plain timm model (full backward through the
-    whole network, hooks on the last stage): ReLU(Σ_c mean(∂s/∂A^c) A^c), before its resize."""
+    whole network, hooks on the last stage): ReLU(Σ_c mean(∂s/∂A^c) A^c) before its scaling and
+    resize, and its final output (scaled, resized with OpenCV, scaled again)."""
     layer = _last_stage(model)
     cam = GradCAM(model=model.model, target_layers=[layer])
     targets = [ClassifierOutputTarget(int(t)) for t in target]
@@ -57,13 +58,15 @@ def test_matches_pytorch_grad_cam(name, in_chans):
     torch.testing.assert_close(cam, reference / peak.clamp_min(1e-12), rtol=1e-4, atol=1e-5)
     assert torch.equal(cam.amax(dim=(1, 2)) == 1, peak.flatten() > 0)
 
-    # The package's own output: min-max scaled, bilinear resize to the input, scaled again.
-    def rescale(m):
-        m = m - m.amin(dim=(-2, -1), keepdim=True)
-        return m / (1e-7 + m.amax(dim=(-2, -1), keepdim=True))
-
-    resized = F.interpolate(rescale(raw)[:, None], size=x.shape[-2:], mode="bilinear")
-    torch.testing.assert_close(rescale(resized[:, 0]), full, rtol=1e-4, atol=1e-4)
+    # cam_for_images itself, no scaling here. Both sides are float32 and resize with the same
+    # half-pixel bilinear rule (torch align_corners=False, OpenCV INTER_LINEAR); what differs
+    # is float rounding of the gradients (full backward vs head only) and of the two
+    # interpolation codes, ~1e-6 of the map's range, amplified ≤ 1/(max − min) by the second
+    # min–max: 1e-4 absolute on maps in [0, 1] leaves a wide margin and catches any change of
+    # normalisation (max-only vs min–max differs by the map's minimum, ≫ 1e-4).
+    maps = cam_for_images(model, x, target)
+    assert maps.shape == full.shape == (3, 128, 96)
+    torch.testing.assert_close(maps, full, rtol=0, atol=1e-4)
 
 
 def test_no_grad_features_give_the_same_inference_cam():
@@ -145,9 +148,16 @@ def test_cam_for_images():
     torch.testing.assert_close(maps, cam_for_images(model, x, predicted))
     other = (predicted + 1) % 4
     assert not torch.allclose(maps, cam_for_images(model, x, other))
-    small = gradcam(model.forward_head, model.forward_features(x), predicted).detach()
-    expected = F.interpolate(small[:, None], size=(96, 64), mode="bilinear")[:, 0]
+    # minmax(resize(minmax(ReLU map))), by hand
+    small = gradcam(model.forward_head, model.forward_features(x), predicted, normalize=False)
+    small = small.detach()
+    low = small.amin(dim=(1, 2), keepdim=True)
+    small = (small - low) / (1e-7 + (small - low).amax(dim=(1, 2), keepdim=True))
+    big = F.interpolate(small[:, None], size=(96, 64), mode="bilinear")[:, 0]
+    low = big.amin(dim=(1, 2), keepdim=True)
+    expected = (big - low) / (1e-7 + (big - low).amax(dim=(1, 2), keepdim=True))
     torch.testing.assert_close(maps, expected)
+    assert maps.amin(dim=(1, 2)).max() == 0  # min–max: every map reaches 0
 
 
 def test_unwrap_compiled_and_parallel():
@@ -179,24 +189,109 @@ def test_standard_gradcam_by_hand():
 
 
 def test_paper_cam_by_hand():
-    """Eqs. 7–8: w_c = mean_ij ∂CE/∂A^c_ij = Σ_k (p_k − δ_ky) W_kc / (hw), no ReLU, min–max.
+    """Eqs. 7–8 in the descent direction: w_c = −mean_ij ∂CE/∂A^c_ij = Σ_k (δ_ky − p_k) W_kc / hw
+    (∂CE/∂s = softmax(s) − onehot(y)), no ReLU, min–max.
 
-    Sample 0 (y=0): s = (1, 1), p = (½, ½), ∂CE/∂s = (−½, ½), w = (−¼, ¼),
-    map = −¼·[2, 0] + ¼·[0, 2] = [−½, ½] → [0, 1].
+    Sample 0 (y=0): s = (1, 1), p = (½, ½), ∂CE/∂s = (−½, ½), w = (¼, −¼),
+    map = ¼·[2, 0] − ¼·[0, 2] = [½, −½] → [1, 0]: the class-0 evidence (A^0) at pixel 0.
     Sample 1 (y=1): s = (2, 0), p = (σ(2), 1 − σ(2)), ∂CE/∂s = (σ(2), −σ(2)),
-    w = (σ(2)/2, −σ(2)/2), map = [2σ(2), 0] → [1, 0]."""
+    w = (−σ(2)/2, σ(2)/2), map = [−2σ(2), 0] → [0, 1]: pixel 0 holds evidence against y."""
     features = _hand_features().requires_grad_(True)
     target = torch.tensor([0, 1])
     cam = paper_cam(_gap_identity_head(), features, target)
-    torch.testing.assert_close(cam, torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]]))
-    # the raw weights, checked through a map without normalisation of a 3-pixel sample
+    torch.testing.assert_close(cam, torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]))
+    # the raw weights, from the softmax formula, through a 3-pixel sample
     three = torch.tensor([[[[1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0]]]], requires_grad=True)
     sigma = 1 / (1 + math.exp(-(2.0 - 0.0)))  # s = (2, 0), p_0 = σ(2)
-    w0 = (sigma - 1) / 3  # y = 0: ∂CE/∂s_0 = p_0 − 1
+    w0 = -(sigma - 1) / 3  # y = 0: ∂CE/∂s_0 = p_0 − 1, descent direction −(p_0 − 1) > 0
     expected = torch.tensor([[[w0 * 1, w0 * 2, w0 * 3]]])
     expected = (expected - expected.min()) / (expected.max() - expected.min())
     torch.testing.assert_close(paper_cam(_gap_identity_head(), three, torch.tensor([0])), expected)
-    assert torch.allclose(expected, torch.tensor([[[1.0, 0.5, 0.0]]]))  # no ReLU: all negative
+    assert torch.allclose(expected, torch.tensor([[[0.0, 0.5, 1.0]]]))
+    # the same ordering as standard Grad-CAM, which is ReLU(w0·A^0) / max
+    standard = gradcam(_gap_identity_head(), three, torch.tensor([0]))
+    assert torch.equal(standard.argmax(), expected.argmax())
+
+
+def test_paper_cam_no_relu_keeps_negative_evidence():
+    """Two channels of opposite classes: the paper map keeps the evidence against y as its
+    low values (no ReLU), where standard Grad-CAM clips it to 0."""
+    features = torch.tensor([[[[3.0, 0.0, 0.0]], [[0.0, 0.0, 3.0]]]], requires_grad=True)
+    paper = paper_cam(_gap_identity_head(), features, torch.tensor([0]))
+    torch.testing.assert_close(paper, torch.tensor([[[1.0, 0.5, 0.0]]]))
+    standard = gradcam(_gap_identity_head(), features, torch.tensor([0]))
+    torch.testing.assert_close(standard, torch.tensor([[[1.0, 0.0, 0.0]]]))
+
+
+class _TinyNet(torch.nn.Module):
+    """conv → ReLU → conv → ReLU → 2×2 average pool (A: 8 channels, 8×8) → GAP → linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.AvgPool2d(2),
+        )
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward_features(self, x):
+        return self.trunk(x)
+
+    def forward_head(self, a):
+        return self.fc(a.mean(dim=(2, 3)))
+
+
+def _evidence_batch(generator, n=64):
+    """16×16 noise images with one 2×2 patch, at a random 2×2-aligned cell: class 0 bright,
+    class 1 dark, class 2 a bright/dark checker; returns images, labels, patch cell (row, col)."""
+    labels = torch.randint(0, 3, (n,), generator=generator)
+    cells = torch.randint(0, 8, (n, 2), generator=generator)
+    x = 0.1 * torch.randn(n, 1, 16, 16, generator=generator)
+    patterns = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[-1.0, -1.0], [-1.0, -1.0]]])
+    patterns = torch.cat([patterns, torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]])])
+    for i in range(n):
+        r, c = 2 * cells[i]
+        x[i, 0, r : r + 2, c : c + 2] += 2 * patterns[labels[i]]
+    return x, labels, cells
+
+
+def test_paper_cam_on_a_trained_model_agrees_with_gradcam():
+    """After training a tiny CNN on a task whose class evidence sits at a known cell, the
+    paper map (descent direction) and standard Grad-CAM rank the cells alike (mean Spearman
+    correlation > 0) and both peak on the evidence."""
+    from scipy.stats import spearmanr
+
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    net = _TinyNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        x, y, _ = _evidence_batch(generator)
+        loss = F.cross_entropy(net.forward_head(net.forward_features(x)), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    x, y, cells = _evidence_batch(generator, 256)
+    with torch.no_grad():
+        features = net.forward_features(x)
+        accuracy = (net.forward_head(features).argmax(1) == y).float().mean()
+    assert accuracy > 0.9
+    paper = paper_cam(net.forward_head, features, y)
+    standard = gradcam(net.forward_head, features, y)
+    rho = [spearmanr(p.flatten(), s.flatten())[0] for p, s in zip(paper, standard, strict=True)]
+    assert np.nanmean(rho) > 0.3
+    for cam in (paper, standard):
+        peaks = cam.flatten(1).argmax(1)
+        at = torch.stack([peaks // 8, peaks % 8], dim=1)
+        near = (at - cells).abs().amax(dim=1) <= 1  # on the patch's cell or a neighbour
+        assert near.float().mean() > 0.9
+    # taken literally (the gradient of the loss, not its descent), the map points away
+    literal = 1 - paper  # minmax(−m) = 1 − minmax(m)
+    rho = [spearmanr(p.flatten(), s.flatten())[0] for p, s in zip(literal, standard, strict=True)]
+    assert np.nanmean(rho) < 0
 
 
 def test_paper_cam_constant_map_is_zero_and_inference_has_no_graph():

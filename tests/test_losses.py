@@ -168,15 +168,16 @@ def test_attention_mse_by_hand():
 
 
 def test_attention_mse_paper_cam_by_hand():
-    """``cam = "paper"``: for GAP → linear, ∂CE/∂A^c_ij = Σ_k (p_k − δ_ky) W_kc / (hw), so the
-    map is Σ_c w_c A^c without ReLU, min–max normalised per sample."""
+    """``cam = "paper"``: for GAP → linear, ∂CE/∂A^c_ij = Σ_k (p_k − δ_ky) W_kc / (hw) (softmax
+    minus one-hot); the weights are its descent direction w = −that, the map Σ_c w_c A^c without
+    ReLU, min–max normalised per sample."""
     ctx, _, mask = _grad_cam_case()
     weight = ctx.student.fc.weight.detach()
     features = ctx.features.detach()
     h, w = features.shape[-2:]
     p = torch.softmax(features.mean(dim=(2, 3)) @ weight.T, dim=1)
     dlogits = p - F.one_hot(ctx.labels, 3).float()
-    weights = dlogits @ weight / (h * w)  # B×C
+    weights = -(dlogits @ weight) / (h * w)  # B×C, the descent direction
     raw = torch.einsum("bc,bchw->bhw", weights, features)
     low, high = raw.amin(dim=(1, 2), keepdim=True), raw.amax(dim=(1, 2), keepdim=True)
     cam = (raw - low) / (high - low)

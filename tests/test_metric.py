@@ -15,6 +15,7 @@ from kdtoolkit.report.metrics import (
     classification_metrics,
     confusion,
     gap_closure,
+    pointing_ceiling,
     pointing_game,
     summarise,
 )
@@ -172,6 +173,28 @@ def test_pointing_game() -> None:
     assert pointing_game(small, (30, 10, 40, 20), image_shape=(50, 50))
 
 
+def test_pointing_ceiling_by_hand() -> None:
+    """A 4×4 grid on a 64×64 image: cell centres at 8, 24, 40, 56 on each axis. A box that holds
+    none (10..20) cannot be hit by any upsampled grid CAM; one that holds (24, 24) can."""
+    import torch
+    import torch.nn.functional as F
+
+    miss, hit = (10, 10, 20, 20), (20, 20, 30, 30)
+    assert pointing_ceiling([miss, hit], (4, 4), (64, 64)) == 0.5
+    assert pointing_ceiling([[(23, 23), (25, 23), (25, 25), (23, 25)]], (4, 4), (64, 64)) == 1
+    assert pointing_ceiling([miss], (8, 8), (64, 64)) == 1  # a finer grid: centre (12, 12)
+    hits = {True: 0, False: 0}
+    for cell in range(16):  # every one-hot grid CAM, upsampled as cam_for_images does
+        grid = torch.zeros(1, 1, 4, 4)
+        grid.view(-1)[cell] = 1
+        cam = F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)[0, 0]
+        assert not pointing_game(cam.numpy(), miss)
+        hits[pointing_game(cam.numpy(), hit)] += 1
+    assert hits[True] == 1  # the cell (1, 1) whose centre the box holds
+    with pytest.raises(ValueError, match="no boxes"):
+        pointing_ceiling([], (4, 4), (64, 64))
+
+
 def test_cam_box_iou_hand_built() -> None:
     cam = np.zeros((10, 10))
     cam[0:4, 0:5] = 1.0  # exactly the top 20 % (20 pixels)
@@ -195,5 +218,7 @@ def test_cam_box_iou_hand_built() -> None:
 def test_attention_metrics() -> None:
     cam = np.zeros((10, 10))
     cam[0:4, 0:5] = 1.0
-    out = attention_metrics([cam, cam], [(0, 0, 5, 4), (6, 6, 10, 10)])
+    hits: list[bool] = []
+    out = attention_metrics([cam, cam], [(0, 0, 5, 4), (6, 6, 10, 10)], hits=hits)
     assert out == {"pointing_game": 0.5, "cam_iou": 0.5}
+    assert hits == [True, False]

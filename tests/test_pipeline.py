@@ -59,11 +59,23 @@ def test_cli_run_writes_every_file(tmp_path, tiny_recipe):
             assert value["mean"] is None or 0 <= value["mean"] <= 1 or row
     assert len(results["folds"]) == 2
     assert set(results["folds"][0]["student"]) >= METRICS | {"pointing_game", "cam_iou"}
+    assert 0 <= results["folds"][0]["student"]["pointing_ceiling"] <= 1
+    evaluation = json.loads((run / "fold_0" / "eval.json").read_text())
+    pointing = evaluation["predictions"]["pointing"]
+    assert set(pointing) == {"student", "baseline_full"}
+    for row, row_hits in pointing.items():
+        assert len(row_hits) == len(evaluation["predictions"]["index"])
+        assert set(row_hits) <= {0, 1}
+        assert np.mean(row_hits) == pytest.approx(evaluation["metrics"][row]["pointing_game"])
+    history = json.loads((run / "fold_0" / "student" / "model.json").read_text())["history"]
+    for record in history:  # the student has three terms: each one's gradient share
+        shares = {k: v for k, v in record.items() if k.startswith("grad_share_")}
+        assert len(shares) == 3 and sum(shares.values()) == pytest.approx(1)
     acc = [f["student"]["accuracy"] for f in results["folds"]]
     assert results["summary"]["student"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
     report = (run / "report.md").read_text()
     assert "crops (teacher, upper bound)" in report and "full image, student" in report
-    assert "gap" in report
+    assert "gap" in report and "pointing ceiling" in report
     resolved = json.loads((run / "recipe.resolved.json").read_text())
     assert resolved["recipe"]["loss"][2]["name"] == "attention_mse"
 

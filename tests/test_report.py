@@ -304,3 +304,13 @@ def test_roi_section_shows_angles_in_degrees_and_box_errors_as_shares() -> None:
     assert "| angle_error_deg | 0.700 ± 0.141 | 0.800 | 0.600 | mean angle error" in text  # not %
     assert "| shift_along_p90 | 30.00 ± 7.07 % | 25.00 | 35.00 | 90% of box centres" in text
     assert "| size_p90 | 20.00 ± 0.00 % | 20.00 | 20.00 | 90% of boxes have both sides" in text
+
+
+def test_attention_section_shows_the_pointing_ceiling():
+    from kdtoolkit.report.markdown import attention_section
+
+    cell = {"mean": 0.5, "std": 0.0}
+    summary = {"student": {"pointing_game": cell, "pointing_ceiling": cell, "cam_iou": cell}}
+    text = "\n".join(attention_section(summary, ["student"]))
+    assert "| setting | pointing game (%) | pointing ceiling (%) | CAM IoU |" in text
+    assert "Pointing ceiling:" in text

@@ -2,13 +2,14 @@
 ``roi_feature``, ``roi_ce`` and ``attention_pool`` (``roi_box`` comes with ``roi_zoom``).
 
 Notation: z student logits, t teacher logits, y labels, A the student's last feature map
-(B×C×h×w, ``ctx.features``), Â its Grad-CAM map (``kdtoolkit.models.gradcam``, max-normalised to
-[0, 1]), M the ROI mask (``ctx.masks``) area-resized to h×w. Everything is computed in float32.
+(B×C×h×w, ``ctx.features``), Â its Grad-CAM map (``kdtoolkit.models.gradcam``, normalised to
+[0, 1]; of A, or of an earlier stage with ``cam_layer``), M the ROI mask (``ctx.masks``)
+area-resized to Â's grid. Everything is computed in float32.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,17 +17,23 @@ from torch import nn
 
 from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.gradcam import EPS, gradcam, paper_cam, unwrap
+from kdtoolkit.models.gradcam import EPS, cam_of, gradcam, paper_cam, unwrap
 from kdtoolkit.models.timm import TimmBackbone
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
 
 
-def _mask_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """ROI masks B×1×H×W (or B×H×W) → B×h×w by area averaging (adaptive average pool)."""
+def _mask_at(
+    masks: torch.Tensor, size: tuple[int, int], norm: Literal["area", "max"] = "area"
+) -> torch.Tensor:
+    """ROI masks B×1×H×W (or B×H×W) → B×h×w by area averaging (adaptive average pool);
+    ``norm="max"`` then divides each map by its maximum (an empty mask stays 0)."""
     if masks.ndim == 3:
         masks = masks[:, None]
-    return F.adaptive_avg_pool2d(masks.float(), size)[:, 0]
+    pooled = F.adaptive_avg_pool2d(masks.float(), size)[:, 0]
+    if norm == "max":
+        pooled = pooled / pooled.amax(dim=(1, 2), keepdim=True).clamp_min(EPS)
+    return pooled
 
 
 def _distribution(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +57,93 @@ def _student_cam(
     make = paper_cam if cam == "paper" else gradcam
     head = unwrap(ctx.student).forward_head
     return make(head, ctx.features, ctx.labels, create_graph=create_graph)
+
+
+CamLayer = int | Literal["last"]
+
+
+def _several_processes() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class CamTerm(LossTerm):
+    """A loss on the student's Grad-CAM Â (options ``cam``, ``cam_layer``, ``create_graph``).
+
+    ``cam_layer = "last"``: Â of the head's input A (``ctx.features``), through the head only.
+    An int i: Â of the output of timm's feature stage ``feature_info[i]`` (negative counts from
+    the end: -2 is the stage before the last, with twice the resolution); ``bind`` hooks that
+    stage's module and the CAM gradient runs from the logits through the later stages and the
+    head (with ``create_graph`` a double backward through them: eager, one process).
+    """
+
+    key: ClassVar[str] = ""
+
+    def _cam_options(self, cam: str, cam_layer: CamLayer, create_graph: bool) -> None:
+        if cam not in ("gradcam", "paper"):
+            raise KdError(f"loss '{self.key}': cam must be 'gradcam' or 'paper', not {cam!r}")
+        if cam_layer != "last" and (isinstance(cam_layer, bool) or not isinstance(cam_layer, int)):
+            raise KdError(
+                f"loss '{self.key}': cam_layer must be 'last' or a stage index (an int, "
+                f"e.g. -2), not {cam_layer!r}"
+            )
+        self.cam = cam
+        self.cam_layer = cam_layer
+        self.create_graph = create_graph
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._captured: torch.Tensor | None = None
+        self._nhwc = False
+
+    def bind(self, student: nn.Module) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.cam_layer == "last":
+            return
+        model = unwrap(student)
+        info = getattr(getattr(model, "model", None), "feature_info", None)
+        if not isinstance(info, list) or not info:
+            raise KdError(
+                f"cam_layer = {self.cam_layer}: backbone {type(model).__name__} has no feature "
+                "stages (timm's feature_info); choices: 'last'"
+            )
+        n = len(info)
+        if not -n <= self.cam_layer < n:
+            raise KdError(
+                f"cam_layer = {self.cam_layer}: this backbone has {n} feature stages; choices: "
+                f"'last' or an index in {-n}..{n - 1}"
+            )
+        if hasattr(model.forward_features, "_torchdynamo_orig_callable"):
+            raise KdError(
+                f"cam_layer = {self.cam_layer} needs an eager trunk; set "
+                "experiment.compile = false or cam_layer = 'last'"
+            )
+        if _several_processes():
+            raise KdError(
+                f"cam_layer = {self.cam_layer} needs one process (a double backward through "
+                "the trunk); run one process or set cam_layer = 'last'"
+            )
+        module = model.model.get_submodule(info[self.cam_layer]["module"])
+        self._nhwc = bool(getattr(model, "channels_last_features", False))
+        self._hook = module.register_forward_hook(self._capture)
+
+    def _capture(self, module: nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled():  # training forwards only, not validation
+            self._captured = output
+
+    def student_cam(self, ctx: LossContext) -> torch.Tensor:
+        """Â, B×h×w in [0, 1], for the true classes."""
+        if self.cam_layer == "last":
+            return _student_cam(ctx, self.create_graph, self.cam)
+        features, self._captured = self._captured, None
+        if self._hook is None or features is None or features.shape[0] != ctx.labels.shape[0]:
+            raise KdError(
+                f"loss '{self.key}': the stage of cam_layer = {self.cam_layer} was not captured "
+                "in this forward (the engine calls bind(student) before training)"
+            )
+        if self._nhwc:
+            features = features.permute(0, 3, 1, 2)
+        return cam_of(ctx.logits, features, ctx.labels, self.cam, self.create_graph)
 
 
 class CELoss(LossTerm):
@@ -88,42 +182,62 @@ class KLLoss(LossTerm):
         return T * T * F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
 
 
-class AttentionMSELoss(LossTerm):
+class AttentionMSELoss(CamTerm):
     """The paper's Grad-CAM term: ``mean((Â − M)²)`` over batch and h×w, with Â the student's
-    Grad-CAM for the true class y, taken through the head only. ``cam``: ``"gradcam"`` (standard
-    Grad-CAM: class-score gradient, ReLU, max-normalised) or ``"paper"`` (the paper's Eqs. 7–8:
-    cross-entropy gradient, no ReLU, min–max normalised; ``kdtoolkit.models.gradcam.paper_cam``).
-    ``create_graph``: keep the Grad-CAM weights differentiable (second order through the head);
-    False detaches them."""
+    Grad-CAM for the true class y. ``cam``: ``"gradcam"`` (standard Grad-CAM: class-score
+    gradient, ReLU, max-normalised) or ``"paper"`` (the paper's Eqs. 7–8: descent direction of
+    the cross-entropy, no ReLU, min–max normalised; ``kdtoolkit.models.gradcam.paper_cam``).
+    ``cam_layer``: ``"last"`` (the head's input, through the head only) or a feature-stage
+    index (``CamTerm``). ``mask_norm``: ``"area"`` (M area-averaged to Â's grid) or ``"max"``
+    (that divided by its per-sample maximum, so a CAM exactly on the ROI scores 0).
+    ``create_graph``: keep the Grad-CAM weights differentiable (second order); False detaches
+    them."""
+
+    key = "attention_mse"
 
     def __init__(
-        self, create_graph: bool = True, cam: Literal["gradcam", "paper"] = "gradcam"
+        self,
+        create_graph: bool = True,
+        cam: Literal["gradcam", "paper"] = "gradcam",
+        cam_layer: CamLayer = "last",
+        mask_norm: Literal["area", "max"] = "area",
     ) -> None:
         super().__init__()
-        if cam not in ("gradcam", "paper"):
-            raise KdError(f"loss 'attention_mse': cam must be 'gradcam' or 'paper', not {cam!r}")
-        self.create_graph = create_graph
-        self.cam = cam
+        self._cam_options(cam, cam_layer, create_graph)
+        if mask_norm not in ("area", "max"):
+            raise KdError(
+                f"loss 'attention_mse': mask_norm must be 'area' or 'max', not {mask_norm!r}"
+            )
+        self.mask_norm = mask_norm
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        cam = _student_cam(ctx, self.create_graph, self.cam)
-        return (cam - _mask_at(ctx.masks, cam.shape[-2:])).pow(2).mean()
+        cam = self.student_cam(ctx)
+        return (cam - _mask_at(ctx.masks, cam.shape[-2:], self.mask_norm)).pow(2).mean()
 
 
-class AttentionKLLoss(LossTerm):
+class AttentionKLLoss(CamTerm):
     """Scale-free Grad-CAM term. ``mode="kl"``: Â and M as distributions over h×w,
-    ``KL(M/ΣM ‖ (Â+eps)/Σ(Â+eps))``, batch mean. ``mode="bce"``: per-pixel binary
-    cross-entropy ``−[M log(Â+eps) + (1−M) log(1−Â+eps)]``, mean over batch and h×w."""
+    ``KL(M/ΣM ‖ (Â+eps)/Σ(Â+eps))``, batch mean (the mask's scale cancels). ``mode="bce"``:
+    per-pixel binary cross-entropy ``−[M log(Â+eps) + (1−M) log(1−Â+eps)]``, mean over batch
+    and h×w. ``cam``, ``cam_layer``, ``create_graph`` as for ``attention_mse``."""
 
-    def __init__(self, mode: Literal["kl", "bce"] = "kl", create_graph: bool = True) -> None:
+    key = "attention_kl"
+
+    def __init__(
+        self,
+        mode: Literal["kl", "bce"] = "kl",
+        create_graph: bool = True,
+        cam: Literal["gradcam", "paper"] = "gradcam",
+        cam_layer: CamLayer = "last",
+    ) -> None:
         super().__init__()
         if mode not in ("kl", "bce"):
             raise KdError(f"loss 'attention_kl': mode must be 'kl' or 'bce', not {mode!r}")
         self.mode = mode
-        self.create_graph = create_graph
+        self._cam_options(cam, cam_layer, create_graph)
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
-        cam = _student_cam(ctx, self.create_graph)
+        cam = self.student_cam(ctx)
         mask = _mask_at(ctx.masks, cam.shape[-2:])
         if self.mode == "kl":
             return _spatial_kl(mask, cam)

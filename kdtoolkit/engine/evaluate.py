@@ -19,21 +19,33 @@ from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.plan import EvaluateSpec
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.models.checkpoint import load_model
-from kdtoolkit.models.gradcam import cam_for_images
+from kdtoolkit.models.gradcam import cam_for_images, unwrap
 from kdtoolkit.plugins.roi import RoiResult
-from kdtoolkit.report.metrics import attention_metrics, classification_metrics, confusion
+from kdtoolkit.report.metrics import (
+    attention_metrics,
+    classification_metrics,
+    confusion,
+    pointing_ceiling,
+)
 from kdtoolkit.report.results import STUDENT, TEACHER_CROP, TWO_STAGE, FoldResult
 
 
 def cams_of(
     model: torch.nn.Module, loader: Loader, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Grad-CAMs (of the predicted class, image resolution) and student-view boxes."""
-    cams, boxes = [], []
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int] | None]:
+    """Grad-CAMs (of the predicted class, image resolution), student-view boxes and the
+    feature grid h×w the CAMs are upsampled from (None for a model whose maps are its own
+    ``image_attention``)."""
+    cams, boxes, grid = [], [], None
+    plain = unwrap(model)
     for batch in loader:
-        cams.append(cam_for_images(model, batch["image"].to(device)).float().cpu())
+        images = batch["image"].to(device)
+        cams.append(cam_for_images(model, images).float().cpu())
         boxes.append(batch["box"])
-    return torch.cat(cams).numpy(), torch.cat(boxes).numpy()
+        if grid is None and not hasattr(plain, "image_attention"):
+            with torch.no_grad(), autocast(device):
+                grid = tuple(plain.forward_features(images[:1]).shape[-2:])
+    return torch.cat(cams).numpy(), torch.cat(boxes).numpy(), grid
 
 
 def two_stage_logits(
@@ -128,10 +140,16 @@ def evaluate_fold(
             result.latency_ms[STUDENT] = student_latency_ms(
                 model, ctx.samples, test_idx, ctx.view, device
             )
-        cams[row], boxes = cams_of(model, loader, device)
+        cams[row], boxes, grid = cams_of(model, loader, device)
+        hits: list[bool] = []
+        shape = cams[row].shape[1:]
         result.metrics[row].update(
-            attention_metrics(list(cams[row]), list(boxes), image_shape=cams[row].shape[1:])
+            attention_metrics(list(cams[row]), list(boxes), image_shape=shape, hits=hits)
         )
+        if grid is not None:
+            result.metrics[row]["pointing_ceiling"] = pointing_ceiling(list(boxes), grid, shape)
+        # per held-out sample, in predictions["index"] order (for paired tests)
+        result.predictions.setdefault("pointing", {})[row] = [int(h) for h in hits]
 
     if rois is not None:
         logits, crop_ms = two_stage_logits(

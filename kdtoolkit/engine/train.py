@@ -74,6 +74,25 @@ def check_finite(
     )
 
 
+def gradient_shares(weighted: dict[str, torch.Tensor], params: list) -> dict[str, float]:
+    """Each weighted term's share of the gradient: ``‖∂(w_i·L_i)/∂θ‖ / Σ_j ‖∂(w_j·L_j)/∂θ‖``
+    over the trainable parameters θ (L2 norm over all of them; a term that does not reach θ
+    has norm 0), as ``{"grad_share_<term>": share}``; empty when all norms are 0. The graph
+    is retained for the step's own backward."""
+    norms = {}
+    for key, value in weighted.items():
+        if not value.requires_grad:
+            norms[key] = 0.0
+            continue
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        squares = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
+        norms[key] = math.sqrt(squares)
+    total = sum(norms.values())
+    if not total > 0 or not math.isfinite(total):
+        return {}
+    return {f"grad_share_{key}": norm / total for key, norm in norms.items()}
+
+
 def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to 0 (or constant)."""
     total = max(1, config.epochs * steps_per_epoch)
@@ -209,6 +228,7 @@ def train_stage(
     loss = stage.loss.to(device)
     if stage.teacher is not None:
         channels_last(stage.teacher.to(device), device).eval().requires_grad_(False)
+    loss.bind(model)
     net = data_parallel(model, loss, device)
     size = world().size
     whole = min(config.batch_size, len(train_loader.dataset))  # items of a global batch
@@ -239,12 +259,19 @@ def train_stage(
         model.train()
         loss.train()
         sums: dict[str, float] = {}
+        shares: dict[str, float] = {}
         count = 0
+        # the gradient share of each term on the epoch's first batch (one process only: an
+        # extra backward outside DDP's own would upset its static graph)
+        loss.keep_terms = len(loss.terms) > 1 and size == 1
         for batch in train_loader:
             n = len(batch["label"])
             with autocast(device):
                 ctx = make_context(stage, batch, device, net)
                 total, parts = loss(ctx)
+            if loss.keep_terms:
+                shares = gradient_shares(loss.weighted, params)
+                loss.keep_terms, loss.weighted = False, {}
             optimizer.zero_grad(set_to_none=True)
             # DDP averages the ranks' gradients: weigh each part's mean by its share
             (total * (n * size / whole) if size > 1 else total).backward()
@@ -274,7 +301,13 @@ def train_stage(
             "val_f1": val["f1"],
             "val_loss": val["loss"],
             "lr": optimizer.param_groups[0]["lr"],
+            **shares,
         }
+        if shares:
+            log(
+                f"{stage.label or stage.name} epoch {epoch + 1}: gradient share "
+                + ", ".join(f"{k.removeprefix('grad_share_')} {v:.1%}" for k, v in shares.items())
+            )
         stage.history.append(record)
         score = -val["loss"] if config.select_by == "loss" else val[config.select_by]
         if best is None or score > best_score:

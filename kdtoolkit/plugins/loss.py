@@ -75,13 +75,20 @@ class LossTerm(nn.Module):
     ``needs_teacher``: the engine computes teacher logits and features for this term.
     ``setup(student_channels, teacher_channels)`` is called once before the optimiser is
     built, so a term can create an adapter sized to the models; its parameters are trained with
-    the student and saved in the checkpoint.
+    the student and saved in the checkpoint. ``bind(student)`` is called once before training
+    (after ``setup``, with the model that will be trained), so a term can hook a module of the
+    student (e.g. a forward hook that keeps an earlier stage's output); a problem is a
+    ``KdError`` whose message starts with the option at fault (``"cam_layer = -2: ..."``), which
+    the composite loss prefixes with the term's key (``loss.2.``).
     """
 
     needs_teacher: ClassVar[bool] = False
 
     def setup(self, student_channels: int, teacher_channels: int | None) -> None:
         """Create parameters that depend on the models' feature widths (default: none)."""
+
+    def bind(self, student: nn.Module) -> None:
+        """Attach to the student before training, e.g. register hooks (default: nothing)."""
 
     def forward(self, ctx: LossContext) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -105,6 +112,10 @@ class CompositeLoss(nn.Module):
     one-line ``PluginError`` naming the term, its plugin (``plugins[i]``) and ``where`` (set by
     the engine, e.g. "fold 0 student"). An exception from a term's code other than a
     ``KdError`` becomes a ``PluginError`` too (the original is its ``__cause__``).
+
+    With ``keep_terms`` set, ``forward`` keeps each weighted term ``weight · value`` (with its
+    graph) in ``self.weighted`` (keys as in the returned parts) until the next forward, for the
+    engine's gradient-share measurement; otherwise ``self.weighted`` is empty.
     """
 
     def __init__(
@@ -119,6 +130,8 @@ class CompositeLoss(nn.Module):
         self.terms = nn.ModuleList([t for _, _, t in terms])
         self.plugins = list(plugins) if plugins is not None else [""] * len(terms)
         self.where = where
+        self.keep_terms = False
+        self.weighted: dict[str, torch.Tensor] = {}
 
     @classmethod
     def from_registry(
@@ -141,9 +154,20 @@ class CompositeLoss(nn.Module):
         for term in self.terms:
             term.setup(student_channels, teacher_channels)
 
+    def bind(self, student: nn.Module) -> None:
+        """Call every term's ``bind(student)``; a ``KdError`` is re-raised on one line naming
+        the term's key in the recipe (``loss.<i>.<message>``) and ``where``."""
+        for i, term in enumerate(self.terms):
+            try:
+                term.bind(student)
+            except KdError as exc:
+                prefix = f"{self.where}: " if self.where else ""
+                raise KdError(f"{prefix}loss.{i}.{exc}") from exc
+
     def forward(self, ctx: LossContext) -> tuple[torch.Tensor, dict[str, float]]:
         total = ctx.logits.new_zeros(())
         parts: dict[str, float] = {}
+        self.weighted = {}
         for i, (name, weight, term) in enumerate(
             zip(self.names, self.weights, self.terms, strict=False)
         ):
@@ -164,4 +188,6 @@ class CompositeLoss(nn.Module):
             total = total + weight * value
             key = name if self.names.count(name) == 1 else f"{name}_{i}"
             parts[key] = number
+            if self.keep_terms:
+                self.weighted[key] = weight * value
         return total, parts

@@ -26,7 +26,11 @@ from kdtoolkit.report.verdicts import statistics_lines
 
 #: (metric, heading, shown as percent)
 EXTRA_METRICS = (("macro_f1", "macro F1", True), ("qwk", "QWK", False), ("mae", "MAE", False))
-ATTENTION_METRICS = (("pointing_game", "pointing game", True), ("cam_iou", "CAM IoU", False))
+ATTENTION_METRICS = (
+    ("pointing_game", "pointing game", True),
+    ("pointing_ceiling", "pointing ceiling", True),
+    ("cam_iou", "CAM IoU", False),
+)
 #: ROI-provider metrics with a fixed form: (meaning, form); form is "percent", "count" or
 #: "number". Others are shown as percent when every value lies in [0, 1].
 ROI_METRICS = {
@@ -162,18 +166,26 @@ def attention_section(summary: Mapping[str, Any], rows: list[str]) -> list[str]:
     attention = {row: values for row, values in attention.items() if values}
     if not attention:
         return []
+    shown = [m for m in ATTENTION_METRICS if any(m[0] in v for v in attention.values())]
     body = [
-        [row_label(r), *(fmt(mean_std(attention[r].get(m)), p) for m, _, p in ATTENTION_METRICS)]
+        [row_label(r), *(fmt(mean_std(attention[r].get(m)), p) for m, _, p in shown)]
         for r in ordered_rows(attention)
     ]
-    header = ["setting", *(h + (" (%)" if p else "") for _, h, p in ATTENTION_METRICS)]
+    header = ["setting", *(h + (" (%)" if p else "") for _, h, p in shown)]
+    ceiling = (
+        "Pointing ceiling: share of ROIs holding a feature-grid cell centre, the highest "
+        "pointing game a CAM upsampled from that grid can reach. "
+        if any(m == "pointing_ceiling" for m, _, _ in shown)
+        else ""
+    )
     return [
         "## Attention agreement with the ROI",
         "",
         *md_table(header, body),
         "",
         "Pointing game: share of images whose Grad-CAM maximum lies in the ROI. "
-        "CAM IoU: IoU of the top 20% CAM pixels with the ROI.",
+        + ceiling
+        + "CAM IoU: IoU of the top 20% CAM pixels with the ROI.",
         "",
     ]
 

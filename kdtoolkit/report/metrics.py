@@ -237,18 +237,36 @@ def cam_box_iou(
     return int(np.count_nonzero(selected & target)) / union
 
 
+def pointing_ceiling(
+    boxes: Iterable[Box], grid: tuple[int, int], image_shape: tuple[int, int]
+) -> float:
+    """The highest pointing game reachable with CAMs of an ``h × w`` feature grid upsampled
+    to ``image_shape`` (H, W): the share of ``boxes`` (image pixels) that contain at least one
+    grid-cell centre ``((j + 0.5)·W/w, (i + 0.5)·H/h)``. A bilinear upsampling of the grid
+    peaks at a cell centre, so a ROI that holds none can only be hit at its edge (to within a
+    pixel) or not at all."""
+    hits = [bool(box_mask(grid, box, image_shape).any()) for box in boxes]
+    if not hits:
+        raise ValueError("no boxes to score")
+    return float(np.mean(hits))
+
+
 def attention_metrics(
     cams: Iterable[Any],
     boxes: Iterable[Box],
     top: float = 0.2,
     image_shape: tuple[int, int] | None = None,
+    hits: list[bool] | None = None,
 ) -> dict[str, float]:
-    """``{"pointing_game": hit rate, "cam_iou": mean IoU}`` over paired CAMs and boxes."""
-    hits: list[bool] = []
+    """``{"pointing_game": hit rate, "cam_iou": mean IoU}`` over paired CAMs and boxes;
+    ``hits`` (a list) receives each pair's pointing-game hit (True/False) in order."""
+    found: list[bool] = []
     ious: list[float] = []
     for cam, box in zip(cams, boxes, strict=True):
-        hits.append(pointing_game(cam, box, image_shape))
+        found.append(pointing_game(cam, box, image_shape))
         ious.append(cam_box_iou(cam, box, top, image_shape))
-    if not hits:
+    if not found:
         raise ValueError("no CAMs to score")
-    return {"pointing_game": float(np.mean(hits)), "cam_iou": float(np.mean(ious))}
+    if hits is not None:
+        hits.extend(found)
+    return {"pointing_game": float(np.mean(found)), "cam_iou": float(np.mean(ious))}
