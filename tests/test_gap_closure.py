@@ -119,7 +119,11 @@ def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
     assert all(f"| {row} |" in report for row in rows)
     # the statistics of the pooled predictions, variants named, in the file, report and terminal
     pairs = [(c["a"], c["b"], c["metric"]) for c in data["comparisons"]]
-    assert pairs == [(v, "baseline_full", "accuracy") for v in ("paper", "roi_feature")]
+    assert pairs == [
+        (v, "baseline_full", m)
+        for m in ("accuracy", "pointing_game")
+        for v in ("paper", "roi_feature")
+    ]
     assert set(data["gap_closure_ci95"]) == {"paper", "roi_feature"}
     assert data["bootstrap"]["unit"] == "group" and set(data["pooled"]) == set(rows)
     assert "## Is the student better?" in report and "Is the student better?" in result.stdout

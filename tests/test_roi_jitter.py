@@ -206,7 +206,7 @@ def test_a_jitter_recipe_no_longer_reuses_a_teacher_trained_on_jittered_crops(
     recipe = _recipe("augment.roi_shift=0.2")
     assert recipe.augment.crop_jitter and not _recipe().augment.crop_jitter
     assert recipe.digest() != "99e5b75484576348"  # its digest with the teacher jittered
-    assert _recipe().digest() == "abe58d51d3c05d05"
+    assert _recipe("experiment.paired=false").digest() == "abe58d51d3c05d05"
     recipe.experiment.output = str(tmp_path / "run")
     recipe.output_dir.mkdir()
     stamp = {"digest": "99e5b75484576348", "recipe": recipe.to_dict()}

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from kdtoolkit.config.recipe import load_recipe
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import TORCH_ENV, torch_state
 from kdtoolkit.engine.loss import cross_entropy
 from kdtoolkit.engine.plan import teacher_spec
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.stage import train_model
+from kdtoolkit.plugins.isolation import TORCH_ENV, torch_state
 from kdtoolkit.plugins.roi import RoiRequest
 from kdtoolkit.testing import TINY_RECIPE, tiny_manifest
 from tests.test_yolo import rectangles

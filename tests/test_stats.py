@@ -286,7 +286,8 @@ def test_repeated_cv_runs_every_fold_of_every_repeat(repeated_run: Path) -> None
     assert doc["bootstrap"]["unit"] == "group"
     for row in ("teacher_crop", "baseline_full", "student"):
         assert len(doc["pooled"][row]["ci95"]) == 2
-    assert [(c["a"], c["b"]) for c in doc["comparisons"]] == [("student", "baseline_full")]
+    pairs = [(c["a"], c["b"], c["metric"]) for c in doc["comparisons"]]
+    assert pairs == [("student", "baseline_full", m) for m in ("accuracy", "pointing_game")]
     assert sum(doc["comparisons"][0]["discordant"]) <= doc["comparisons"][0]["n"] == 24
     assert "gap_closure_ci95" in doc
     assert "## Is the student better?" in (repeated_run / "report.md").read_text()
@@ -311,7 +312,9 @@ def test_cv_repeats_in_the_recipe_and_its_digest() -> None:
     from kdtoolkit.config.recipe import RecipeError
 
     assert _recipe().cv.repeats == 1
-    assert _recipe("cv.repeats=1").digest() == "abe58d51d3c05d05"  # as before the key existed
+    unpaired = "experiment.paired=false"  # as every run was made before these keys existed
+    assert _recipe("cv.repeats=1", unpaired).digest() == "abe58d51d3c05d05"
+    assert _recipe("cv.repeats=1").digest() == _recipe().digest()
     assert _recipe("cv.repeats=2").digest() != _recipe().digest()
     assert _recipe("cv.repeats=2", "cv.only=[9]").cv.only == [9]  # fold 4 of repeat 1
     with pytest.raises(RecipeError, match=r"cv.only: folds \[10\] do not exist \(0..9\)"):

@@ -20,7 +20,7 @@ from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import compile_trunk, seed_everything, torch_state
+from kdtoolkit.engine.device import compile_trunk, seed_everything
 from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
@@ -286,22 +286,21 @@ def provider_rois(
     workdir.mkdir(parents=True, exist_ok=True)
     provider = provider_cls(**spec.options)
     ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
-    with torch_state():  # what the provider's code sets process-wide stays with it
-        result = run_provider(
-            provider,
-            RoiRequest(
-                fold=fold,
-                samples=ctx.samples,
-                train=train_idx,
-                predict=np.arange(len(ctx.samples)),
-                workdir=workdir,
-                device=str(ctx.device),
-                seed=ctx.recipe.experiment.seed + fold,
-                log=ctx.log,
-            ),
-            spec.provider,
-            providers.owner(spec.provider),
-        )
+    result = run_provider(
+        provider,
+        RoiRequest(
+            fold=fold,
+            samples=ctx.samples,
+            train=train_idx,
+            predict=np.arange(len(ctx.samples)),
+            workdir=workdir,
+            device=str(ctx.device),
+            seed=ctx.recipe.experiment.seed + fold,
+            log=ctx.log,
+        ),
+        spec.provider,
+        providers.owner(spec.provider),
+    )
     saved = {
         "boxes": result.boxes.tolist(),
         "angles": result.angles.tolist(),

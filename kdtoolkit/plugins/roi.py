@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.plugins.isolation import torch_state
 from kdtoolkit.plugins.registry import PluginError
 
 #: How far (pixels) a returned ROI may stick out of its image, as in a manifest.
@@ -190,12 +191,14 @@ def check_roi_result(
 def run_provider(
     provider: RoiProvider, request: RoiRequest, name: str, plugin: str = ""
 ) -> RoiResult:
-    """``provider.provide(request)``, checked (``check_roi_result``). An exception from the
+    """``provider.provide(request)`` inside ``torch_state`` (the torch settings it changes are
+    restored), checked (``check_roi_result``). An exception from the
     provider's code becomes a ``PluginError`` naming the provider, its plugin and the fold
     (the original is its ``__cause__``, shown with ``KD_DEBUG=1``); its own ``KdError`` (a
     deliberate message to the user) passes unchanged."""
     try:
-        result = provider.provide(request)
+        with torch_state():  # what the provider's code sets process-wide stays with it
+            result = provider.provide(request)
     except (KdError, MemoryError):
         raise
     except Exception as exc:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from kdtoolkit.engine.device import torch_state
+from kdtoolkit.plugins.isolation import torch_state
 
 #: Settings switched off for the duration of a session.
 _OFF = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
@@ -78,7 +78,7 @@ def ultralytics_session(
       the font check (an ``Arial.ttf`` download) is a no-op; ``ULTRALYTICS_API_KEY`` is hidden
       (no Platform streaming); requirement checks are skipped; its logger is silenced, with
       warnings passed to ``log``.
-    - torch's process-wide settings (``kdtoolkit.engine.device.torch_state``: threads,
+    - torch's process-wide settings (``kdtoolkit.plugins.isolation.torch_state``: threads,
       deterministic algorithms, cuDNN and TF32 flags, default dtype, random states and the
       environment variables ultralytics sets for them) are restored when the block ends, so a
       detector's training leaves the stages after it as they would be without it.
