@@ -9,7 +9,9 @@ Library first: the ``kd`` CLI is a thin layer over these names (docs/api.md)::
     model.predict(["slice.png"])
 
 A plugin imports everything it needs from here: ``hookimpl``, ``LossTerm``, ``LossContext``,
-``RoiProvider``, ``RoiRequest``, ``RoiResult``, ``Task``, ``Range``, ``KdError``, ``Registry``.
+``RoiProvider``, ``RoiRequest``, ``RoiResult``, ``Task``, ``Range``, ``KdError``, ``Registry``,
+the ROI geometry (``roi_corners``, ``roi_axes``, ``enclosing_box``) and, for its tests,
+``CompositeLoss`` and ``run_provider`` (with the helpers of ``kdtoolkit.testing``).
 Names are resolved on first use, so ``import kdtoolkit`` stays light.
 """
 
@@ -41,9 +43,14 @@ EXPORTS = {
     "Registry": "kdtoolkit.plugins.registry",
     "LossTerm": "kdtoolkit.plugins.loss",
     "LossContext": "kdtoolkit.plugins.loss",
+    "CompositeLoss": "kdtoolkit.plugins.loss",
     "RoiProvider": "kdtoolkit.plugins.roi",
     "RoiRequest": "kdtoolkit.plugins.roi",
     "RoiResult": "kdtoolkit.plugins.roi",
+    "run_provider": "kdtoolkit.plugins.roi",
+    "roi_corners": "kdtoolkit.data.geometry",
+    "roi_axes": "kdtoolkit.data.geometry",
+    "enclosing_box": "kdtoolkit.data.geometry",
     "Task": "kdtoolkit.plugins.task",
     "KdError": "kdtoolkit.errors",
     "PluginError": "kdtoolkit.plugins.registry",
@@ -70,9 +77,14 @@ __all__ = [
     "Registry",
     "LossTerm",
     "LossContext",
+    "CompositeLoss",
     "RoiProvider",
     "RoiRequest",
     "RoiResult",
+    "run_provider",
+    "roi_corners",
+    "roi_axes",
+    "enclosing_box",
     "Task",
     "KdError",
     "PluginError",
@@ -84,6 +96,7 @@ __all__ = [
 if TYPE_CHECKING:
     from kdtoolkit.config.option import Range
     from kdtoolkit.config.recipe import Recipe, load_recipe
+    from kdtoolkit.data.geometry import enclosing_box, roi_axes, roi_corners
     from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
     from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.predict import KdModel, Prediction
@@ -91,10 +104,10 @@ if TYPE_CHECKING:
     from kdtoolkit.errors import KdError
     from kdtoolkit.models.backbone import Backbone, create_backbone
     from kdtoolkit.plugins.hookspec import hookimpl
-    from kdtoolkit.plugins.loss import LossContext, LossTerm
+    from kdtoolkit.plugins.loss import CompositeLoss, LossContext, LossTerm
     from kdtoolkit.plugins.manager import list_components, registries
     from kdtoolkit.plugins.registry import PluginError, Registry
-    from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
+    from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult, run_provider
     from kdtoolkit.plugins.task import Task
 
 

@@ -165,3 +165,25 @@ def test_the_example_plugin_runs(tmp_path):
     app.callback()(lambda: None)
     module.kd_register_commands(app)
     assert "apex closed" in CliRunner().invoke(app, ["molars", "stages"]).stdout
+
+
+def test_docs_import_only_from_the_facade_and_every_import_resolves():
+    """Every import in a Python block of the README and docs names ``kdtoolkit`` or
+    ``kdtoolkit.testing`` (never an inner module) and resolves as written."""
+    import ast
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    statements = []
+    for path in docs:
+        for block in code_blocks(path.read_text(), "python"):
+            for node in ast.walk(ast.parse(block)):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("kdtoolkit"):
+                    assert node.module in ("kdtoolkit", "kdtoolkit.testing"), (path, node.module)
+                    statements.append(ast.unparse(node))
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names if a.name.startswith("kdtoolkit")]
+                    assert all(n == "kdtoolkit" for n in names), (path, names)
+                    statements += [f"import {n}" for n in names]
+    assert any("CompositeLoss" in s for s in statements)
+    for statement in statements:
+        exec(statement, {})
