@@ -169,7 +169,8 @@ def compare(
         list[str] | None,
         typer.Option(
             "--variant",
-            help="NAME:key=value,key=value (repeatable); 'NAME:' is the recipe as it is.",
+            help="NAME:key=value,key=value (repeatable); 'NAME:' is the recipe as it is. "
+            "Default: the recipe's [compare] variants.",
         ),
     ] = None,
     set_: SetOption = None,
@@ -182,13 +183,13 @@ def compare(
 ) -> None:
     """Gap closure of student variants against one crop teacher and one full-image baseline."""
     from kdtoolkit.engine.compare import compare as compare_variants
-    from kdtoolkit.engine.compare import parse_variant
+    from kdtoolkit.engine.compare import variants_of
     from kdtoolkit.report.verdicts import verdict_table
 
     sets = list(set_ or [])
     if device is not None:
         sets.append(f"experiment.device={json.dumps(device)}")
-    variants = [parse_variant(text) for text in (variant or ["recipe:"])]
+    variants = variants_of(recipe, variant or [], sets)
     comparison = compare_variants(recipe, variants, sets, output, force, quiet)
     out = Console(width=None if sys.stdout.isatty() else 140)
     out.print(comparison_table(comparison))

@@ -162,6 +162,10 @@ def test_cam_for_images():
 
 def test_unwrap_compiled_and_parallel():
     model = _model("resnet18", 1)
+    compiled = torch.compile(model)  # compiles lazily, on its first call: nothing runs here
+    assert compiled is not model and compiled._orig_mod is model
+    assert unwrap(compiled) is model
+    assert unwrap(torch.nn.DataParallel(compiled)) is model
     assert unwrap(torch.nn.DataParallel(model)) is model
     assert unwrap(model) is model
 

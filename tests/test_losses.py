@@ -399,7 +399,10 @@ def test_roi_feature_needs_a_teacher():
 
 
 def test_paper_loss_on_convnext_attn_student():
-    """L = 0.01·attention_mse + 0.8·kl + 0.2·ce, with a Grad-CAM through the attention head."""
+    """L = 0.01·attention_mse + 0.8·kl + 0.2·ce on a convnext_attn student, each term against
+    its formula computed here: CE from log-softmax, T²·KL from the two softmaxes, and the
+    attention term from a Grad-CAM taken by hand through the attention head (weights the mean
+    of ∂s_y/∂A, ReLU, divided by the maximum) against the mask averaged over each cell."""
     torch.manual_seed(0)
     student = convnext_attn(3, 1, variant="convnext_atto")
     loss = CompositeLoss(
@@ -410,20 +413,36 @@ def test_paper_loss_on_convnext_attn_student():
     masks = torch.zeros(2, 1, 64, 64)
     masks[:, :, 20:40, 10:50] = 1
     features = student.forward_features(x)
+    logits = student.forward_head(features)
+    labels, teacher = torch.tensor([0, 2]), torch.randn(2, 3)
     ctx = _ctx(
         student=student,
         images=x,
         features=features,
-        logits=student.forward_head(features),
-        labels=torch.tensor([0, 2]),
+        logits=logits,
+        labels=labels,
         masks=masks,
-        teacher_logits=torch.randn(2, 3),
+        teacher_logits=teacher,
     )
     total, parts = loss(ctx)
-    assert set(parts) == {"attention_mse", "kl", "ce"}
-    assert total.item() == pytest.approx(
-        0.01 * parts["attention_mse"] + 0.8 * parts["kl"] + 0.2 * parts["ce"], rel=1e-5
-    )
+
+    z = logits.detach().double()
+    ce = -(z.log_softmax(1)[[0, 1], labels]).mean()
+    log_p, log_q = (teacher.double() / 3).log_softmax(1), (z / 3).log_softmax(1)
+    kl = 9 * (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    a = features.detach().requires_grad_(True)
+    score = student.forward_head(a).gather(1, labels[:, None]).sum()
+    (grad,) = torch.autograd.grad(score, a)
+    cam = (grad.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp_min(0).detach()
+    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    h, w = cam.shape[-2:]
+    cells = masks[:, 0].reshape(2, h, 64 // h, w, 64 // w).mean(dim=(2, 4))
+    attention = (cam - cells).pow(2).mean()
+    assert parts["ce"] == pytest.approx(float(ce), rel=1e-5)
+    assert parts["kl"] == pytest.approx(float(kl), rel=1e-5)
+    assert parts["attention_mse"] == pytest.approx(float(attention), rel=1e-4)
+    expected = 0.01 * float(attention) + 0.8 * float(kl) + 0.2 * float(ce)
+    assert total.item() == pytest.approx(expected, rel=1e-5)
     total.backward()
     grads = [p.grad for p in student.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)

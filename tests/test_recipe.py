@@ -165,22 +165,42 @@ def test_bad_override_syntax(bad):
 
 
 def test_recipe_is_data_not_code(tmp_path):
-    text = BASE.format(out="o").replace('name = "t"', "name = \"__import__('os')\"")
-    recipe = load_recipe(write(tmp_path, text))
-    assert recipe.experiment.name == "__import__('os')"
+    """Code in any string of a recipe, or of a --set value, is kept as text and never run:
+    the payload would create a file."""
+    marker = tmp_path / "ran"
+    payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    text = BASE.format(out="o").replace('name = "t"', f"name = {json.dumps(payload)}")
+    path = write(tmp_path, text)
+    recipe = load_recipe(path, [f"experiment.output={json.dumps(payload)}"])
+    assert recipe.experiment.name == recipe.experiment.output == payload
+    with pytest.raises(RecipeError):
+        load_recipe(path, [f"loss.0.weight={json.dumps(payload)}", f"task.name={payload}"])
+    result = kd("validate", str(path), "--set", f"student.lr={payload}", "--show")
+    assert result.returncode == 2 and "student.lr" in result.stderr
+    assert not marker.exists()
 
 
 def test_task_defaults_apply_under_the_recipe(tmp_path):
+    """The task's default terms with their weights and options, and its other defaults; the
+    recipe's own keys win."""
     text = """
 [task]
 name = "sos"
 n = 40
 [data]
 image_size = 64
+[cv]
+folds = 3
 """
     recipe = load_recipe(write(tmp_path, text))
-    names = [lc.name for lc in recipe.loss]
-    assert "kl" in names and "ce" in names
+    terms = [(lc.name, lc.weight, lc.options) for lc in recipe.loss]
+    assert terms == [
+        ("ce", 0.2, {}),
+        ("kl", 0.8, {"temperature": 3.0}),
+        ("attention_mse", 0.01, {}),
+    ]
+    assert recipe.teacher.backbone == recipe.student.backbone == "convnext_attn"
+    assert (recipe.cv.folds, recipe.data.channels) == (3, 1)  # recipe over task default 5
     assert recipe.task.options == {"n": 40}
 
 
@@ -251,5 +271,39 @@ def test_cli_missing_recipe_and_bad_toml(tmp_path):
 
 
 def test_cli_version():
+    from importlib.metadata import version
+
+    import kdtoolkit
+
     result = kd("--version")
-    assert result.returncode == 0 and "kdtoolkit 0.1.0" in result.stdout
+    assert result.returncode == 0
+    assert result.stdout.split() == ["kdtoolkit", version("kdtoolkit")]
+    assert kdtoolkit.__version__ == version("kdtoolkit")
+
+
+def test_compare_variants_live_in_the_recipe_out_of_its_digest(tmp_path):
+    """``[compare]`` lists ``kd compare``'s default variants (names and --set overrides,
+    validated with their key paths); it does not change what a run computes."""
+    from kdtoolkit.engine.compare import Variant, variants_of
+
+    text = BASE.format(out="o")
+    plain = write(tmp_path, text)
+    listed = write(
+        tmp_path,
+        text + '[compare]\nvariants.strong = ["loss.0.weight=1.0"]\nvariants.same = []\n',
+        "listed.toml",
+    )
+    recipe = load_recipe(listed)
+    assert recipe.compare.variants == {"strong": ["loss.0.weight=1.0"], "same": []}
+    assert recipe.digest() == load_recipe(plain).digest()
+    assert variants_of(listed, [], []) == [
+        Variant("strong", ["loss.0.weight=1.0"]),
+        Variant("same", []),
+    ]
+    assert variants_of(plain, [], []) == [Variant("recipe", [])]
+    assert variants_of(listed, ["kl:loss.1.weight=0"], []) == [Variant("kl", ["loss.1.weight=0"])]
+    bad = ['compare.variants.Bad=["loss.0.weight=1"]', 'compare.variants.ok=["no_equals"]']
+    with pytest.raises(RecipeError) as e:
+        load_recipe(plain, bad)
+    assert "compare.variants.Bad: a variant name is lower snake_case" in str(e.value)
+    assert "compare.variants.ok: --set 'no_equals': expected KEY=VALUE" in str(e.value)

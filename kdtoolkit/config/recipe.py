@@ -32,6 +32,7 @@ from kdtoolkit.config.pretrained import check_model_pretrained
 from kdtoolkit.config.sections import (
     ROI_JITTER,
     AugmentConfig,
+    CompareConfig,
     CvConfig,
     EvaluateConfig,
     ExperimentConfig,
@@ -39,6 +40,7 @@ from kdtoolkit.config.sections import (
     ModelConfig,
     RoiConfig,
     TaskConfig,
+    compare_problems,
 )
 from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.plugins.task import Task, crop_problems
@@ -70,6 +72,7 @@ class Recipe:
     loss: list[LossConfig] = field(default_factory=list)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     source: str = "<python>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +93,7 @@ class Recipe:
         folder, on any machine)."""
         raw = self.to_dict()
         raw.pop("launch")
+        raw.pop("compare")
         experiment = raw["experiment"]
         raw["experiment"] = {k: v for k, v in experiment.items() if k == "seed"}
         if experiment["paired"]:  # unpaired is how every run was made before the key existed
@@ -202,6 +206,7 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
         problems.append('loss: at least one [[loss]] table is needed, e.g. name = "ce"')
     problems += _check_components(recipe)
     problems += data_problems(recipe.data) + launch_problems(recipe.launch)
+    problems += compare_problems(recipe.compare)
     shift = recipe.augment.roi_shift
     if isinstance(shift, list) and len(shift) != 2:
         problems.append(f"augment.roi_shift: expected one fraction or [along, across], got {shift}")

@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from kdtoolkit.config.option import Range
+from kdtoolkit.config.override import parse_override
+from kdtoolkit.errors import KdError
 
 
 @dataclass
@@ -105,3 +108,34 @@ class EvaluateConfig:
 class TaskConfig:
     name: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+
+
+#: A student variant's name: lower snake_case (its stage is ``student_<name>``).
+VARIANT_NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
+
+
+@dataclass
+class CompareConfig:
+    """``[compare]``: the student variants ``kd compare`` trains when the command line names
+    none, ``variants = {name = ["key=value", ...]}`` (an empty list: the recipe as it is). Not
+    part of the digest: it says what to compare, not how a run computes."""
+
+    variants: dict[str, list[str]] = field(default_factory=dict)
+
+
+def compare_problems(compare: CompareConfig) -> list[str]:
+    """Variant names and their ``--set`` style overrides, with dotted key paths."""
+    problems = []
+    for name, overrides in compare.variants.items():
+        key = f"compare.variants.{name}"
+        if not VARIANT_NAME.fullmatch(name) or name in ("teacher_crop", "baseline_full"):
+            problems.append(f"{key}: a variant name is lower snake_case, not a reference row")
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            problems.append(f'{key}: expected a list of "key=value" strings, got {overrides!r}')
+            continue
+        for text in overrides:
+            try:
+                parse_override(text)
+            except KdError as e:
+                problems.append(f"{key}: {e}")
+    return problems

@@ -12,13 +12,13 @@ seed. It is the run's fold plan with one student stage per variant (``compare_pl
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kdtoolkit.config.override import parse_override
 from kdtoolkit.config.recipe import Recipe, load_recipe
+from kdtoolkit.config.sections import VARIANT_NAME
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.plan import compare_plan
@@ -33,8 +33,6 @@ from kdtoolkit.report.results import (
     RunResults,
     variant_row,
 )
-
-NAME = re.compile(r"[a-z0-9][a-z0-9_]*")
 
 
 @dataclass
@@ -74,7 +72,7 @@ def parse_variant(text: str) -> Variant:
     """``'NAME:k=v,k=v'`` (or ``'NAME'``) → ``Variant``."""
     name, _, rest = text.partition(":")
     name = name.strip()
-    if not NAME.fullmatch(name):
+    if not VARIANT_NAME.fullmatch(name):
         raise KdError(
             f"--variant {text!r}: the name must be lower snake_case (a-z, 0-9, _), "
             "e.g. --variant 'roi_feature:loss.3.name=roi_feature'"
@@ -85,6 +83,15 @@ def parse_variant(text: str) -> Variant:
     for item in overrides:
         parse_override(item)  # a malformed one fails here, naming itself
     return Variant(name, overrides)
+
+
+def variants_of(path: Path, texts: list[str], overrides: list[str]) -> list[Variant]:
+    """The variants of ``--variant`` texts; without any, the recipe's ``[compare]`` variants
+    (after ``overrides``), else the recipe as it is (``recipe``)."""
+    if texts:
+        return [parse_variant(text) for text in texts]
+    listed = load_recipe(path, overrides).compare.variants
+    return [Variant(name, list(o)) for name, o in listed.items()] or [Variant("recipe", [])]
 
 
 def load_variant_recipe(path: Path, overrides: list[str]) -> Recipe:
