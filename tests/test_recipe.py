@@ -180,18 +180,19 @@ def test_recipe_is_data_not_code(tmp_path):
     assert not marker.exists()
 
 
-def test_task_defaults_apply_under_the_recipe(tmp_path):
-    """The task's default terms with their weights and options, and its other defaults; the
-    recipe's own keys win."""
-    text = """
+SOS = """
 [task]
 name = "sos"
 n = 40
 [data]
 image_size = 64
-[cv]
-folds = 3
 """
+
+
+def test_task_defaults_apply_under_the_recipe(tmp_path):
+    """The task's default terms with their weights and options, and its other defaults; the
+    recipe's own keys win."""
+    text = SOS + "[cv]\nfolds = 3\n"
     recipe = load_recipe(write(tmp_path, text))
     terms = [(lc.name, lc.weight, lc.options) for lc in recipe.loss]
     assert terms == [
@@ -207,13 +208,7 @@ folds = 3
 def test_set_appends_a_loss_term_as_in_kd_compare(tmp_path):
     """``loss.N.…`` with N the number of terms appends one, for ``kd run``/``kd validate``
     as for ``kd compare`` variants, also on the task's default terms."""
-    text = """
-[task]
-name = "sos"
-n = 40
-[data]
-image_size = 64
-"""
+    text = SOS
     path = write(tmp_path, text)
     recipe = load_recipe(path, ["loss.3.name=roi_ce", "loss.3.weight=0.5", "loss.1.weight=0.4"])
     assert [(lc.name, lc.weight) for lc in recipe.loss] == [
