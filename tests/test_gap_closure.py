@@ -120,9 +120,13 @@ def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
     # the statistics of the pooled predictions, variants named, in the file, report and terminal
     pairs = [(c["a"], c["b"], c["metric"]) for c in data["comparisons"]]
     assert pairs == [
-        (v, "baseline_full", m)
+        (a, b, m)
         for m in ("accuracy", "pointing_game")
-        for v in ("paper", "roi_feature")
+        for a, b in (
+            ("paper", "baseline_full"),
+            ("roi_feature", "baseline_full"),
+            ("roi_feature", "paper"),
+        )
     ]
     assert set(data["gap_closure_ci95"]) == {"paper", "roi_feature"}
     assert data["bootstrap"]["unit"] == "group" and set(data["pooled"]) == set(rows)

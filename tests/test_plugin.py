@@ -181,7 +181,22 @@ def test_installed_plugin_that_fails_to_import_is_switched_off(tmp_path):
         "(ModuleNotFoundError: No module named 'not_a_module_anywhere'); fix it, or hide it "
         "with KD_DISABLE_PLUGINS=kd_dummy"
     ]
-    assert "resnet" in result.stdout or "timm" in result.stdout  # the rest is listed
+    ce = next(line for line in result.stdout.splitlines() if "│ ce " in line)
+    assert "kdtoolkit" in ce  # the built-ins are all there
+
+
+def test_installed_plugin_with_a_bad_hook_signature_is_switched_off_whole(tmp_path):
+    """A hook with the right name but parameters the spec lacks: the plugin is switched off
+    entirely, none of its hooks is called (pluggy attaches some before it rejects one)."""
+    env = _install_throwaway(tmp_path)
+    source = (tmp_path / "kd_dummy.py").read_text()
+    bad = "\n@hookimpl\ndef kd_register_tasks(registry, nonsense):\n    pass\n"
+    (tmp_path / "kd_dummy.py").write_text(source + bad)
+    result = kd("plugins", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "plugin 'kd_dummy' is switched off: it has an invalid hook" in result.stderr
+    assert "kd_register_tasks" in result.stderr
+    assert "dummy_loss" not in result.stdout.split("broken")[0]
 
 
 def test_every_hook_on_a_fresh_manager():

@@ -90,9 +90,15 @@ def load_installed(pm: KdPluginManager) -> None:
             continue
         try:
             plugin = ep.load()
-            pm.register(plugin, name=ep.name)
         except Exception as e:  # any import-time failure of third-party code
             pm.broken[ep.name] = f"cannot be imported ({_first_line(e)})"
+            continue
+        try:
+            pm.register(plugin, name=ep.name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            if pm.has_plugin(ep.name):  # pluggy keeps the hooks it attached before the bad one
+                pm.unregister(name=ep.name)
+            pm.broken[ep.name] = f"has an invalid hook ({_first_line(e)})"
             continue
         if unknown := unknown_hooks(pm, plugin):
             pm.unregister(plugin)

@@ -57,8 +57,7 @@ class Comparison:
 
     def named(self, metrics: dict[str, Any]) -> dict[str, Any]:
         """``{row: value}`` with each variant's row renamed to the variant's name."""
-        names = {v.role: v.name for v in self.variants}
-        return {names.get(row, row): value for row, value in metrics.items()}
+        return {self.names.get(row, row): value for row, value in metrics.items()}
 
     @property
     def summary(self) -> dict[str, Any]:
@@ -175,7 +174,10 @@ def comparison_markdown(comparison: Comparison) -> str:
         cells = [f"{100 * metrics[row]['accuracy']:.2f}" for row in rows]
         lines.append(f"| {fold.fold} | " + " | ".join(cells) + " |")
     stats = comparison.results.statistics()
-    lines += ["", *statistics_lines(stats, names=comparison.names, order=comparison.rows)]
+    lines += [
+        "",
+        *statistics_lines(stats, names=comparison.names, order=list(comparison.results.rows)),
+    ]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -215,11 +215,14 @@ def comparison_pairs(
     two_stage: str = "two_stage",
 ) -> list[tuple[str, str]]:
     """The pairs ``(a, b)`` of ``rows`` to compare: student vs baseline, student vs two-stage,
-    two-stage vs baseline, and each ``student_<name>`` vs baseline and vs student."""
+    two-stage vs baseline, each ``student_<name>`` vs baseline and vs the reference student:
+    ``student`` when present, else the first variant (``kd compare``'s first, e.g. the paper's
+    loss)."""
     wanted = [(student, baseline), (student, two_stage), (two_stage, baseline)]
-    for row in rows:
-        if row.startswith(f"{student}_"):
-            wanted += [(row, baseline), (row, student)]
+    variants = [row for row in rows if row.startswith(f"{student}_")]
+    reference = student if student in rows else next(iter(variants), None)
+    for row in variants:
+        wanted += [(row, baseline)] + ([(row, reference)] if row != reference else [])
     return [(a, b) for a, b in wanted if a in rows and b in rows]
 
 
