@@ -344,7 +344,7 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
         if debug:
             raise
         defer_other_ranks()
-        err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -379,7 +379,8 @@ def _internal_error(e: BaseException, debug: bool) -> None:
     if debug:
         raise e
     err_console.print(
-        f"[red]internal error[/]: {type(e).__name__}: {e} (KD_DEBUG=1 shows the traceback)",
+        f"[red]internal error[/]: {type(e).__name__}: {escape(str(e))} (KD_DEBUG=1 shows the "
+        "traceback)",
         highlight=False,
         soft_wrap=True,
     )

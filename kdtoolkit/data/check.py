@@ -25,6 +25,7 @@ from kdtoolkit.data.manifest import Manifest, Sample, check_manifest
 from kdtoolkit.data.scan import ReadSpec
 from kdtoolkit.data.view import crop_roi
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_path
 
 Progress = Callable[[str, int, int], None]
 
@@ -227,6 +228,6 @@ def contact_sheet(
             crop_ax.set_title("teacher crop", fontsize=6)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_path(out, parents=False) as tmp:
+        fig.savefig(tmp, format="png")
     return out

@@ -80,7 +80,9 @@ class RunLock:
         fd = self._open_locked()
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
-            pid = int(previous.split()[1]) if previous.startswith("process ") else -1
+            fields = previous.split()
+            pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
+            previous = previous.splitlines()[0][:300]  # a damaged lock file: its first line
             same_host = f"on {socket.gethostname()}," in previous
             if fcntl is None and same_host and pid != os.getpid() and pid_alive(pid):
                 os.close(fd)
