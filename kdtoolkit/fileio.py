@@ -14,6 +14,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,14 +58,24 @@ def why_unreadable(e: BaseException) -> str:
     return first_line(e)
 
 
+#: Words of library advice that must not reach a message: torch suggests loading a refused
+#: file with ``weights_only=False``, which would run whatever code the file holds.
+_UNSAFE_ADVICE = ("weights_only", "Re-running", "can still be loaded", "add_safe_globals")
+
+
 def first_line(e: BaseException) -> str:
-    """``Type: first line of the message``, cut at 200 characters, without the advice some
-    libraries append (torch suggests loading with ``weights_only=False``, which would run
-    whatever code the file holds)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    lines = [line for line in lines if "weights_only" not in line and "Re-running" not in line]
-    text = lines[0] if lines else ""
-    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+    """``Type: first line of the message``, cut at 200 characters, without terminal escapes
+    and without the advice some libraries give (torch's: load with ``weights_only=False``);
+    a weights-only refusal is named by what it refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    if refused:
+        why = refused[0].removeprefix("WeightsUnpickler error:").split(". Please")[0].strip()
+        return f"{type(e).__name__}: it holds Python objects a safe load refuses ({why[:160]})"
+    lines = [line for line in lines if not any(w in line for w in _UNSAFE_ADVICE)]
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 @contextlib.contextmanager

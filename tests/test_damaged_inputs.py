@@ -286,3 +286,42 @@ def test_phantom_of_other_settings_is_not_replaced_silently(tmp_path):
     result = kd("sos", "phantom", str(out), "--n", "3", "--size", "64")
     one_line_naming(result, "other settings")
     assert kd("sos", "phantom", str(out), "--n", "3", "--size", "64", "--force").returncode == 0
+
+
+# ---- messages ----------------------------------------------------------------------------------
+
+
+def test_single_dicom_file_without_pixels_or_fake_is_named_as_a_file(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from kdtoolkit.data.volume import clear_cache, read_slice
+    from kdtoolkit.errors import KdError
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "no_pixels.dcm")
+    (tmp_path / "fake.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 40)
+    for name, text in (("no_pixels.dcm", "without an image"), ("fake.dcm", "without an image")):
+        clear_cache()
+        with pytest.raises(KdError) as info:
+            read_slice(tmp_path / name, "axial")
+        assert name in str(info.value) and "folder" not in str(info.value).split("—")[0]
+        assert text in str(info.value)
+
+
+class Foreign:
+    """A class a weights-only load refuses."""
+
+
+def test_a_refused_resume_state_is_logged_without_unsafe_advice(tmp_path):
+    import torch
+
+    from kdtoolkit.engine.resume import read_state
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": Foreign()}, path)
+    logged: list[str] = []
+    assert read_state(path, logged.append) is None
+    assert "set aside" in logged[0] and "safe load refuses" in logged[0]
+    assert "weights_only" not in logged[0] and "Re-running" not in logged[0]
