@@ -231,8 +231,10 @@ def validate(
 ) -> None:
     """Check a recipe without running it: every problem at once, exit 2 if any."""
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.device import resolve_device
 
     resolved = load_recipe(recipe, list(set_ or []))
+    resolve_device(resolved.experiment.device)  # as kd run does: a device this machine lacks
     if show:
         print(resolved.to_json())
     else:

@@ -4,6 +4,7 @@ a changed manifest remakes what depends on it."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -87,3 +88,24 @@ def test_editing_one_label_retrains_what_depends_on_it(tmp_path, tiny_recipe, ti
     assert "evaluated before, reusing" in (tmp_path / "run" / "run.log").read_text()
     assert third.run.folds[0].to_dict() == second.run.folds[0].to_dict()
     shutil.rmtree(tmp_path / "run")
+
+
+def test_report_waits_for_no_run_it_refuses_a_locked_folder(tmp_path):
+    from kdtoolkit.engine.lock import RunLock
+    from kdtoolkit.engine.outputs import rebuild_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    recipe = {"cv": {"folds": 2}, "teacher": {"backbone": "a"}, "student": {"backbone": "b"}}
+    (out / "recipe.resolved.json").write_text(json.dumps({"digest": "x", "recipe": recipe}))
+    with RunLock(out), pytest.raises(KdError, match="in use"):
+        rebuild_report(out)
+    with pytest.raises(KdError, match="no finished fold"):
+        rebuild_report(out)
+
+
+def test_validate_refuses_what_run_refuses(tiny_recipe):
+    result = kd("validate", str(tiny_recipe), "--set", "experiment.device=cuda:7")
+    assert result.returncode == 2 and "experiment.device" in result.stderr, result.stderr
+    with pytest.raises(KdError, match="temperature"):
+        load_recipe(tiny_recipe, ["loss.1.temperature=1e-30"])

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.engine.context import RunPaths
+from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json, reading
 from kdtoolkit.report import figures
@@ -188,6 +189,13 @@ def rebuild_report(run_dir: Path, log: Callable[[str], None] = lambda line: None
     when there is none. The recipe is read from the folder, not validated again: no data,
     plugin or device is needed."""
     run_dir = Path(run_dir)
+    saved_recipe(run_dir)  # a run folder, before it is locked
+    with RunLock(run_dir):  # not while a run writes there
+        return rebuild_locked(run_dir, log)
+
+
+def rebuild_locked(run_dir: Path, log: Callable[[str], None]) -> Rebuilt:
+    """``rebuild_report`` in the locked run folder."""
     doc = saved_recipe(run_dir)
     recipe: Mapping[str, Any] = doc["recipe"]
     paths = RunPaths(run_dir)
