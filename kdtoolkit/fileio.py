@@ -46,7 +46,7 @@ def why_unreadable(e: BaseException) -> str:
     if isinstance(e, PermissionError):
         return "permission denied"
     if isinstance(e, OSError):
-        return e.strerror or type(e).__name__
+        return e.strerror or str(e) or type(e).__name__
     if isinstance(e, json.JSONDecodeError):
         return f"not valid JSON: {e.msg} at line {e.lineno} column {e.colno}"
     if isinstance(e, UnicodeDecodeError):
