@@ -133,13 +133,19 @@ def not_writable(target: Path, e: OSError) -> KdError:
 
 
 def check_parent(path: str | os.PathLike[str], what: str) -> Path:
-    """``path`` (a file the user named) when its folder exists and it is not a folder itself;
-    else one line saying so (no folders are made for it)."""
+    """``path`` (a file the user named) when it is not a folder and its folder exists or is
+    one level below an existing folder (then it is made); else one line saying so (a mistyped
+    path does not grow a tree of folders)."""
     target = Path(path)
     if target.is_dir():
         raise KdError(f"{target}: is a folder; give the {what} a file name")
     if not target.parent.is_dir():
-        raise KdError(f"{target.parent}: no such folder for the {what}; create it first")
+        if not target.parent.parent.is_dir() or target.parent.exists():
+            raise KdError(f"{target.parent}: no such folder for the {what}; create it first")
+        try:
+            target.parent.mkdir()
+        except OSError as e:
+            raise not_writable(target, e) from None
     return target
 
 
