@@ -325,3 +325,66 @@ def test_a_refused_resume_state_is_logged_without_unsafe_advice(tmp_path):
     assert read_state(path, logged.append) is None
     assert "set aside" in logged[0] and "safe load refuses" in logged[0]
     assert "weights_only" not in logged[0] and "Re-running" not in logged[0]
+
+
+# ---- every reader of the run folder, every damage ------------------------------------------------
+
+ODD_VALUES: list[object] = [None, 5, -1.5, "x", [], {}, [None], [[1, 2]], {"a": None}]
+
+
+def damaged_variants(data: bytes) -> list[bytes]:
+    """Truncations of ``data``, non-JSON bytes and, when it is a JSON object, each of its keys
+    dropped or given each of ``ODD_VALUES``."""
+    out = [data[:n] for n in sorted({0, 1, 7, 8, 9, len(data) // 3, len(data) // 2, len(data) - 1})]
+    out += [b"null", b"[]", b"{}", b"5", b'"x"', b"\xff\xfe\x00", b'{"a": 1}' + b"\xe9"]
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return out
+    if isinstance(doc, dict):
+        for key in doc:
+            out.append(json.dumps({k: v for k, v in doc.items() if k != key}).encode())
+            for value in ODD_VALUES:
+                out.append(json.dumps({**doc, key: value}).encode())
+    return out
+
+
+def test_every_run_folder_reader_turns_any_damage_into_one_kd_error(finished, tmp_path):
+    from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.data.manifest import read_manifest
+    from kdtoolkit.engine.context import RunPaths, assign_run_folds
+    from kdtoolkit.engine.outputs import history_of, saved_recipe, stage_meta
+    from kdtoolkit.engine.stage import read_rois
+    from kdtoolkit.errors import KdError
+    from kdtoolkit.models.checkpoint import load_model, read_metadata
+    from kdtoolkit.report.results import FoldResult
+
+    root = copy_of(finished, tmp_path)
+    run_dir, paths = root / "run", RunPaths(root / "run")
+    recipe = load_recipe(root / "tiny.toml")
+    manifest = read_manifest(recipe.data.manifest, list(recipe.data.classes))
+    readers = {
+        "fold_0/eval.json": lambda p: FoldResult.read(p),
+        "recipe.resolved.json": lambda p: saved_recipe(run_dir),
+        "fold_0/roi/rois.json": lambda p: read_rois(p, False, print),
+        "fold_0/teacher/model.json": lambda p: (stage_meta(paths, 0), history_of(paths, 0)),
+        "folds.json": lambda p: assign_run_folds(p, manifest, recipe),
+        "fold_0/student/model.safetensors": lambda p: (read_metadata(p), load_model(p)),
+    }
+    tried, escaped = 0, []
+    for name, read in readers.items():
+        path = run_dir / name
+        original = path.read_bytes()
+        read(path)  # the undamaged file reads
+        for variant in damaged_variants(original):
+            path.write_bytes(variant)
+            try:
+                read(path)
+            except KdError as e:
+                if "\n" in str(e) or path.name not in str(e):
+                    escaped.append((name, variant[:60], str(e)))
+            except Exception as e:  # noqa: BLE001  (what this test looks for)
+                escaped.append((name, variant[:60], f"{type(e).__name__}: {e}"))
+            tried += 1
+        path.write_bytes(original)
+    assert tried > 100 and not escaped, "\n".join(map(str, escaped))

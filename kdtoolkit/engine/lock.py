@@ -76,8 +76,14 @@ class RunLock:
             os.close(fd)
 
     def __enter__(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = self._open_locked()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = self._open_locked()
+        except OSError as e:
+            raise KdError(
+                f"{self.folder}: cannot be used as a run folder ({e.strerror or e}); choose "
+                "another output folder"
+            ) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
             fields = previous.split()

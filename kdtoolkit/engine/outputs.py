@@ -80,7 +80,9 @@ def history_of(paths: RunPaths, k: int) -> dict[str, list[dict]]:
     for role in (TEACHER, BASELINE_FULL, STUDENT):
         meta = paths.stage(k, role) / "model.json"
         if meta.exists():
-            out[role] = list(read_json(meta, "model metadata", RETRAIN).get("history") or [])
+            doc = read_json(meta, "model metadata", RETRAIN)
+            with reading(meta, "model metadata", RETRAIN):
+                out[role] = [dict(record) for record in doc.get("history") or []]
     return out
 
 
