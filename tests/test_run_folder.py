@@ -109,3 +109,12 @@ def test_validate_refuses_what_run_refuses(tiny_recipe):
     assert result.returncode == 2 and "experiment.device" in result.stderr, result.stderr
     with pytest.raises(KdError, match="temperature"):
         load_recipe(tiny_recipe, ["loss.1.temperature=1e-30"])
+
+
+def test_a_fold_evaluated_on_other_data_is_left_out(tmp_path, tiny_recipe, tiny_manifest):
+    run(load_recipe(tiny_recipe, SMALL), quiet=True)  # fold 0
+    tiny_manifest.write_text(tiny_manifest.read_text().replace(",mid,", ",low,", 1))
+    other = [s.replace("cv.only=[0]", "cv.only=[1]") for s in SMALL]
+    result = run(load_recipe(tiny_recipe, other), quiet=True)
+    assert result.run.fold_ids == [1]
+    assert "fold 0: evaluated on other data" in (tmp_path / "run" / "run.log").read_text()

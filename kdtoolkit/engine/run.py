@@ -54,7 +54,7 @@ from kdtoolkit.engine.stage import (
     train_model,
 )
 from kdtoolkit.errors import Interrupted, KdError
-from kdtoolkit.models.checkpoint import load_model
+from kdtoolkit.models.checkpoint import load_model, read_metadata
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.results import FoldResult, RunResults
@@ -150,6 +150,26 @@ def evaluation_reusable(ctx: RunContext, plan: FoldPlan, k: int) -> bool:
             digest, data = checkpoint_digest(ctx, what, ckpt)
             if not reusable(ctx, what, ckpt, digest, want, data):
                 return False
+    return True
+
+
+def of_this_data(ctx: RunContext, plan: FoldPlan, k: int) -> bool:
+    """Whether fold ``k``'s models (evaluated in an earlier run) were trained on this run's
+    data; when not, the log says the fold is left out of the results."""
+    for stage in plan.stages:
+        ckpt = ctx.paths.checkpoint(k, stage.role) if isinstance(stage, TrainSpec) else None
+        if ckpt is None or not ckpt.exists():
+            continue
+        try:
+            data = read_metadata(ckpt).get("data_digest")
+        except KdError:
+            continue
+        if data and ctx.data_digest and data != ctx.data_digest:
+            ctx.log(
+                f"fold {k}: evaluated on other data (the manifest or its images changed); "
+                "left out of the results until it is run again"
+            )
+            return False
     return True
 
 
@@ -265,7 +285,7 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
         per_fold = run_folds(ctx, plan, folds)
         for k in range(fold_count(recipe)):  # folds run earlier into this folder (runs in parts)
             done = ctx.paths.evaluation(k)
-            if k not in per_fold and done.exists():
+            if k not in per_fold and done.exists() and of_this_data(ctx, plan, k):
                 progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
                 per_fold[k] = FoldResult.read(done)
         return finish_run(ctx, dict(sorted(per_fold.items())))
@@ -310,6 +330,7 @@ def run_jobs_in(
         name = f"kd-{recipe.experiment.name}"
         status = jobs.launch_folds(recipe.launch, out, todo, job_of, progress, name)
     per_fold = finished_folds(ctx.paths, fold_count(recipe))
+    per_fold = {k: r for k, r in per_fold.items() if k in status or of_this_data(ctx, plan, k)}
     for k in per_fold:
         if k not in status and k not in ctx.folds_to_run():
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
