@@ -232,8 +232,10 @@ def validate(
 ) -> None:
     """Check a recipe without running it: every problem at once, exit 2 if any."""
     from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.engine.device import resolve_device
 
     resolved = load_recipe(recipe, list(set_ or []))
+    resolve_device(resolved.experiment.device)  # as kd run does: a device this machine lacks
     if show:
         print(resolved.to_json())
     else:
@@ -345,7 +347,7 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
         if debug:
             raise
         defer_other_ranks()
-        err_console.print(f"[red]error[/]: {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -380,7 +382,8 @@ def _internal_error(e: BaseException, debug: bool) -> None:
     if debug:
         raise e
     err_console.print(
-        f"[red]internal error[/]: {type(e).__name__}: {e} (KD_DEBUG=1 shows the traceback)",
+        f"[red]internal error[/]: {type(e).__name__}: {escape(str(e))} (KD_DEBUG=1 shows the "
+        "traceback)",
         highlight=False,
         soft_wrap=True,
     )

@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import check_parent
 
 console = Console()
 
@@ -50,7 +52,7 @@ def import_(
     from kdtoolkit.data.annotation import to_rows, write_manifest
     from kdtoolkit.data.annotation_formats import read_annotations
 
-    target = (output or images / "manifest.csv").expanduser().resolve()
+    target = check_parent((output or images / "manifest.csv").expanduser().resolve(), "manifest")
     if target.exists() and not force:
         raise KdError(f"{target}: already exists — pass --force to overwrite or -o another path")
     annotations = read_annotations(fmt.lower(), source, images)
@@ -108,6 +110,12 @@ def check(
         loaded = load_recipe(recipe, [f"data.manifest={str(manifest)!r}"])
         read, crop_size, k = read_spec(loaded), loaded.size("crop"), loaded.cv.folds
         classes = loaded.data.classes or None
+    if per_class < 1:
+        raise KdError(f"--per-class {per_class}: give 1 or more images per class")
+    given = Path(manifest).expanduser().resolve()
+    folder = given if given.is_dir() else given.parent
+    default = Path(f"{folder.name or 'manifest'}_check.png")
+    target = check_parent((sheet or default).expanduser().resolve(), "contact sheet")
     if folds is not None:
         if folds < 2:
             raise KdError(f"--folds {folds}: give 2 or more folds")
@@ -134,13 +142,12 @@ def check(
             table.add_row(*row)
         console.print(table)
     found = result.manifest
-    target = sheet or Path(f"{found.path.parent.name or 'manifest'}_check.png")
     if found.samples:
-        contact_sheet(found, target.expanduser().resolve(), crop_size, per_class)
+        contact_sheet(found, target, crop_size, per_class)
         console.print(f"contact sheet: {target}", highlight=False, soft_wrap=True)
     if result.problems:
         for line in result.problems:
-            console.print(f"[red]problem[/] {line}", highlight=False, soft_wrap=True)
+            console.print(f"[red]problem[/] {escape(line)}", highlight=False, soft_wrap=True)
         raise KdError(
             f"{found.path}: {len(result.problems)} problem(s) — fix the rows listed above"
         )

@@ -74,3 +74,40 @@ def test_a_clean_manifest_passes(tmp_path):
     done = kd("data", "check", str(manifest), "--folds", "3", "--sheet", str(tmp_path / "s.png"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert (tmp_path / "s.png").is_file()
+
+
+def test_nan_voxels_are_named_with_their_row(tmp_path):
+    manifest = make_manifest(tmp_path / "data", n=9)
+    volume = np.random.default_rng(0).random((3, 32, 32)).astype(np.float32)
+    volume[1, 4:8, 4:8] = np.nan  # the middle slice (the manifest's "mid")
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(manifest.parent / "nan.nii.gz"))
+    rows = list(csv.reader(manifest.open()))
+    header = [*rows[0], "slice"]
+    body = [[*row, ""] for row in rows[1:]]
+    body.append(["nan.nii.gz", "low", "1", "1", "9", "9", "q9", "mid"][: len(header)])
+    with manifest.open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *body])
+    result = check_data(manifest, folds=3)
+    row = len(body) + 1
+    assert any(
+        f"manifest.csv:{row}: " in line and "NaN or infinite voxels" in line
+        for line in result.problems
+    ), result.problems
+    done = kd("data", "check", str(manifest), "--folds", "3", "--sheet", str(tmp_path / "s.png"))
+    assert done.returncode == 2 and "Warning" not in done.stderr, done.stderr
+    assert f"manifest.csv:{row}: " in " ".join(done.stdout.split())
+
+
+def test_training_names_a_non_finite_input_batch_before_any_loss_term():
+    import pytest
+    import torch
+
+    from kdtoolkit.engine.train import check_inputs
+    from kdtoolkit.errors import KdError
+
+    stage = type("S", (), {"label": "fold 0 teacher", "name": "teacher"})()
+    image = torch.zeros(3, 1, 4, 4)
+    image[2, 0, 1, 1] = float("nan")
+    check_inputs(stage, 1, {"image": torch.zeros(3, 1, 4, 4), "index": torch.tensor([0, 1, 2])})
+    with pytest.raises(KdError, match=r"fold 0 teacher epoch 1: the input batch .* index 7"):
+        check_inputs(stage, 1, {"image": image, "index": torch.tensor([5, 6, 7])})

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import submitit
+import torch
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 import kdtoolkit
@@ -26,6 +27,7 @@ from kdtoolkit.config.recipe import load_recipe
 from kdtoolkit.engine import jobs
 from kdtoolkit.engine.outputs import rebuild_report
 from kdtoolkit.errors import KdError
+from kdtoolkit.models.checkpoint import read_metadata, save_checkpoint
 from kdtoolkit.testing import tiny_manifest
 from tests.conftest import RECIPE as TINY
 
@@ -108,12 +110,14 @@ def test_a_failed_fold_job_names_its_fold_and_log_and_keeps_the_others(runs, tmp
     out = tmp_path / "run"
     shutil.copytree(runs.out, out)
     (out / "fold_1" / "eval.json").unlink()
-    (out / "fold_1" / "teacher" / "model.safetensors").write_bytes(b"not a checkpoint")
+    teacher = out / "fold_1" / "teacher" / "model.safetensors"
+    # this recipe's digest, weights of no backbone: refused only when the job loads it
+    save_checkpoint(teacher, {"w": torch.zeros(1)}, read_metadata(teacher))
     sets = ["--output", str(out), "--set", "cv.only=[1]"]
     assert kd_here("run", str(runs.recipe), "--quiet", "--executor", "local", *sets).returncode == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "1 fold job(s) failed: fold 1: KdError:" in error
-    assert "made by another recipe" in error and "_0_log.err" in error
+    assert "do not fit backbone" in error and "_0_log.err" in error
     assert "the report covers fold(s) 0" in error and "rerun the same command" in error
     assert json.loads((out / "results.json").read_text())["folds_run"] == [0]
     assert (out / "fold_0" / "eval.json").exists()

@@ -58,7 +58,7 @@ def test_kd_register_losses_registers_every_builtin_term():
 
 def test_options_are_declared_with_bounds():
     assert check_options(KLLoss, {"temperature": 0}, "loss[1]") == [
-        "loss[1].temperature: must be > 0, got 0"
+        "loss[1].temperature: must be >= 0.05, got 0"
     ]
     assert check_options(CELoss, {"label_smoothing": 0.1}, "loss[0]") == []
     assert "must be one of 'kl', 'bce'" in check_options(AttentionKLLoss, {"mode": "l2"}, "x")[0]

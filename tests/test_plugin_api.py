@@ -322,7 +322,7 @@ def test_options_of_come_from_the_declarations():
     assert (temperature.name, temperature.type, temperature.bounds, temperature.default) == (
         "temperature",
         "float",
-        "> 0",
+        ">= 0.05, <= 100",
         "3.0",
     )
     (sos,) = options_of("sos")

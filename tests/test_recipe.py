@@ -94,7 +94,7 @@ def test_every_error_class_reported_together(tmp_path):
 def test_component_option_types_and_ranges(tmp_path):
     text = BASE.format(out="o").replace("temperature = 3.0", "temperature = -1.0\nbeta = 2")
     joined = "\n".join(problems_of(tmp_path, text))
-    assert "loss[1].temperature: must be > 0" in joined
+    assert "loss[1].temperature: must be >= 0.05" in joined
     assert "loss[1].beta: unknown option" in joined
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from kdtoolkit import fileio
 from kdtoolkit.data.geometry import roi_corners
+from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from kdtoolkit.report.figures import (
     plot_cam_pairs,
@@ -268,9 +269,9 @@ def test_atomic_write_keeps_old_file_on_failure(
         raise OSError("disk full")
 
     monkeypatch.setattr(fileio.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(KdError, match=r"results.json: cannot be written \(disk full\)"):
         atomic_write_text(target, "new")
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(KdError, match="disk full"):
         write_results(tmp_path, RunResults([], []))
     monkeypatch.undo()
     assert target.read_text() == "old"

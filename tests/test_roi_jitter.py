@@ -20,9 +20,9 @@ from kdtoolkit.data.geometry import roi_corners
 from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig, crop_roi, normalise, view_config
+from kdtoolkit.engine.folder import check_run_folder
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.engine.plan import teacher_spec
-from kdtoolkit.engine.run import check_run_folder
 from kdtoolkit.engine.stage import reusable
 from kdtoolkit.errors import KdError
 from kdtoolkit.testing import run_tiny_recipe

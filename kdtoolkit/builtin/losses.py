@@ -169,7 +169,8 @@ class KLLoss(LossTerm):
 
     needs_teacher = True
 
-    def __init__(self, temperature: Annotated[float, Range(gt=0)] = 3.0) -> None:
+    #: Below 0.05 the softened distributions are one-hot in float32 and the term is zero.
+    def __init__(self, temperature: Annotated[float, Range(ge=0.05, le=100)] = 3.0) -> None:
         super().__init__()
         self.temperature = temperature
 

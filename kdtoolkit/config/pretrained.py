@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from kdtoolkit.config.option import declared_options
+from kdtoolkit.fileio import first_line
 
 #: Hub tags: pretrained weights fetched by a library rather than read from a file.
 HUB_TAGS = ("timm",)
@@ -67,7 +68,7 @@ def weights_file_problem(path: str | Path) -> str | None:
             "never unpickled); save a state dict of tensors or a .safetensors file"
         )
     except Exception as e:
-        return f"{str(path)!r}: not a torch weights file ({str(e).splitlines()[0]})"
+        return f"{str(path)!r}: not a torch weights file ({first_line(e)})"
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -236,6 +236,8 @@ def _resolve_labelled(name: str, images: Path, by_name: dict[str, list[Path]]) -
 
 def _box_problems(ann: Annotation) -> list[str]:
     x0, y0, x1, y1 = ann.box
+    if not all(math.isfinite(v) for v in ann.box):
+        return [f"{ann.where}: box coordinates are NaN or infinite — fix or delete it"]
     if not (x1 > x0 and y1 > y0):
         return [f"{ann.where}: box has no area — delete it or redraw it"]
     if ann.size is None:

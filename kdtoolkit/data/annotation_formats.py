@@ -23,6 +23,7 @@ from kdtoolkit.data.annotation import (
     rect_from_corners,
 )
 from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.fileio import reading
 
 FORMATS = ("yolo", "yolo-obb", "coco", "cvat")
 YOLO_NAME_FILES = ("classes.txt", "obj.names", "data.yaml", "dataset.yaml")
@@ -35,7 +36,7 @@ def read_yolo(source: Path, images: Path, obb: bool = False) -> list[Annotation]
     Class names from classes.txt / obj.names / data.yaml next to the labels (or one folder up),
     else the class index."""
     files = [source] if source.is_file() else sorted(source.rglob("*.txt"))
-    files = [f for f in files if f.name not in YOLO_NAME_FILES]
+    files = [f for f in files if f.name not in YOLO_NAME_FILES and f.is_file()]
     root = source.parent if source.is_file() else source
     names = _yolo_names(root)
     index = _image_index(images)
@@ -43,7 +44,8 @@ def read_yolo(source: Path, images: Path, obb: bool = False) -> list[Annotation]
     found: list[Annotation] = []
     width = 9 if obb else 5
     for file in files:
-        lines = file.read_text(encoding="utf-8-sig").splitlines()
+        with reading(file, "YOLO label file", "save it as UTF-8 text"):
+            lines = file.read_text(encoding="utf-8-sig").splitlines()
         if not any(line.strip() for line in lines):
             continue
         image = _find_image(file, root, images, index)
@@ -73,10 +75,13 @@ def read_yolo(source: Path, images: Path, obb: bool = False) -> list[Annotation]
                 )
                 continue
             try:
-                cls = int(fields[0])
+                cls = class_index(fields[0])
                 values = np.array([float(x) for x in fields[1:]])
-            except ValueError:
-                problems.append(f"{where}: values are not numbers — fix the line")
+            except ValueError as exc:
+                problems.append(f"{where}: {exc} — fix the line")
+                continue
+            if not np.isfinite(values).all():
+                problems.append(f"{where}: coordinates are NaN or infinite — fix the line")
                 continue
             if names and not 0 <= cls < len(names):
                 problems.append(
@@ -100,28 +105,48 @@ def read_yolo(source: Path, images: Path, obb: bool = False) -> list[Annotation]
     return found
 
 
+def class_index(field: str) -> int:
+    """A YOLO class index: an integer, also written as a float (``0.0``, as some exporters
+    do); else a ValueError saying what it is."""
+    try:
+        return int(field)
+    except ValueError:
+        pass
+    try:
+        value = float(field)
+    except ValueError:
+        raise ValueError(f"class {field!r} is not a number") from None
+    if not value.is_integer() or value < 0:
+        raise ValueError(f"class {field!r} is not a class index (0, 1, 2, ...)")
+    return int(value)
+
+
 def read_coco(source: Path, images: Path) -> list[Annotation]:
     """COCO JSON: ``bbox`` [x, y, w, h]; an optional ``rotation`` (clockwise degrees, as CVAT
     exports it in ``attributes``) is honoured; segmentations are ignored."""
-    try:
+    fix = "give the instances .json (UTF-8) with lists of images, annotations and categories"
+    with reading(source, "COCO JSON", fix):
         data = json.loads(source.read_text(encoding="utf-8-sig"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON object expected, found {type(data).__name__}")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key, []), list):
+                raise TypeError(f"'{key}' is a {type(data[key]).__name__}, not a list")
         files = {img["id"]: img for img in data["images"]}
         categories = {cat["id"]: str(cat["name"]) for cat in data.get("categories", [])}
         annotations = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AnnotationError(
-            [
-                f"{source}: not COCO JSON ({exc}) — give the instances .json "
-                "with images, annotations and categories"
-            ]
-        ) from None
     problems: list[str] = []
     found: list[Annotation] = []
     for number, ann in enumerate(annotations):
+        if not isinstance(ann, dict):
+            problems.append(f"{source}: annotation {number} is not a JSON object — fix it")
+            continue
         where = f"{source}: annotation {ann.get('id', number)}"
         try:
             img = files[ann["image_id"]]
             x, y, w, h = (float(v) for v in ann["bbox"])
+            if not all(np.isfinite((x, y, w, h))):
+                raise ValueError(f"bbox {ann['bbox']} holds NaN or infinite values")
             attributes = ann.get("attributes") or {}
             rotation = float(attributes.get("rotation", ann.get("rotation", 0.0)))
             size = (int(img["width"]), int(img["height"]))
@@ -160,6 +185,8 @@ def read_cvat(source: Path, images: Path) -> list[Annotation]:
             try:
                 coords = tuple(float(box.attrib[k]) for k in ("xtl", "ytl", "xbr", "ybr"))
                 rotation = float(box.get("rotation", 0.0))
+                if not all(np.isfinite((*coords, rotation))):
+                    raise ValueError("coordinates are NaN or infinite")
                 size = (int(image.attrib["width"]), int(image.attrib["height"]))
             except (KeyError, ValueError) as exc:
                 problems.append(
@@ -204,16 +231,38 @@ def _yolo_names(root: Path) -> list[str]:
             if not file.is_file():
                 continue
             if file.suffix == ".yaml":
-                import yaml
-
-                names = (yaml.safe_load(file.read_text(encoding="utf-8")) or {}).get("names")
-                if isinstance(names, dict):
-                    return [str(names[k]) for k in sorted(names)]
-                if isinstance(names, list):
-                    return [str(n) for n in names]
-                continue
-            return [n.strip() for n in file.read_text(encoding="utf-8").splitlines() if n.strip()]
+                names = _yaml_names(file)
+                if names is None:
+                    continue
+                return names
+            with reading(file, "class names file", "save it as UTF-8 text, one name a line"):
+                text = file.read_text(encoding="utf-8")
+            return [n.strip() for n in text.splitlines() if n.strip()]
     return []
+
+
+def _yaml_names(file: Path) -> list[str] | None:
+    """The class names of a YOLO data.yaml (``names``: a list, or a mapping of class index
+    to name); None when it has none."""
+    import yaml
+
+    fix = "give names as a list, or as a mapping of class index (0, 1, ...) to name"
+    with reading(file, "YOLO data YAML", fix):
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
+        names = data.get("names") if isinstance(data, dict) else None
+        if isinstance(names, dict):
+            index = {int(k): str(v) for k, v in names.items()}
+            if sorted(index) != list(range(len(index))):
+                raise ValueError(f"names has classes {sorted(index)}, not 0..{len(index) - 1}")
+            return [index[k] for k in range(len(index))]
+        if isinstance(names, list):
+            return [str(n) for n in names]
+        if names is not None:
+            raise TypeError(f"names is a {type(names).__name__}")
+    return None
 
 
 def _image_index(images: Path) -> dict[str, list[Path]]:

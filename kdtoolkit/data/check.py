@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from kdtoolkit.data.manifest import Manifest, Sample, check_manifest
 from kdtoolkit.data.scan import ReadSpec
 from kdtoolkit.data.view import crop_roi
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_path
 
 Progress = Callable[[str, int, int], None]
 
@@ -74,10 +76,19 @@ def check_data(
         else:
             seen_key[key] = sample
             try:
-                pixels = read_native(sample)
+                with warnings.catch_warnings():  # NaN voxels: named below, not warned about
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    pixels = read_native(sample)
             except KdError as exc:
                 problems.append(f"{where}:{sample.row}: {exc}")
             else:
+                bad = non_finite(pixels)
+                if bad:
+                    kind = "voxels" if sample.read is not None else "pixels"
+                    problems.append(
+                        f"{where}:{sample.row}: '{name_of(sample, manifest)}' has {bad} NaN or "
+                        f"infinite {kind} — fix the image or remove the row"
+                    )
                 digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
                 if digest in seen_pixels:
                     first = seen_pixels[digest]
@@ -91,6 +102,13 @@ def check_data(
             progress("images", done, total)
     problems += fold_problems(manifest, folds)
     return DataCheck(manifest, problems, summary(manifest))
+
+
+def non_finite(pixels: np.ndarray) -> int:
+    """How many values of ``pixels`` are NaN or infinite (0 for integer images)."""
+    if not np.issubdtype(pixels.dtype, np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(pixels)))
 
 
 def fold_problems(manifest: Manifest, folds: int) -> list[str]:
@@ -227,6 +245,6 @@ def contact_sheet(
             crop_ax.set_title("teacher crop", fontsize=6)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    with atomic_path(out, parents=False) as tmp:
+        fig.savefig(tmp, format="png")
     return out

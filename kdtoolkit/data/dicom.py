@@ -61,7 +61,8 @@ def _read_dicom_quietly(files: Sequence[Path], source: Path) -> DicomVolume:
     for file in files:
         try:
             ds = pydicom.dcmread(file)
-        except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+            "PixelData" in ds  # noqa: B015  (a damaged header fails here, not later)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
             if single:
                 raise KdError(
                     f"{file}: not a readable DICOM file ({_first_line(exc)}) — give a DICOM "
@@ -74,6 +75,11 @@ def _read_dicom_quietly(files: Sequence[Path], source: Path) -> DicomVolume:
             raise KdError(f"{file}: pixel data without Rows/Columns — re-export the file")
         series.add(str(ds.get("SeriesInstanceUID", "")))
         slices.append((file, ds))
+    if not slices and single:
+        raise KdError(
+            f"{source}: a DICOM file without an image (no pixel data) — give a DICOM image "
+            "file, a series folder or a .nii/.nii.gz file"
+        )
     if not slices:
         raise KdError(f"{source}: no DICOM image in the folder — give a folder of DICOM slices")
     if len(series) > 1:

@@ -25,6 +25,7 @@ from kdtoolkit.engine.plan import compare_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import interrupted, prepare_run_folder, run_folds
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import read_json
 from kdtoolkit.report.comparison import Comparison, VariantInfo, write_comparison
 from kdtoolkit.report.results import (
     BASELINE_FULL,
@@ -131,7 +132,8 @@ def check_cached_student(out: Path, fold: int, variant: Variant, recipe: Recipe)
     """Refuse a cached variant student trained for another definition of the variant."""
     meta_path = out / f"fold_{fold}" / variant.role / "model.json"
     if meta_path.exists():
-        saved = json.loads(meta_path.read_text()).get("recipe_digest")
+        fix = "delete that folder or pass --force to retrain it"
+        saved = read_json(meta_path, "model metadata", fix).get("recipe_digest")
         if saved != recipe.digest():
             raise KdError(
                 f"{meta_path.parent}: trained for another definition of variant "
@@ -156,6 +158,7 @@ def compare_folds(
             progress.log(lock.recovered)
         progress.log(f"gap closure of {names} ({base.source}) -> {out}")
         ctx = RunContext.open(base, progress)
+        ctx.write_folds()
         folds = ctx.folds_to_run()
         if not force:
             for k in folds:

@@ -3,6 +3,7 @@ view config, the run folder's paths, the fold assignment and the loaders."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -18,11 +19,11 @@ from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
 from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig, view_config
 from kdtoolkit.engine.device import resolve_device
-from kdtoolkit.engine.distributed import main_first, start
+from kdtoolkit.engine.distributed import is_main, main_first, start
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.errors import KdError
-from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.fileio import atomic_write_text, read_json, reading
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.task import Task
 
@@ -87,6 +88,16 @@ def load_data(recipe: Recipe, progress: RunProgress | None = None) -> Manifest:
     if recipe.data.limit and recipe.data.limit < len(manifest.samples):
         manifest = Manifest(manifest.path, manifest.classes, manifest.samples[: recipe.data.limit])
     return manifest
+
+
+def data_digest(manifest: Path, pixels: str) -> str:
+    """What the run's outputs were made from: the manifest file's bytes (labels, boxes, paths)
+    and the digest of every decoded image and crop (``pixels``); 16 hex digits."""
+    h = hashlib.sha256()
+    with reading(manifest, "manifest", "check the file"):
+        h.update(manifest.read_bytes())
+    h.update(pixels.encode())
+    return h.hexdigest()[:16]
 
 
 def groups_of(samples: list[Sample]) -> list | None:
@@ -155,33 +166,48 @@ def fold_count(recipe: Recipe) -> int:
     return recipe.cv.folds * recipe.cv.repeats
 
 
+def saved_folds(path: Path, saved: dict, names: list[str], root: Path, repeats: int) -> np.ndarray:
+    """The fold assignment of ``folds.json`` (``saved``) for samples ``names`` (relative to the
+    manifest's folder ``root``); an error when it was made for other data or repeats."""
+    # images relative to their manifest: a run folder moved to another machine stays valid
+    before = Path(saved.get("root", root))  # older files: absolute paths, here
+    if [os.path.relpath(s["image"], before) for s in saved["samples"]] != names:
+        raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
+    if int(saved.get("repeats", 1)) != repeats:
+        raise KdError(
+            f"{path}: the fold assignment was made for cv.repeats = "
+            f"{saved.get('repeats', 1)}, not {repeats}; use a new output"
+        )
+    key = "repeat_folds" if repeats > 1 else "fold"
+    folds = np.array([s[key] for s in saved["samples"]], dtype=np.int64)
+    return folds.T if repeats > 1 else folds
+
+
 def assign_run_folds(
-    path: Path, manifest: Manifest, recipe: Recipe, groups: list | None = None
+    path: Path,
+    manifest: Manifest,
+    recipe: Recipe,
+    groups: list | None = None,
+    pending: list[str] | None = None,
 ) -> np.ndarray:
     """Each sample's fold: read from ``folds.json`` (``path``) when the run folder has it (a
     resumed run, or one run in parts), else assigned (keeping ``groups`` whole; default the
     manifest's) and written there. With ``cv.repeats`` R > 1, an ``R × samples`` array: repeat
     r is assigned with seed ``experiment.seed + r`` (repeat 0 is the one-repeat assignment),
-    and ``folds.json`` keeps every repeat's folds (``repeats``, each sample's ``repeat_folds``)."""
+    and ``folds.json`` keeps every repeat's folds (``repeats``, each sample's ``repeat_folds``).
+    ``pending``: a new assignment's file text is appended there instead of written (a run
+    writes it once every refusal check has passed)."""
     samples = manifest.samples
     groups = groups if groups is not None else groups_of(samples)
     root = manifest.path.parent
     repeats = recipe.cv.repeats
     if path.exists():
-        saved = json.loads(path.read_text())
-        # images relative to their manifest: a run folder moved to another machine stays valid
-        before = Path(saved.get("root", root))  # older files: absolute paths, here
-        names = [os.path.relpath(s["image"], before) for s in saved["samples"]]
-        if names != [os.path.relpath(s.image, root) for s in samples]:
-            raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
-        if int(saved.get("repeats", 1)) != repeats:
-            raise KdError(
-                f"{path}: the fold assignment was made for cv.repeats = "
-                f"{saved.get('repeats', 1)}, not {repeats}; use a new output"
+        fix = "delete the run folder's fold outputs and folds.json, or use a new output"
+        saved = read_json(path, "fold assignment", fix)
+        with reading(path, "fold assignment", fix):
+            return saved_folds(
+                path, saved, [os.path.relpath(s.image, root) for s in samples], root, repeats
             )
-        if repeats > 1:
-            return np.array([s["repeat_folds"] for s in saved["samples"]]).T
-        return np.array([s["fold"] for s in saved["samples"]])
     predefined = [s.fold for s in samples]
     if repeats > 1 and all(f is not None for f in predefined):
         raise KdError(
@@ -217,7 +243,10 @@ def assign_run_folds(
         "root": str(root),
         "samples": records,
     }
-    atomic_write_text(path, json.dumps(document, indent=1))
+    if pending is None:
+        atomic_write_text(path, json.dumps(document, indent=1))
+    else:
+        pending.append(json.dumps(document, indent=1))
     return np.asarray(assignments[0]) if repeats == 1 else np.array(assignments)
 
 
@@ -238,6 +267,8 @@ class RunContext:
     groups: list | None = None  # what folds and validation splits keep whole
     force: bool = False  # retrain stages made by another recipe (else an error)
     repeat_folds: np.ndarray | None = None  # cv.repeats > 1: repeats × samples
+    data_digest: str = ""  # the manifest's bytes and every image's pixels (``data_digest``)
+    pending_folds: str | None = None  # a new folds.json, written by ``write_folds``
 
     @classmethod
     def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:
@@ -256,8 +287,8 @@ class RunContext:
         loaders.decode_all(manifest.path, progress.advance_stage)
         progress.end_stage()
         groups = fold_groups(manifest.samples, loaders.content, progress.log)
-        with main_first():
-            assigned = assign_run_folds(paths.folds, manifest, recipe, groups)
+        pending: list[str] = []
+        assigned = assign_run_folds(paths.folds, manifest, recipe, groups, pending)
         fold_of = assigned if assigned.ndim == 1 else assigned[0]
         return cls(
             recipe=recipe,
@@ -273,7 +304,16 @@ class RunContext:
             groups=groups,
             force=force,
             repeat_folds=assigned if assigned.ndim == 2 else None,
+            data_digest=data_digest(manifest.path, loaders.pixels.hexdigest()),
+            pending_folds=pending[0] if pending else None,
         )
+
+    def write_folds(self) -> None:
+        """Write a new fold assignment into ``folds.json`` (rank 0; the others wait)."""
+        with main_first():
+            if self.pending_folds is not None and is_main():
+                atomic_write_text(self.paths.folds, self.pending_folds)
+        self.pending_folds = None
 
     @property
     def samples(self) -> list[Sample]:

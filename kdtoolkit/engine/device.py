@@ -30,6 +30,13 @@ def resolve_device(name: str) -> torch.device:
         ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise KdError(f"experiment.device: {name!r} asked for but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise KdError(
+                f"experiment.device: {name!r} asked for but this machine has {count} CUDA "
+                f"device(s) (cuda:0..cuda:{count - 1})"
+            )
     return device
 
 

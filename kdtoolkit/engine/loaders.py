@@ -55,6 +55,7 @@ class Loaders:
         self.log = log
         self.image_cache: dict = {}
         self.content: list[str] = []  # each sample's decoded-pixel digest (``decode_all``)
+        self.pixels = hashlib.blake2b(digest_size=16)  # every decoded image and crop, in order
 
     def decode_all(self, where: Path, on_image: Callable[[], None] = lambda: None) -> None:
         """Decode every image (and crop file) once, before any training: a broken file fails
@@ -64,6 +65,7 @@ class Loaders:
             self.data.loader == "auto" and self.device.type != "cuda"
         )
         self.content = []
+        self.pixels = hashlib.blake2b(digest_size=16)
         for s in self.samples:
             digest = ""
             for source in (s, s.crop) if s.crop is not None else (s,):
@@ -79,9 +81,10 @@ class Loaders:
                     ) from None
                 if keep:
                     self.image_cache[key] = arr
+                pixels = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
+                self.pixels.update(f"{pixels}{arr.shape}{arr.dtype}".encode())
                 if not digest:
-                    digest = hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest()
-                    digest += f"{arr.shape}{arr.dtype}"
+                    digest = f"{pixels}{arr.shape}{arr.dtype}"
             self.content.append(digest)
             on_image()
 

@@ -76,11 +76,19 @@ class RunLock:
             os.close(fd)
 
     def __enter__(self) -> RunLock:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = self._open_locked()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = self._open_locked()
+        except OSError as e:
+            raise KdError(
+                f"{self.folder}: cannot be used as a run folder ({e.strerror or e}); choose "
+                "another output folder"
+            ) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         if previous:
-            pid = int(previous.split()[1]) if previous.startswith("process ") else -1
+            fields = previous.split()
+            pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
+            previous = previous.splitlines()[0][:300]  # a damaged lock file: its first line
             same_host = f"on {socket.gethostname()}," in previous
             if fcntl is None and same_host and pid != os.getpid() and pid_alive(pid):
                 os.close(fd)

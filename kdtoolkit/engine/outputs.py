@@ -4,7 +4,6 @@ finished in a folder (folds made on other machines join by copying their fold fo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,9 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.engine.context import RunPaths
+from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import read_json, reading
 from kdtoolkit.report import figures
 from kdtoolkit.report.markdown import write_report
 from kdtoolkit.report.results import (
@@ -57,6 +58,10 @@ def row_models(
     }
 
 
+#: The fix for a damaged file of a trained stage.
+RETRAIN = "delete its stage folder and rerun kd run to retrain it"
+
+
 def classifier_of(run_dir: Path, folds: Iterable[int]) -> tuple[str | None, bool]:
     """``(crops, jitter)`` of the two-stage classifier of a run folder's ``folds`` (its
     ``model.json``; a folder made before it recorded them: axis-aligned enclosures, no
@@ -64,7 +69,7 @@ def classifier_of(run_dir: Path, folds: Iterable[int]) -> tuple[str | None, bool
     for k in folds:
         meta = run_dir / f"fold_{k}" / TWO_STAGE_CLASSIFIER / "model.json"
         if meta.parent.is_dir():
-            doc = json.loads(meta.read_text()) if meta.exists() else {}
+            doc = read_json(meta, "model metadata", RETRAIN) if meta.exists() else {}
             return str(doc.get("crops", "enclosure")), bool(doc.get("crop_jitter", False))
     return None, False
 
@@ -75,7 +80,9 @@ def history_of(paths: RunPaths, k: int) -> dict[str, list[dict]]:
     for role in (TEACHER, BASELINE_FULL, STUDENT):
         meta = paths.stage(k, role) / "model.json"
         if meta.exists():
-            out[role] = json.loads(meta.read_text()).get("history", [])
+            doc = read_json(meta, "model metadata", RETRAIN)
+            with reading(meta, "model metadata", RETRAIN):
+                out[role] = [dict(record) for record in doc.get("history") or []]
     return out
 
 
@@ -155,16 +162,16 @@ def saved_recipe(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "recipe.resolved.json"
     if not run_dir.is_dir():
         raise KdError(f"{run_dir}: no such folder; give a run folder (experiment.output)")
-    try:
-        doc = json.loads(path.read_text())
-        doc["recipe"]["cv"]["folds"]
-    except FileNotFoundError:
+    if not path.exists():
         raise KdError(
             f"{run_dir}: not a run folder (no recipe.resolved.json); give the folder kd run "
             "wrote (experiment.output)"
-        ) from None
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise KdError(f"{path}: unreadable ({e}); rerun kd run to rewrite it") from None
+        )
+    fix = "rerun kd run with its recipe to rewrite it"
+    doc = read_json(path, "resolved recipe", fix)
+    with reading(path, "resolved recipe", fix):
+        int(doc["recipe"]["cv"]["folds"]) * int(doc["recipe"]["cv"].get("repeats", 1))
+        str(doc["recipe"]["teacher"]["backbone"]), str(doc["recipe"]["student"]["backbone"])
     return doc
 
 
@@ -174,7 +181,7 @@ def stage_meta(paths: RunPaths, k: int) -> dict[str, Any]:
     for role in ROLES:
         meta = paths.stage(k, role) / "model.json"
         if meta.exists():
-            return json.loads(meta.read_text())
+            return read_json(meta, "model metadata", RETRAIN)
     return {}
 
 
@@ -184,6 +191,13 @@ def rebuild_report(run_dir: Path, log: Callable[[str], None] = lambda line: None
     when there is none. The recipe is read from the folder, not validated again: no data,
     plugin or device is needed."""
     run_dir = Path(run_dir)
+    saved_recipe(run_dir)  # a run folder, before it is locked
+    with RunLock(run_dir):  # not while a run writes there
+        return rebuild_locked(run_dir, log)
+
+
+def rebuild_locked(run_dir: Path, log: Callable[[str], None]) -> Rebuilt:
+    """``rebuild_report`` in the locked run folder."""
     doc = saved_recipe(run_dir)
     recipe: Mapping[str, Any] = doc["recipe"]
     paths = RunPaths(run_dir)

@@ -3,6 +3,7 @@ so a student stages full images with no crop and no detector."""
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch
 from kdtoolkit.data.view import ViewConfig, student_view
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import reading
 from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.models.gradcam import cam_for_images
 
@@ -71,7 +73,8 @@ class KdModel:
         ``device`` (``auto``: CUDA when present)."""
         dev = resolve_device(device) if isinstance(device, str) else device
         model, meta = load_model(checkpoint, dev)
-        return cls(model, meta)
+        with reading(checkpoint, "checkpoint's metadata", "give a model.safetensors of kd run"):
+            return cls(model, meta)
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +163,10 @@ def predict(
     batch_size: int = 16,
 ) -> PredictReport:
     """Stage every image with a student checkpoint; Grad-CAM overlays in ``cam_dir`` when
-    given. Unreadable files are skipped and listed in ``skipped``."""
+    given (the folder is made first: one that cannot be is an error before any work).
+    Unreadable files are skipped and listed in ``skipped``."""
+    if cam_dir is not None:
+        make_cam_dir(Path(cam_dir))
     model = KdModel.load(checkpoint, device)
     if model.view != "image":
         raise KdError(
@@ -191,6 +197,21 @@ def cam_name(path: Path, used: set[str]) -> str:
         k += 1
     used.add(name)
     return name
+
+
+def make_cam_dir(cam_dir: Path) -> None:
+    """Make the Grad-CAM folder (and its parents); one line when it cannot be made."""
+    if cam_dir.exists() and not cam_dir.is_dir():
+        raise KdError(f"{cam_dir}: is a file; give --cam a folder")
+    try:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cam_dir)  # noqa: SIM115
+        probe.close()
+    except OSError as e:
+        raise KdError(
+            f"{cam_dir}: cannot be written ({e.strerror or type(e).__name__}); choose another "
+            "--cam folder"
+        ) from None
 
 
 def write_cams(cam_dir: Path, model: KdModel, files: list[Path], batch_size: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -21,13 +21,17 @@ from rich.progress import (
 class RunProgress:
     """Fold/stage/epoch bars with each loss term, mirrored to ``run.log``.
 
-    ``quiet`` keeps the log file and drops the live view (for scripts and CI).
+    ``quiet`` keeps the log file and drops the live view (for scripts and CI). ``held``: the
+    log file is neither made nor written until ``commit`` (a run that is refused before it
+    starts leaves no log); held lines are written then, or dropped.
     """
 
-    def __init__(self, log_path: Path, quiet: bool = False) -> None:
+    def __init__(self, log_path: Path, quiet: bool = False, held: bool = False) -> None:
         self.log_path = Path(log_path)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._held: list[str] | None = [] if held else None
+        self._log: TextIO | None = None
+        if not held:
+            self.commit()
         self.console = Console(stderr=True, quiet=quiet)
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -49,13 +53,31 @@ class RunProgress:
 
     def __exit__(self, *exc: Any) -> None:
         self.progress.stop()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
+
+    def commit(self) -> None:
+        """Open the log file (making its folder) and write the lines held so far."""
+        if self._log is not None:
+            return
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115
+        for line in self._held or []:
+            self._write(line)
+        self._held = None
+
+    def _write(self, line: str) -> None:
+        if self._log is None:
+            assert self._held is not None
+            self._held.append(line)
+            return
+        self._log.write(line)
+        self._log.flush()
 
     def log(self, message: str) -> None:
         """A line in the log file and above the live bars."""
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self._log.write(f"{stamp} {message}\n")
-        self._log.flush()
+        self._write(f"{stamp} {message}\n")
         self.progress.console.print(message, highlight=False)
 
     def start_run(self, total_stages: int) -> None:
@@ -75,8 +97,7 @@ class RunProgress:
         info = " ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float))
         if self._stage is not None:
             self.progress.update(self._stage, completed=epoch, info=info)
-        self._log.write(f"{time.strftime('%H:%M:%S')} {description} epoch {epoch}: {info}\n")
-        self._log.flush()
+        self._write(f"{time.strftime('%H:%M:%S')} {description} epoch {epoch}: {info}\n")
 
     def advance_stage(self) -> None:
         """One more step of the current stage (e.g. one image decoded)."""

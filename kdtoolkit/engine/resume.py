@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kdtoolkit.fileio import first_line
 from kdtoolkit.models.checkpoint import load_state
 
 #: What a resume state must hold (``train_stage`` writes these after every epoch).
@@ -76,7 +77,7 @@ def read_state(path: Path, log: Callable[[str], None]) -> dict[str, Any] | None:
     try:
         state = load_state(path)
     except Exception as e:  # any unreadable file: a torch, zip or pickle error
-        set_aside(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'}", log)
+        set_aside(path, first_line(e) if str(e) else f"{type(e).__name__}: empty", log)
         return None
     missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:

@@ -10,7 +10,6 @@ rank 0 alone locks the folder, evaluates and writes (``engine.distributed``).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from kdtoolkit.engine.distributed import (
     world,
 )
 from kdtoolkit.engine.evaluate import evaluate_fold
+from kdtoolkit.engine.folder import check_run_folder, stamp_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.outputs import finished_folds, row_models, write_outputs
@@ -54,8 +54,7 @@ from kdtoolkit.engine.stage import (
     train_model,
 )
 from kdtoolkit.errors import Interrupted, KdError
-from kdtoolkit.fileio import atomic_write_text
-from kdtoolkit.models.checkpoint import load_model
+from kdtoolkit.models.checkpoint import load_model, read_metadata
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.results import FoldResult, RunResults
@@ -75,31 +74,10 @@ class RunResult:
         return self.run.to_json()
 
 
-def check_run_folder(recipe: Recipe, force: bool) -> None:
-    """Refuse a run folder made by another recipe, unless ``force``."""
-    path = recipe.output_dir / "recipe.resolved.json"
-    if path.exists() and not force:
-        try:
-            saved = json.loads(path.read_text()).get("digest")
-        except json.JSONDecodeError:
-            saved = None
-        if saved != recipe.digest():
-            raise KdError(
-                f"{recipe.output_dir}: this run folder belongs to a different recipe; choose "
-                f"another experiment.output (--output) or pass --force to reuse it"
-            )
-
-
 def prepare_run_folder(recipe: Recipe, force: bool) -> Path:
     """Check (``check_run_folder``), create and stamp the run folder with the resolved recipe."""
     check_run_folder(recipe, force)
-    out = recipe.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        out / "recipe.resolved.json",
-        json.dumps({"digest": recipe.digest(), "recipe": recipe.to_dict()}, indent=2),
-    )
-    return out
+    return stamp_run_folder(recipe)
 
 
 def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
@@ -108,10 +86,17 @@ def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
     spec = plan.evaluation
     done = ctx.paths.evaluation(k)
     if spec.cache and done.exists() and evaluation_reusable(ctx, plan, k):
-        ctx.log(f"fold {k}: evaluated before, reusing {done}")
-        for _ in range(len(plan)):
-            ctx.progress.advance_run()
-        return FoldResult.read(done)
+        try:
+            saved = FoldResult.read(done)
+        except KdError as e:
+            if not ctx.force:
+                raise
+            ctx.log(f"{e} (--force: evaluating again)")
+        else:
+            ctx.log(f"fold {k}: evaluated before, reusing {done}")
+            for _ in range(len(plan)):
+                ctx.progress.advance_run()
+            return saved
     train_idx, val_idx, test_idx = ctx.fold_indices(k)
     ctx.log(
         f"fold {k}: {len(train_idx)} train, {len(val_idx)} validation, {len(test_idx)} held out"
@@ -160,8 +145,31 @@ def evaluation_reusable(ctx: RunContext, plan: FoldPlan, k: int) -> bool:
             ckpt = ctx.paths.checkpoint(k, stage.role)
             want = (stage.recipe or ctx.recipe).digest()
             what = f"fold {k} {stage.role}"
-            if not ckpt.exists() or not reusable(ctx, what, ckpt, checkpoint_digest(ckpt), want):
+            if not ckpt.exists():
                 return False
+            digest, data = checkpoint_digest(ctx, what, ckpt)
+            if not reusable(ctx, what, ckpt, digest, want, data):
+                return False
+    return True
+
+
+def of_this_data(ctx: RunContext, plan: FoldPlan, k: int) -> bool:
+    """Whether fold ``k``'s models (evaluated in an earlier run) were trained on this run's
+    data; when not, the log says the fold is left out of the results."""
+    for stage in plan.stages:
+        ckpt = ctx.paths.checkpoint(k, stage.role) if isinstance(stage, TrainSpec) else None
+        if ckpt is None or not ckpt.exists():
+            continue
+        try:
+            data = read_metadata(ckpt).get("data_digest")
+        except KdError:
+            continue
+        if data and ctx.data_digest and data != ctx.data_digest:
+            ctx.log(
+                f"fold {k}: evaluated on other data (the manifest or its images changed); "
+                "left out of the results until it is run again"
+            )
+            return False
     return True
 
 
@@ -245,12 +253,14 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
         )
     try:
         start(resolve_device(recipe.experiment.device))
+        if main:
+            check_run_folder(recipe, force)
         with RunLock(out) if main else contextlib.nullcontext() as lock:
             if main:
-                prepare_run_folder(recipe, force)
+                check_run_folder(recipe, force)  # again, now that no other run can stamp it
             barrier()
             log = out / "run.log" if main else Path(os.devnull)
-            with RunProgress(log, quiet=quiet or not main) as progress:
+            with RunProgress(log, quiet=quiet or not main, held=True) as progress:
                 if lock is not None and lock.recovered:
                     progress.log(lock.recovered)
                 if recipe.launch.executor != "inline":
@@ -270,13 +280,15 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     progress.log(f"device {ctx.device}; {len(ctx.samples)} samples, {ctx.num_classes} classes")
     if launched():
         progress.log(f"{world().size} processes train each stage, each on its part of a batch")
-    per_fold = run_folds(ctx, run_plan(ctx), ctx.folds_to_run())
-    for k in range(fold_count(recipe)):  # folds run earlier into this folder (runs in parts)
-        done = ctx.paths.evaluation(k)
-        if k not in per_fold and done.exists():
-            progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
-            per_fold[k] = FoldResult.read(done)
-    return finish_run(ctx, dict(sorted(per_fold.items())))
+    plan, folds = run_plan(ctx), ctx.folds_to_run()
+    with stamped(ctx, plan, folds):
+        per_fold = run_folds(ctx, plan, folds)
+        for k in range(fold_count(recipe)):  # folds run earlier into this folder (runs in parts)
+            done = ctx.paths.evaluation(k)
+            if k not in per_fold and done.exists() and of_this_data(ctx, plan, k):
+                progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
+                per_fold[k] = FoldResult.read(done)
+        return finish_run(ctx, dict(sorted(per_fold.items())))
 
 
 def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
@@ -284,7 +296,7 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
     assignment are checked here once (on the CPU), each fold not evaluated before becomes a job
     (``run_fold_job``), and the report covers every finished fold; failed jobs end it with
     ``FoldsFailed`` (after the report of the others)."""
-    jobs = import_jobs()
+    import_jobs()  # submitit is there before anything is read
     out = recipe.output_dir.resolve()
     recipe = replace(recipe, experiment=replace(recipe.experiment, output=str(out)))
     progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
@@ -292,6 +304,16 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
     ctx = RunContext.open(cpu, progress, force)
     progress.log(f"{len(ctx.samples)} samples, {ctx.num_classes} classes")
     plan = run_plan(ctx)
+    with stamped(ctx, plan, ctx.folds_to_run()):
+        return run_jobs_in(ctx, plan, recipe, progress, force)
+
+
+def run_jobs_in(
+    ctx: RunContext, plan: FoldPlan, recipe: Recipe, progress: RunProgress, force: bool
+) -> RunResult:
+    """The body of ``run_as_jobs`` in its stamped run folder."""
+    jobs = import_jobs()
+    out = recipe.output_dir
     todo = []
     for k in ctx.folds_to_run():
         done = ctx.paths.evaluation(k)
@@ -308,6 +330,7 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
         name = f"kd-{recipe.experiment.name}"
         status = jobs.launch_folds(recipe.launch, out, todo, job_of, progress, name)
     per_fold = finished_folds(ctx.paths, fold_count(recipe))
+    per_fold = {k: r for k, r in per_fold.items() if k in status or of_this_data(ctx, plan, k)}
     for k in per_fold:
         if k not in status and k not in ctx.folds_to_run():
             progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
@@ -331,6 +354,7 @@ def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
             progress.log(lock.recovered)
         try:
             ctx = RunContext.open(recipe, progress, force)
+            ctx.write_folds()
             progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
             run_folds(ctx, run_plan(ctx), [k])
         except BaseException as e:

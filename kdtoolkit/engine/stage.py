@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, mai
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
-from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.fileio import atomic_write_text, read_json, reading
 from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.models.checkpoint import read_metadata, save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
@@ -118,12 +118,32 @@ def check_input_size(
     model.train()
 
 
-def reusable(ctx: RunContext, what: str, path: Path, digest: str | None, want: str) -> bool:
-    """Whether a finished stage output (``path``, made by the recipe of ``digest``) may be
-    reused by this run (recipe digest ``want``): yes when the digests match; else, with
-    ``--force``, no (it is remade); otherwise an error saying how to proceed."""
+def reusable(
+    ctx: RunContext,
+    what: str,
+    path: Path,
+    digest: str | None,
+    want: str,
+    data: str | None = None,
+    quiet: bool = False,
+) -> bool:
+    """Whether a finished stage output (``path``, made by the recipe of ``digest`` from the
+    data of ``data``, the run's ``data_digest`` then) may be reused by this run (recipe digest
+    ``want``): yes when both digests match; when only the data changed, no (it is remade, and
+    the log says why unless ``quiet``); made by another recipe: with ``--force``, no (it is
+    remade), otherwise an error saying how to proceed."""
     if digest == want:
-        return True
+        have = getattr(ctx, "data_digest", "")
+        if data is None or not have or data == have:  # outputs older than data digests: kept
+            return True
+        if not quiet:
+            ctx.log(
+                f"{what}: the data changed since {path} was made (the manifest or its images; "
+                f"data digest {data[:12]}, now {have[:12]}); remaking it"
+            )
+        return False
+    if digest == DAMAGED:
+        return False  # named by ``checkpoint_digest`` (only --force gets here)
     if ctx.force:
         ctx.log(f"{what}: {path} was made by another recipe; remaking it (--force)")
         return False
@@ -133,12 +153,23 @@ def reusable(ctx: RunContext, what: str, path: Path, digest: str | None, want: s
     )
 
 
-def checkpoint_digest(path: Path) -> str | None:
-    """The recipe digest stored with a checkpoint (None: none, or unreadable)."""
+#: ``checkpoint_digest`` of a damaged checkpoint that ``--force`` remakes.
+DAMAGED = "<damaged>"
+
+
+def checkpoint_digest(ctx: RunContext, what: str, path: Path) -> tuple[str | None, str | None]:
+    """The recipe and data digests stored with a checkpoint (None: none). A damaged
+    checkpoint is an error naming it; with ``--force``, ``DAMAGED`` (it is remade, and the log
+    says why)."""
     try:
-        return read_metadata(path).get("recipe_digest")
-    except KdError:
-        return None
+        meta = read_metadata(path)
+    except KdError as e:
+        if ctx.force:
+            ctx.log(f"{what}: {e}; remaking it (--force)")
+            return DAMAGED, None
+        raise KdError(f"{what}: {e}; delete it or pass --force to retrain it") from None
+    digest, data = meta.get("recipe_digest"), meta.get("data_digest")
+    return None if digest is None else str(digest), None if data is None else str(data)
 
 
 def enclosure_samples(samples: Sequence[Sample]) -> list[Sample]:
@@ -182,7 +213,8 @@ def train_model(
     description = f"fold {fold} {spec.role}"
     recipe = spec.recipe or ctx.recipe
     digest = recipe.digest()
-    if ckpt.exists() and reusable(ctx, description, ckpt, checkpoint_digest(ckpt), digest):
+    stored = checkpoint_digest(ctx, description, ckpt) if ckpt.exists() else None
+    if stored is not None and reusable(ctx, description, ckpt, stored[0], digest, stored[1]):
         ctx.log(f"{description}: done before, reusing {ckpt}")
         ctx.progress.advance_run()
         return ckpt
@@ -242,6 +274,8 @@ def train_model(
     if is_main():
         meta = model_metadata(recipe, spec.role, config, ctx.classes, cfg, view)
         meta.update({"fold": fold, "history": stage.history, "train_seconds": seconds})
+        if ctx.data_digest:
+            meta["data_digest"] = ctx.data_digest
         if view == "crop":  # which crops it learned from (the report names them)
             meta.update({"crops": spec.crops, "crop_jitter": spec.jitter})
         save_checkpoint(ckpt, best, meta)
@@ -272,17 +306,11 @@ def provider_rois(
     workdir = ctx.paths.stage(fold, spec.role)
     cache = workdir / "rois.json"
     want = ctx.recipe.digest()
-    saved = json.loads(cache.read_text()) if cache.exists() else None
     what = f"fold {fold} {spec.role}"
-    if saved is not None and reusable(ctx, what, cache, saved.get("recipe_digest", want), want):
+    saved = read_rois(cache, ctx.force, ctx.log) if cache.exists() else None
+    if saved is not None and reusable(ctx, what, cache, saved[1] or want, want, saved[2]):
         ctx.progress.advance_run()
-        result = RoiResult(
-            boxes=np.array(saved["boxes"]),
-            angles=np.array(saved["angles"]),
-            found=np.array(saved["found"], dtype=bool),
-            metrics=saved["metrics"],
-        )
-        return result, provider_cls.learned
+        return saved[0], provider_cls.learned
     workdir.mkdir(parents=True, exist_ok=True)
     provider = provider_cls(**spec.options)
     ctx.progress.start_stage(f"fold {fold} roi ({spec.provider})", 1)
@@ -307,10 +335,36 @@ def provider_rois(
         "found": result.found.tolist(),
         "metrics": result.metrics,
         "recipe_digest": want,
+        **({"data_digest": ctx.data_digest} if ctx.data_digest else {}),
     }
     atomic_write_text(cache, json.dumps(saved))
     ctx.progress.end_stage()
     return result, provider_cls.learned
+
+
+def read_rois(
+    cache: Path, force: bool, log: Callable[[str], None]
+) -> tuple[RoiResult, str | None, str | None] | None:
+    """(boxes, recipe digest, data digest) of a ROI cache; damaged: an error naming it
+    (``force``: None, so the provider runs again)."""
+    fix = "delete it (or pass --force) to run the ROI provider again"
+    try:
+        saved = read_json(cache, "ROI cache", fix)
+        with reading(cache, "ROI cache", fix):
+            n = len(saved["boxes"])
+            result = RoiResult(
+                boxes=np.array(saved["boxes"], dtype=np.float64).reshape(n, 4),
+                angles=np.array(saved["angles"], dtype=np.float64).reshape(n),
+                found=np.array(saved["found"], dtype=bool).reshape(n),
+                metrics=dict(saved["metrics"]),
+            )
+            digest, data = saved.get("recipe_digest"), saved.get("data_digest")
+    except KdError as e:
+        if not force:
+            raise
+        log(f"{e} (--force: running it again)")
+        return None
+    return result, None if digest is None else str(digest), None if data is None else str(data)
 
 
 def mask_rois_of(rois: RoiResult) -> dict[int, tuple]:

@@ -74,6 +74,25 @@ def check_finite(
     )
 
 
+def check_inputs(stage: Stage, epoch: int, batch: dict[str, Any]) -> None:
+    """Stop when a batch's images or crops hold NaN or infinite values (the data, not a loss
+    term, is at fault), naming the samples."""
+    for key in ("image", "crop"):
+        x = batch.get(key)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            continue
+        finite = torch.isfinite(x).flatten(1).all(1)
+        if bool(finite.all()):
+            continue
+        index = batch.get("index")
+        which = (index[~finite.cpu()] if index is not None else (~finite).nonzero()[:, 0]).tolist()
+        raise KdError(
+            f"{stage.label or stage.name} epoch {epoch}: the input batch holds NaN or infinite "
+            f"values ({key} of sample index {', '.join(str(i) for i in which[:5])}); the data is "
+            "at fault, not a loss term: kd data check MANIFEST names the rows"
+        )
+
+
 def gradient_shares(weighted: dict[str, torch.Tensor], params: list) -> dict[str, float]:
     """Each weighted term's share of the gradient: ``‖∂(w_i·L_i)/∂θ‖ / Σ_j ‖∂(w_j·L_j)/∂θ‖``
     over the trainable parameters θ (L2 norm over all of them; a term that does not reach θ
@@ -266,6 +285,7 @@ def train_stage(
         loss.keep_terms = len(loss.terms) > 1 and size == 1
         for batch in train_loader:
             n = len(batch["label"])
+            check_inputs(stage, epoch + 1, batch)
             with autocast(device):
                 ctx = make_context(stage, batch, device, net)
                 total, parts = loss(ctx)

@@ -18,7 +18,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from kdtoolkit.errors import KdError
-from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text
+from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text, reading
 from kdtoolkit.models.backbone import build_backbone
 
 META_KEY = "kdtoolkit"
@@ -40,31 +40,34 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise KdError(f"{path}: checkpoint not found")
-    data = path.read_bytes()
-    try:
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-    except (SafetensorError, ValueError) as e:
-        raise KdError(f"{path}: not a safetensors checkpoint ({e})") from None
-    meta_text = header.get("__metadata__", {}).get(META_KEY)
-    if meta_text is None:
-        raise KdError(f"{path}: a safetensors file without kdtoolkit metadata")
-    return tensors, json.loads(meta_text)
+    with reading(path, "checkpoint", "give a model.safetensors written by kd run"):
+        data = path.read_bytes()
+        try:
+            tensors = load(data)
+        except SafetensorError as e:
+            raise ValueError(f"not a safetensors file: {e}") from None
+    return tensors, read_metadata(path)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The kdtoolkit metadata of a checkpoint, from its header alone (no tensors read)."""
     path = Path(path)
-    try:
+    with reading(path, "checkpoint", "give a model.safetensors written by kd run"):
         with open(path, "rb") as fh:
             size = int.from_bytes(fh.read(8), "little")
             if not 0 < size < 100_000_000:
-                raise ValueError("bad header size")
+                raise ValueError("not a safetensors file (bad header size)")
             header = json.loads(fh.read(size))
-        return json.loads(header["__metadata__"][META_KEY])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise KdError(f"{path}: not a kdtoolkit checkpoint ({e})") from None
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            fh.seek(0, 2)
+            if fh.tell() < 8 + size + max(ends, default=0):
+                raise ValueError("truncated: shorter than its header says")
+        if META_KEY not in (header.get("__metadata__") or {}):
+            raise ValueError("a safetensors file without kdtoolkit metadata")
+        meta = json.loads(header["__metadata__"][META_KEY])
+        if not isinstance(meta, dict):
+            raise ValueError("its kdtoolkit metadata is not a JSON object")
+    return meta
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -96,7 +99,9 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
     weights, meta = load_checkpoint(Path(checkpoint))
     model_weights, _ = split_weights(weights)
-    options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
+    with reading(checkpoint, "checkpoint's metadata", "give a model.safetensors written by kd run"):
+        options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
+        str(meta["backbone"]), len(meta["classes"]), int(meta["channels"])
     try:
         model = build_backbone(meta["backbone"], len(meta["classes"]), meta["channels"], options)
         result = model.load_state_dict(model_weights, strict=False)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import first_line
 from kdtoolkit.models.timm import TimmBackbone
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unreadable file is the user input
-        raise KdError(f"pretrained weights {path}: cannot read: {e}") from e
+        raise KdError(f"pretrained weights {path}: cannot read ({first_line(e)})") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

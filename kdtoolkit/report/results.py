@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.fileio import atomic_write_text, read_json, reading
 from kdtoolkit.report.metrics import gap_closure, summarise
 from kdtoolkit.report.stats import Statistics, compute
 
@@ -148,7 +148,10 @@ class FoldResult:
 
     @classmethod
     def read(cls, path: Path) -> FoldResult:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        fix = "delete it and rerun kd run to evaluate that fold again"
+        doc = read_json(path, "fold evaluation", fix)
+        with reading(path, "fold evaluation", fix):
+            return cls.from_dict(doc)
 
 
 # -- a run -------------------------------------------------------------------------------------
@@ -326,4 +329,8 @@ def write_results(run_dir: str | os.PathLike[str], results: RunResults) -> Path:
 
 def read_results(run_dir: str | os.PathLike[str]) -> RunResults:
     """The results of a finished run folder (its ``results.json``)."""
-    return RunResults.from_json(json.loads((Path(run_dir) / "results.json").read_text()))
+    path = Path(run_dir) / "results.json"
+    fix = "rebuild it with kd report"
+    doc = read_json(path, "results", fix)
+    with reading(path, "results", fix):
+        return RunResults.from_json(doc)

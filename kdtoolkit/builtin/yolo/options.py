@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.fileio import first_line
 
 #: Head modules of the packaged model YAMLs that plain ``YOLO`` trains as detectors.
 DETECT_HEADS = {"Detect", "v10Detect"}
@@ -144,8 +145,7 @@ def check_safe_weights(path: Path) -> None:
         try:
             torch_safe_load(str(path), safe_only=True)
         except Exception as e:
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise KdError(
-                f"yolo weights {str(path)!r}: not loadable as plain weights ({reason[:200]}); "
+                f"yolo weights {str(path)!r}: not loadable as plain weights ({first_line(e)}); "
                 "use an ultralytics checkpoint of model classes only (docs/roi.md)"
             ) from None

@@ -39,6 +39,9 @@ def phantom_command(
             "small scan (manifest slice = mid; the PNGs stay in OUT/png).",
         ),
     ] = "png",
+    force: Annotated[
+        bool, typer.Option(help="Replace a phantom made in OUT with other settings.")
+    ] = False,
 ) -> None:
     """Generate the synthetic SOS phantom (reused when OUT already holds the same one)."""
     from kd_sos.volumes import FORMATS, ensure_volumes
@@ -52,6 +55,8 @@ def phantom_command(
     from kd_sos.phantom import ensure_phantom, preset
 
     regime = preset(difficulty)  # an unknown name is a one-line error before any work
+    if out.exists() and not out.is_dir():
+        raise KdError(f"{out}: is a file; give a folder for the phantom")
     console = Console(stderr=True)
     with Progress(
         "[bold]phantom",
@@ -66,12 +71,20 @@ def phantom_command(
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
 
-        if fmt == "png":
-            manifest = ensure_phantom(out, n, seed, size, crops, regime, progress=advance)
-        else:
-            manifest = ensure_volumes(
-                out, fmt, n, seed, size, crops, progress=advance, difficulty=difficulty
-            )
+        try:
+            if fmt == "png":
+                manifest = ensure_phantom(
+                    out, n, seed, size, crops, regime, progress=advance, replace=force
+                )
+            else:
+                manifest = ensure_volumes(
+                    out, fmt, n, seed, size, crops, progress=advance, difficulty=difficulty
+                )
+        except OSError as e:
+            where = e.filename or out
+            raise KdError(
+                f"{where}: cannot be written ({e.strerror}); choose another OUT"
+            ) from None
     generated = bar.tasks[task].completed > 0
     verb = "wrote" if generated else "reused"
     kind = "slices" if fmt == "png" else f"{fmt} scans"

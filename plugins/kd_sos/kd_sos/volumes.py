@@ -121,7 +121,11 @@ def ensure_volumes(
         params["difficulty"] = difficulty
     manifest, params_file = out_dir / "manifest.csv", out_dir / PARAMS_FILE
     if manifest.exists():
-        if params_file.exists() and json.loads(params_file.read_text()) == params:
+        try:
+            same = params_file.exists() and json.loads(params_file.read_text()) == params
+        except (OSError, ValueError):
+            same = False  # damaged: the scans are written again
+        if same:
             return manifest
         if not params_file.exists():
             raise KdError(f"{manifest} exists and was not written by the phantom — use a new OUT")

@@ -130,10 +130,12 @@ def write_phantom(
     return manifest
 
 
-def _checked(n: int, size: int, difficulty: Difficulty | None) -> Difficulty:
+def _checked(n: int, size: int, difficulty: Difficulty | None, seed: int = 0) -> Difficulty:
     """The difficulty to draw with; ``KdError`` for arguments the generator cannot draw."""
     d = difficulty or Difficulty()
     d.check()
+    if not 0 <= seed < 2**32:
+        raise KdError(f"phantom: seed must be in [0, 2**32), got {seed}")
     if n < 1:
         raise KdError(f"phantom: n must be >= 1, got {n}")
     if not 64 <= size <= 4096:
@@ -188,15 +190,24 @@ def ensure_phantom(
     difficulty: Difficulty | None = None,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    replace: bool = True,
 ) -> Path:
     """The manifest of the phantom with these parameters in ``cache_dir``: reused when it was
-    generated before (``phantom.json`` matches and the manifest exists), else (re)generated.
+    generated before (``phantom.json`` matches and the manifest exists), else (re)generated
+    (``replace`` False: a phantom of other settings there is an error instead).
 
     Refuses to overwrite a ``manifest.csv`` that the generator did not write.
     """
-    _checked(n, size, difficulty)
+    _checked(n, size, difficulty, seed)
     cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise KdError(f"{cache_dir}: is a file; give a folder for the phantom")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise KdError(
+            f"{cache_dir}: cannot be made ({e.strerror}); choose another folder"
+        ) from None
     params = phantom_params(n, seed, size, crops, difficulty)
     manifest, params_file = cache_dir / "manifest.csv", cache_dir / PARAMS_FILE
     with _locked(cache_dir):
@@ -209,6 +220,11 @@ def ensure_phantom(
             with contextlib.suppress(ValueError, OSError):
                 if json.loads(params_file.read_text()) == params:
                     return manifest
+            if not replace:
+                raise KdError(
+                    f"{cache_dir}: holds a phantom made with other settings ({params_file}); "
+                    "pass --force to replace it, or choose another folder"
+                )
         manifest.unlink(missing_ok=True)
         params_file.unlink(missing_ok=True)
         for sub in ("images", "crops"):  # only files this generator names
