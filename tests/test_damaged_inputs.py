@@ -108,12 +108,16 @@ def test_report_on_a_truncated_eval_json_names_it(finished, tmp_path):
     one_line_naming(kd("report", str(root / "run")), "eval.json")
 
 
-def test_a_garbage_run_lock_is_taken_over(finished, tmp_path):
+def test_a_garbage_run_lock_is_one_line_and_changes_nothing(finished, tmp_path):
     root = copy_of(finished, tmp_path)
-    (root / "run" / "run.lock").write_bytes(b"process \xff\xfe garbage\n\x00\x01")
-    result = kd("run", str(root / "tiny.toml"), "--quiet", "--set", "cv.only=[0]")
-    assert result.returncode == 0, result.stderr
-    assert "recovered the stale lock" in (root / "run" / "run.log").read_text()
+    lock = root / "run" / "run.lock"
+    lock.write_bytes(b"process \xff\xfe garbage\n\x00\x01")
+    log = (root / "run" / "run.log").read_text()
+    one_line_naming(
+        kd("run", str(root / "tiny.toml"), "--quiet", "--set", "cv.only=[0]"), "run.lock"
+    )
+    assert lock.read_bytes() == b"process \xff\xfe garbage\n\x00\x01"
+    assert (root / "run" / "run.log").read_text() == log
 
 
 def test_run_output_onto_a_file_is_one_line(tiny_recipe, tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import time
@@ -34,6 +35,10 @@ def pid_alive(pid: int) -> bool:
     except (PermissionError, OSError):
         return True
     return True
+
+
+#: What a lock file of kd holds: ``process <pid> on <host>, since <time>: <command>``.
+LOCK_TEXT = re.compile(r"process \d+ on [^\n]*, since [^\n]*")
 
 
 class RunLock:
@@ -85,6 +90,12 @@ class RunLock:
                 "another output folder"
             ) from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
+        if previous and not LOCK_TEXT.match(previous):
+            os.close(fd)
+            raise KdError(
+                f"{self.path}: is damaged (not a lock kd wrote); if no kd process uses "
+                f"{self.folder}, delete it and run again"
+            )
         if previous:
             fields = previous.split()
             pid = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
