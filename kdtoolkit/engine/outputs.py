@@ -170,9 +170,14 @@ def saved_recipe(run_dir: Path) -> dict[str, Any]:
     fix = "rerun kd run with its recipe to rewrite it"
     doc = read_json(path, "resolved recipe", fix)
     with reading(path, "resolved recipe", fix):
-        int(doc["recipe"]["cv"]["folds"]) * int(doc["recipe"]["cv"].get("repeats", 1))
+        saved_fold_count(doc["recipe"])
         str(doc["recipe"]["teacher"]["backbone"]), str(doc["recipe"]["student"]["backbone"])
     return doc
+
+
+def saved_fold_count(recipe: Mapping[str, Any]) -> int:
+    """The folds of a resolved recipe's every repeat (``context.fold_count`` of its data)."""
+    return int(recipe["cv"]["folds"]) * int(recipe["cv"].get("repeats", 1))
 
 
 def stage_meta(paths: RunPaths, k: int) -> dict[str, Any]:
@@ -201,7 +206,7 @@ def rebuild_locked(run_dir: Path, log: Callable[[str], None]) -> Rebuilt:
     doc = saved_recipe(run_dir)
     recipe: Mapping[str, Any] = doc["recipe"]
     paths = RunPaths(run_dir)
-    n_folds = int(recipe["cv"]["folds"]) * int(recipe["cv"].get("repeats", 1))
+    n_folds = saved_fold_count(recipe)
     found = finished_folds(paths, n_folds)
     left_out: dict[int, str] = {}
     classes: list[str] = []
