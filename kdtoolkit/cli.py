@@ -16,6 +16,7 @@ from rich.table import Table
 
 from kdtoolkit import __version__
 from kdtoolkit.data_cli import data_app
+from kdtoolkit.deploy_cli import predict_command
 from kdtoolkit.errors import KdError
 from kdtoolkit.scaffold import new_plugin_command
 
@@ -35,6 +36,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command("new-plugin")(new_plugin_command)
+app.command("predict")(predict_command)
 
 SetOption = Annotated[
     list[str] | None,
@@ -275,38 +277,6 @@ def plugins(
     for name, why in broken_plugins().items():
         table.add_row("[red]broken[/]", escape(name), escape(f"switched off: it {why}"))
     console.print(table)
-
-
-@app.command()
-def predict(
-    checkpoint: Annotated[Path, typer.Argument(help="A student checkpoint (.safetensors).")],
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
-    cam: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlay PNGs here.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
-) -> None:
-    """Stage full images with a student alone: no crops, no detector."""
-    from kdtoolkit.engine.predict import predict as predict_images
-
-    report = predict_images(checkpoint, paths, cam_dir=cam, device=device)
-    if as_json:
-        for r in report.results:
-            print(json.dumps(r, allow_nan=False))
-    else:
-        table = Table(title=f"predictions of {checkpoint.name}")
-        table.add_column("image")
-        table.add_column("class")
-        table.add_column("p", justify="right")
-        for r in report.results:
-            table.add_row(r["image"], r["class"], f"{r['probabilities'][r['class']]:.3f}")
-        console.print(table)
-    for path, reason in report.skipped:
-        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, soft_wrap=True)
-    if report.skipped:
-        raise KdError(
-            f"{len(report.skipped)} of {len(report.skipped) + len(report.results)} images could "
-            "not be read (listed above); the others were predicted"
-        )
 
 
 def _add_plugin_commands() -> None:
