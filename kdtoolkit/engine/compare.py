@@ -20,10 +20,11 @@ from kdtoolkit.config.override import parse_override
 from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.config.sections import VARIANT_NAME
 from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.plan import compare_plan
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.run import interrupted, prepare_run_folder, run_folds
+from kdtoolkit.engine.run import interrupted, run_folds
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json
 from kdtoolkit.report.comparison import Comparison, VariantInfo, write_comparison
@@ -151,14 +152,14 @@ def compare_folds(
 ) -> tuple[dict[int, FoldResult], list[str]]:
     """The body of ``compare`` in its locked output folder: every fold's results and the
     class names."""
-    out = prepare_run_folder(base, force)
+    out = base.output_dir
+    check_run_folder(base, force)  # again, now that no other run can stamp it
     names = [v.name for v in variants]
-    with RunProgress(out / "gap_closure.log", quiet=quiet) as progress:
+    with RunProgress(out / "gap_closure.log", quiet=quiet, held=True) as progress:
         if lock.recovered:
             progress.log(lock.recovered)
         progress.log(f"gap closure of {names} ({base.source}) -> {out}")
-        ctx = RunContext.open(base, progress)
-        ctx.write_folds()
+        ctx = RunContext.open(base, progress, force)
         folds = ctx.folds_to_run()
         if not force:
             for k in folds:
@@ -170,7 +171,8 @@ def compare_folds(
             accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
             progress.log(f"fold {result.fold} accuracy: {accuracy}")
 
-        return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
+        with stamped(ctx, plan, folds):  # checks every cached output, then stamps the folder
+            return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
 
 
 def compare(
@@ -198,6 +200,7 @@ def compare(
     for v, recipe in zip(variants, recipes, strict=True):
         check_shared(base, v, recipe)
 
+    check_run_folder(base, force)
     try:
         with RunLock(output) as lock:
             per_fold, classes = compare_folds(base, variants, recipes, force, quiet, lock)

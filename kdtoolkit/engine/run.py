@@ -33,7 +33,7 @@ from kdtoolkit.engine.distributed import (
     world,
 )
 from kdtoolkit.engine.evaluate import evaluate_fold
-from kdtoolkit.engine.folder import check_run_folder, stamp_run_folder, stamped
+from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.outputs import finished_folds, row_models, write_outputs
@@ -72,12 +72,6 @@ class RunResult:
     def results(self) -> dict[str, Any]:
         """The ``results.json`` document."""
         return self.run.to_json()
-
-
-def prepare_run_folder(recipe: Recipe, force: bool) -> Path:
-    """Check (``check_run_folder``), create and stamp the run folder with the resolved recipe."""
-    check_run_folder(recipe, force)
-    return stamp_run_folder(recipe)
 
 
 def run_fold(ctx: RunContext, plan: FoldPlan, k: int) -> FoldResult:
