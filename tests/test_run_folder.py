@@ -118,3 +118,39 @@ def test_a_fold_evaluated_on_other_data_is_left_out(tmp_path, tiny_recipe, tiny_
     result = run(load_recipe(tiny_recipe, other), quiet=True)
     assert result.run.fold_ids == [1]
     assert "fold 0: evaluated on other data" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_refused_compare_leaves_its_folder_byte_identical(tmp_path, tiny_recipe):
+    """kd compare checks every cached output before it stamps its folder or starts its log."""
+    out = tmp_path / "gap"
+    args = ["compare", str(tiny_recipe), "--output", str(out), "--quiet", "--variant", "paper:"]
+    first = kd(*args, "--set=cv.only=[0]", "--set=teacher.epochs=1", "--set=student.epochs=1")
+    assert first.returncode == 0, first.stderr
+    (out / "recipe.resolved.json").unlink()  # fold folders copied in from another machine
+    (out / "gap_closure.log").unlink()
+    before = folder_hash(out)
+    refused = kd(*args, "--set=cv.only=[0]", "--set=teacher.epochs=2", "--set=student.epochs=1")
+    assert refused.returncode == 2 and "another definition" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert folder_hash(out) == before
+
+
+def test_reordered_manifest_keeps_each_images_fold(tmp_path, tiny_recipe, tiny_manifest):
+    recipe = load_recipe(tiny_recipe, SMALL)
+    evaluation = tmp_path / "run" / "fold_0" / "eval.json"
+
+    def held_out() -> list[str]:
+        """Fold 0's held-out images, by the manifest's current row order."""
+        header, *rows = tiny_manifest.read_text().splitlines()
+        image = header.split(",").index("image")
+        index = json.loads(evaluation.read_text())["predictions"]["index"]
+        return sorted(rows[i].split(",")[image] for i in index)
+
+    run(recipe, quiet=True)
+    before = held_out()
+    header, *rows = tiny_manifest.read_text().splitlines()
+    tiny_manifest.write_text("\n".join([header, *reversed(rows)]) + "\n")
+    run(recipe, quiet=True)  # not refused: the same images, in another order
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "fold 0 teacher: the data changed since" in log  # the batches' order changed
+    assert held_out() == before and len(before) < len(rows)
