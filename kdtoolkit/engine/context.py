@@ -171,7 +171,8 @@ def saved_folds(path: Path, saved: dict, names: list[str], root: Path, repeats: 
     manifest's folder ``root``); an error when it was made for other data or repeats."""
     # images relative to their manifest: a run folder moved to another machine stays valid
     before = Path(saved.get("root", root))  # older files: absolute paths, here
-    if [os.path.relpath(s["image"], before) for s in saved["samples"]] != names:
+    stored = [os.path.relpath(s["image"], before) for s in saved["samples"]]
+    if sorted(stored) != sorted(names):
         raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
     if int(saved.get("repeats", 1)) != repeats:
         raise KdError(
@@ -179,7 +180,8 @@ def saved_folds(path: Path, saved: dict, names: list[str], root: Path, repeats: 
             f"{saved.get('repeats', 1)}, not {repeats}; use a new output"
         )
     key = "repeat_folds" if repeats > 1 else "fold"
-    folds = np.array([s[key] for s in saved["samples"]], dtype=np.int64)
+    by_name = {name: s[key] for name, s in zip(stored, saved["samples"], strict=True)}
+    folds = np.array([by_name[name] for name in names], dtype=np.int64)  # rows reordered: same
     return folds.T if repeats > 1 else folds
 
 
