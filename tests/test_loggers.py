@@ -8,7 +8,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -162,10 +164,21 @@ def kd_register_loggers(registry):
     registry.register("boom", Boom)
 
 
-def test_a_logger_that_raises_is_switched_off_once(tmp_path):
-    result = run_tiny_recipe(
-        tmp_path, sys.modules[__name__], **{"experiment.loggers": ["boom", "csv"]}
-    )
+def docs_logger() -> types.ModuleType:
+    """The example logger of docs/tracking.md, as a plugin module."""
+    text = (Path(__file__).parents[1] / "docs" / "tracking.md").read_text()
+    source = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "PrintLogger" in b)
+    module = types.ModuleType("print_logger")
+    exec(compile(source, "docs/tracking.md", "exec"), module.__dict__)
+    return module
+
+
+def test_a_logger_that_raises_is_switched_off_once(tmp_path, capsys):
+    """A raising logger is named once in run.log and dropped; the others (and the docs'
+    example logger) go on, and the run finishes."""
+    loggers = ["boom", "csv", {"name": "print", "every": 1}]
+    plugins = (sys.modules[__name__], docs_logger())
+    result = run_tiny_recipe(tmp_path, *plugins, **{"experiment.loggers": loggers})
     log = (result.output / "run.log").read_text().splitlines()
     warnings = [line for line in log if "logger 'boom'" in line]
     assert len(warnings) == 1 and Boom.calls == 1
@@ -173,6 +186,11 @@ def test_a_logger_that_raises_is_switched_off_once(tmp_path):
     rows = list(csv.DictReader(open(result.output / "metrics.csv", newline="")))  # noqa: SIM115
     assert {r["stage"] for r in rows} == {"teacher", "student", "results"}
     assert (result.output / "report.md").exists()
+    printed = capsys.readouterr().out
+    assert "fold 0 student epoch 1: loss " in printed and "fold 0 teacher epoch 1" in printed
+    summary = result.results["summary"]["student"]["accuracy"]["mean"]
+    saved = json.loads((result.output / "accuracy.json").read_text())
+    assert saved == {"student": pytest.approx(summary)}
 
 
 def test_missing_package_is_one_line_at_validate(tmp_path, tiny_recipe, monkeypatch):

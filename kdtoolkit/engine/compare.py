@@ -21,6 +21,7 @@ from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.config.sections import VARIANT_NAME
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.lock import RunLock
+from kdtoolkit.engine.loggers import run_loggers
 from kdtoolkit.engine.plan import compare_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import interrupted, prepare_run_folder, run_folds
@@ -170,7 +171,8 @@ def compare_folds(
             accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
             progress.log(f"fold {result.fold} accuracy: {accuracy}")
 
-        return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
+        with run_loggers(ctx):  # every stage's epochs; the comparison is gap_closure.json
+            return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
 
 
 def compare(
