@@ -10,7 +10,8 @@ Library first: the ``kd`` CLI is a thin layer over these names (docs/api.md)::
 
 A plugin imports everything it needs from here: ``hookimpl``, ``LossTerm``, ``LossContext``,
 ``RoiProvider``, ``RoiRequest``, ``RoiResult``, ``Task``, ``Range``, ``KdError``, ``Registry``,
-the ROI geometry (``roi_corners``, ``roi_axes``, ``enclosing_box``) and, for its tests,
+the ROI geometry (``roi_corners``, ``roi_axes``, ``enclosing_box``), ``RunLogger`` and
+``RunInfo`` (run loggers) and, for its tests,
 ``CompositeLoss`` and ``run_provider`` (with the helpers of ``kdtoolkit.testing``).
 Names are resolved on first use, so ``import kdtoolkit`` stays light.
 """
@@ -57,6 +58,8 @@ EXPORTS = {
     "read_manifest": "kdtoolkit.data.manifest",
     "Manifest": "kdtoolkit.data.manifest",
     "Sample": "kdtoolkit.data.manifest",
+    "RunLogger": "kdtoolkit.plugins.logger",
+    "RunInfo": "kdtoolkit.plugins.logger",
 }
 
 __all__ = [
@@ -91,6 +94,8 @@ __all__ = [
     "read_manifest",
     "Manifest",
     "Sample",
+    "RunLogger",
+    "RunInfo",
 ]
 
 if TYPE_CHECKING:
@@ -104,6 +109,7 @@ if TYPE_CHECKING:
     from kdtoolkit.errors import KdError
     from kdtoolkit.models.backbone import Backbone, create_backbone
     from kdtoolkit.plugins.hookspec import hookimpl
+    from kdtoolkit.plugins.logger import RunInfo, RunLogger
     from kdtoolkit.plugins.loss import CompositeLoss, LossContext, LossTerm
     from kdtoolkit.plugins.manager import list_components, registries
     from kdtoolkit.plugins.registry import PluginError, Registry

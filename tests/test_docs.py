@@ -83,6 +83,7 @@ def public_names(cls: type) -> set[str]:
 def documented_types():
     from kdtoolkit.config.option import Range
     from kdtoolkit.data.manifest import Manifest, Sample
+    from kdtoolkit.plugins.logger import RunInfo, RunLogger
     from kdtoolkit.plugins.loss import CompositeLoss, LossContext, LossTerm
     from kdtoolkit.plugins.registry import PluginError, Registry
     from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult
@@ -101,6 +102,8 @@ def documented_types():
         "`Task`": public_names(Task),
         "`Range`": public_names(Range),
         "`Registry`": public_names(Registry) | {"kind", "check"},
+        "`RunLogger`": public_names(RunLogger),
+        "`RunInfo`": public_names(RunInfo),
         "`KdError` and `PluginError`": plugin_error | (public_names(PluginError) - {"wrap"}),
     }
 

@@ -43,6 +43,7 @@ from kdtoolkit.config.sections import (
     compare_problems,
 )
 from kdtoolkit.errors import KdError, suggestion
+from kdtoolkit.plugins.logger import logger_problems
 from kdtoolkit.plugins.task import Task, crop_problems
 
 
@@ -267,6 +268,7 @@ def _component_problems(recipe: Recipe) -> list[str]:
                 )
             elif recipe.task.options:
                 problems.append(f"task: task {task.name!r} takes no options")
+    problems += logger_problems(recipe.experiment.loggers, regs.loggers)
     if not recipe.data.manifest and getattr(_task_of(recipe), "make_data", None) is None:
         problems.append(
             "data.manifest: no data: set data.manifest to a manifest.csv, or name a task with "

@@ -21,6 +21,8 @@ class ExperimentConfig:
     device: str = "auto"
     compile: bool = False  # torch.compile the feature trunk (engine.device.compile_trunk)
     paired: bool = True  # full-image rows share initial weights and batch order (stage_seed)
+    # run loggers (names, or tables with name and options); not part of the digest
+    loggers: list[str | dict[str, Any]] = field(default_factory=lambda: ["csv"])
 
 
 #: ``[augment]`` keys of the crop-box jitter: off (0) they stay out of the digest.

@@ -22,6 +22,7 @@ from kdtoolkit.config.sections import VARIANT_NAME
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
+from kdtoolkit.engine.loggers import run_loggers
 from kdtoolkit.engine.plan import compare_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import interrupted, run_folds
@@ -171,7 +172,8 @@ def compare_folds(
             accuracy = ", ".join(f"{row} {m['accuracy']:.3f}" for row, m in result.metrics.items())
             progress.log(f"fold {result.fold} accuracy: {accuracy}")
 
-        with stamped(ctx, plan, folds):  # checks every cached output, then stamps the folder
+        # checks every cached output, then stamps the folder; loggers get every stage's epochs
+        with stamped(ctx, plan, folds), run_loggers(ctx):
             return run_folds(ctx, plan, folds, on_fold=report_fold), list(ctx.classes)
 
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from kdtoolkit.data.view import ViewConfig, view_config
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.engine.distributed import is_main, main_first, start
 from kdtoolkit.engine.loaders import Loaders
+from kdtoolkit.engine.loggers import RunLoggers
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
@@ -271,6 +272,7 @@ class RunContext:
     repeat_folds: np.ndarray | None = None  # cv.repeats > 1: repeats × samples
     data_digest: str = ""  # the manifest's bytes and every image's pixels (``data_digest``)
     pending_folds: str | None = None  # a new folds.json, written by ``write_folds``
+    loggers: RunLoggers = field(default_factory=RunLoggers)  # ``engine.loggers.run_loggers``
 
     @classmethod
     def open(cls, recipe: Recipe, progress: RunProgress, force: bool = False) -> RunContext:

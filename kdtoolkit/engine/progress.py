@@ -93,7 +93,8 @@ class RunProgress:
         self._stage = self.progress.add_task(description, total=epochs, info="")
 
     def epoch(self, epoch: int, record: dict[str, Any], description: str) -> None:
-        shown = {k.removeprefix("train_"): v for k, v in record.items() if k != "lr"}
+        hidden = ("lr", "epoch_seconds", "images_per_second")
+        shown = {k.removeprefix("train_"): v for k, v in record.items() if k not in hidden}
         info = " ".join(f"{k}={v:.3f}" for k, v in shown.items() if isinstance(v, float))
         if self._stage is not None:
             self.progress.update(self._stage, completed=epoch, info=info)

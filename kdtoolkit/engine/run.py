@@ -35,6 +35,7 @@ from kdtoolkit.engine.distributed import (
 from kdtoolkit.engine.evaluate import evaluate_fold
 from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
+from kdtoolkit.engine.loggers import run_loggers
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.outputs import finished_folds, row_models, write_outputs
 from kdtoolkit.engine.plan import (
@@ -230,6 +231,7 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
     path = ctx.paths.root / "report.md"
     if is_main():
         path = write_outputs(ctx.paths, results, r.student.backbone, ctx.log)
+        ctx.loggers.results(ctx.paths.root)
     return RunResult(output=ctx.paths.root, report=path, run=results)
 
 
@@ -275,7 +277,7 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
     if launched():
         progress.log(f"{world().size} processes train each stage, each on its part of a batch")
     plan, folds = run_plan(ctx), ctx.folds_to_run()
-    with stamped(ctx, plan, folds):
+    with stamped(ctx, plan, folds), run_loggers(ctx):
         per_fold = run_folds(ctx, plan, folds)
         for k in range(fold_count(recipe)):  # folds run earlier into this folder (runs in parts)
             done = ctx.paths.evaluation(k)
@@ -298,7 +300,7 @@ def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult
     ctx = RunContext.open(cpu, progress, force)
     progress.log(f"{len(ctx.samples)} samples, {ctx.num_classes} classes")
     plan = run_plan(ctx)
-    with stamped(ctx, plan, ctx.folds_to_run()):
+    with stamped(ctx, plan, ctx.folds_to_run()), run_loggers(ctx):
         return run_jobs_in(ctx, plan, recipe, progress, force)
 
 
@@ -350,7 +352,8 @@ def run_fold_job(recipe: Recipe, k: int, force: bool) -> str:
             ctx = RunContext.open(recipe, progress, force)
             ctx.write_folds()
             progress.log(f"device {ctx.device}; {len(ctx.samples)} samples")
-            run_folds(ctx, run_plan(ctx), [k])
+            with run_loggers(ctx, job=k):
+                run_folds(ctx, run_plan(ctx), [k])
         except BaseException as e:
             why = (
                 "stopped (preempted or timed out); requeued jobs resume"

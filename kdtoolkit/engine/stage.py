@@ -267,7 +267,10 @@ def train_model(
         ctx.device,
         state_path,
         ctx.num_classes,
-        on_epoch=lambda e, r: ctx.progress.epoch(e, r, description),
+        on_epoch=lambda e, r: (
+            ctx.progress.epoch(e, r, description),
+            ctx.loggers.epoch(fold, spec.role, e, r),
+        ),
         log=ctx.log,
     )
     seconds = time.perf_counter() - started

@@ -4,6 +4,7 @@ validation; data-parallel when launched as several processes (``engine.distribut
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +274,7 @@ def train_stage(
         stage.history[:] = state.get("history", [])
         log(f"{stage.label or stage.name}: resuming after epoch {start} from {state_path}")
     for epoch in range(start, config.epochs):
+        began = time.perf_counter()
         if hasattr(train_loader.dataset, "set_epoch"):
             train_loader.dataset.set_epoch(epoch)
         model.train()
@@ -306,8 +308,13 @@ def train_stage(
             keys = sorted(sums)
             *totals, count = all_sum([*(sums[k] for k in keys), count], device)
             sums = dict(zip(keys, totals, strict=True))
+        trained = time.perf_counter() - began
         val = evaluate(model, val_loader, stage.view, device, num_classes) if is_main() else {}
         val = broadcast(val)
+        timing = {  # for the loggers, not the history (a resumed run repeats that exactly)
+            "epoch_seconds": time.perf_counter() - began,
+            "images_per_second": count / max(trained, 1e-9),
+        }
         if not math.isfinite(val["loss"]):
             raise DivergedError(
                 f"{stage.label or stage.name} epoch {epoch + 1}: the validation loss is "
@@ -334,7 +341,7 @@ def train_stage(
             best_score = score
             best = weights_of(model, loss)
         if not is_main():
-            on_epoch(epoch + 1, record)
+            on_epoch(epoch + 1, {**record, **timing})
             continue
         save_state(
             state_path,
@@ -351,6 +358,6 @@ def train_stage(
                 "history": stage.history,
             },
         )
-        on_epoch(epoch + 1, record)
+        on_epoch(epoch + 1, {**record, **timing})
     assert best is not None
     return best

@@ -63,5 +63,15 @@ def kd_register_tasks(registry: Registry) -> None:
 
 
 @hookspec
+def kd_register_loggers(registry: Registry) -> None:
+    """Register run loggers: subclasses of ``kdtoolkit.plugins.logger.RunLogger``.
+
+    A logger is built with its options from ``experiment.loggers`` and receives the run's
+    parameters, every stage's per-epoch scalars, the final results and the report's files
+    (rank 0 only). A logger that raises is reported once and switched off.
+    """
+
+
+@hookspec
 def kd_register_commands(app: Any) -> None:
     """Add sub-commands to the ``kd`` typer app, e.g. ``app.add_typer(sub, name="sos")``."""

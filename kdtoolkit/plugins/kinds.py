@@ -2,8 +2,9 @@
 
 A backbone is a factory ``factory(num_classes, in_chans, **options)`` (not a loss term or an ROI
 provider); a loss is a ``LossTerm`` subclass, an ROI provider a ``RoiProvider`` subclass, a task
-a ``Task`` instance. Option names that a recipe table uses for itself (``RESERVED``) are refused:
-a loss option ``weight`` would be shadowed by the ``[[loss]]`` weight.
+a ``Task`` instance, a run logger a ``RunLogger`` subclass. Option names that a recipe table
+uses for itself (``RESERVED``) are refused: a loss option ``weight`` would be shadowed by the
+``[[loss]]`` weight.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from typing import Any
 
 from kdtoolkit.config.option import OptionInfo, declared_options, describe_options
+from kdtoolkit.plugins.logger import RunLogger
 from kdtoolkit.plugins.loss import LossTerm
 from kdtoolkit.plugins.roi import RoiProvider
 from kdtoolkit.plugins.task import Task
@@ -23,13 +25,19 @@ RESERVED: dict[str, tuple[str, ...]] = {
     "loss": ("name", "weight"),
     "roi_provider": ("provider", "mask"),
     "task": ("name",),
+    "logger": ("name",),
 }
 #: Parameters the engine passes itself (not options).
 ENGINE_ARGS: dict[str, tuple[str, ...]] = {
     "backbone": ("num_classes", "in_chans"),
     "task": ("out_dir",),
 }
-TABLES = {"loss": "[[loss]]", "roi_provider": "[roi]", "task": "[task]"}
+TABLES = {
+    "loss": "[[loss]]",
+    "roi_provider": "[roi]",
+    "task": "[task]",
+    "logger": "experiment.loggers",
+}
 
 
 def _describe(obj: object) -> str:
@@ -106,6 +114,11 @@ def check_task(obj: object) -> str | None:
     return None
 
 
+def check_logger(obj: object) -> str | None:
+    """A ``RunLogger`` subclass whose options avoid ``name``."""
+    return _subclass_problem(obj, RunLogger, "logger")
+
+
 def component_options(component: Any, kind: str) -> list[OptionInfo]:
     """The recipe options of a component of ``kind`` (a task's are its ``make_data``'s)."""
     if kind == "task":
@@ -120,5 +133,6 @@ CHECKS = {
     "loss": check_loss,
     "roi_provider": check_roi_provider,
     "task": check_task,
+    "logger": check_logger,
 }
 """The check of each registry kind (keys as in ``Registries.kinds()``)."""

@@ -26,6 +26,9 @@ BUILTIN_PLUGINS = (
     "kdtoolkit.builtin.manual",
     "kdtoolkit.builtin.yolo.provider",
     "kdtoolkit.builtin.yolo.obb",
+    "kdtoolkit.builtin.csv_logger",
+    "kdtoolkit.builtin.tensorboard_logger",
+    "kdtoolkit.builtin.mlflow_logger",
 )
 """The built-in plugin modules, registered like installed plugins (and blocked the same way,
 by module name, in ``KD_DISABLE_PLUGINS``)."""
@@ -39,6 +42,7 @@ class Registries:
     roi_providers: Registry
     losses: Registry
     tasks: Registry
+    loggers: Registry
 
     def kinds(self) -> dict[str, Registry]:
         return {
@@ -46,6 +50,7 @@ class Registries:
             "roi_provider": self.roi_providers,
             "loss": self.losses,
             "task": self.tasks,
+            "logger": self.loggers,
         }
 
 
@@ -167,12 +172,14 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
         roi_providers=Registry("ROI provider", CHECKS["roi_provider"]),
         losses=Registry("loss", CHECKS["loss"]),
         tasks=Registry("task", CHECKS["task"]),
+        loggers=Registry("logger", CHECKS["logger"]),
     )
     hooks = {
         "kd_register_backbones": regs.backbones,
         "kd_register_roi_providers": regs.roi_providers,
         "kd_register_losses": regs.losses,
         "kd_register_tasks": regs.tasks,
+        "kd_register_loggers": regs.loggers,
     }
     for hook_name, registry in hooks.items():
         for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
@@ -205,8 +212,8 @@ class Component(NamedTuple):
 
 def list_components(kind: str | None = None, pattern: str = "*") -> list[Component]:
     """Registered components (and resolvers) by kind, like ``timm.list_models(pattern)``:
-    ``kind`` one of backbone, roi_provider, loss, task (None: all); ``pattern`` a glob on the
-    name (resolvers are listed with the ``*`` pattern only). What ``kd plugins`` shows."""
+    ``kind`` one of backbone, roi_provider, loss, task, logger (None: all); ``pattern`` a glob
+    on the name (resolvers are listed with the ``*`` pattern only). What ``kd plugins`` shows."""
     kinds = registries().kinds()
     if kind is not None and kind not in kinds:
         raise KdError(f"unknown component kind {kind!r}; one of {', '.join(kinds)}")
