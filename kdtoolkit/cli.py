@@ -37,6 +37,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("new-plugin")(new_plugin_command)
 app.command("predict")(predict_command)
+app.command("tune")(__import__("kdtoolkit.tune_cli").tune_cli.tune_command)
 
 SetOption = Annotated[
     list[str] | None,
