@@ -44,8 +44,9 @@ class TuneConfig:
 
 
 def is_spec(value: Any) -> bool:
-    """Whether a table is a range or a choice list (rather than a table of dotted keys)."""
-    return isinstance(value, dict) and bool(value) and set(value) <= SPEC_KEYS
+    """Whether a table is a range or a choice list (rather than a table of dotted keys): it
+    has one of their keys."""
+    return isinstance(value, dict) and bool(set(value) & SPEC_KEYS)
 
 
 def flat_space(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
