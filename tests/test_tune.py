@@ -182,6 +182,27 @@ def test_pruned_trials_stop_and_count(
     assert "no complete trial" in (out / "tune.log").read_text()
     again = tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
     assert again.ran == 0 and len(again.trials) == 2
+    other = [*sets, "tune.loss.2.weight={low=0.001,high=0.1}"]
+    with pytest.raises(KdError, match=r"study.journal: the study was made for another \[tune\]"):
+        tune_mod.tune(tune_recipe, 3, other, output=out, quiet=True)
+
+
+def test_interrupted_trials_are_tried_again(tune_recipe: Path, tmp_path: Path) -> None:
+    """A trial left running (its process killed) fails and its values are queued again."""
+    recipe = load_recipe(tune_recipe, [f"experiment.output='{tmp_path}'"])
+    storage = tune_mod.open_storage(tmp_path)
+    study = tune_mod.open_study(recipe, storage)
+    trial = study.ask()
+    value = tune_mod.suggest(trial, "loss.0.weight", recipe.tune.space["loss.0.weight"])
+    lines: list[str] = []
+    tune_mod.requeue_interrupted(study, storage, lines.append)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].params == {} and study.trials[1].system_attrs["fixed_params"] == {
+        "loss.0.weight": value
+    }
+    assert lines == ["trial 0: interrupted before; its values are tried again"]
+    assert tune_mod.finished(study) == 0
 
 
 def read_trials(path: Path) -> list[dict[str, str]]:
