@@ -33,6 +33,8 @@ EXPORTS = {
     "Range": "kdtoolkit.config.option",
     "run": "kdtoolkit.engine.run",
     "RunResult": "kdtoolkit.engine.run",
+    "tune": "kdtoolkit.engine.tune",
+    "TuneResult": "kdtoolkit.engine.tune",
     "load_data": "kdtoolkit.engine.context",
     "KdModel": "kdtoolkit.engine.predict",
     "Prediction": "kdtoolkit.engine.predict",
@@ -69,6 +71,8 @@ __all__ = [
     "Range",
     "run",
     "RunResult",
+    "tune",
+    "TuneResult",
     "load_data",
     "KdModel",
     "Prediction",
@@ -106,6 +110,7 @@ if TYPE_CHECKING:
     from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.predict import KdModel, Prediction
     from kdtoolkit.engine.run import RunResult, run
+    from kdtoolkit.engine.tune import TuneResult, tune
     from kdtoolkit.errors import KdError
     from kdtoolkit.models.backbone import Backbone, create_backbone
     from kdtoolkit.plugins.hookspec import hookimpl

@@ -19,6 +19,7 @@ from kdtoolkit.data_cli import data_app
 from kdtoolkit.deploy_cli import predict_command
 from kdtoolkit.errors import KdError
 from kdtoolkit.scaffold import new_plugin_command
+from kdtoolkit.tune_cli import tune_command
 
 if TYPE_CHECKING:
     from kdtoolkit.report.comparison import Comparison
@@ -37,6 +38,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("new-plugin")(new_plugin_command)
 app.command("predict")(predict_command)
+app.command("tune")(tune_command)
 
 SetOption = Annotated[
     list[str] | None,

@@ -42,6 +42,7 @@ from kdtoolkit.config.sections import (
     TaskConfig,
     compare_problems,
 )
+from kdtoolkit.config.tune import TuneConfig, build_tune, folds_problems, tune_problems
 from kdtoolkit.errors import KdError, suggestion
 from kdtoolkit.plugins.logger import logger_problems
 from kdtoolkit.plugins.task import Task, crop_problems
@@ -74,6 +75,7 @@ class Recipe:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     source: str = "<python>"
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,6 +85,7 @@ class Recipe:
         raw["task"] = {"name": self.task.name, **self.task.options} if self.task.name else {}
         raw["roi"] = {"provider": self.roi.provider, "mask": self.roi.mask, **self.roi.options}
         raw["loss"] = [{"name": lc.name, "weight": lc.weight, **lc.options} for lc in self.loss]
+        raw["tune"] = self.tune.to_dict()
         return raw
 
     def to_json(self) -> str:
@@ -95,6 +98,7 @@ class Recipe:
         raw = self.to_dict()
         raw.pop("launch")
         raw.pop("compare")
+        raw.pop("tune")
         experiment = raw["experiment"]
         raw["experiment"] = {k: v for k, v in experiment.items() if k == "seed"}
         if experiment["paired"]:  # unpaired is how every run was made before the key existed
@@ -200,6 +204,8 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
             problems.append(f"{key}: unknown section{suggestion(key, sections)}")
         elif key == "loss":
             values["loss"] = _build_losses(value, problems)
+        elif key == "tune":
+            values["tune"] = build_tune(value, problems)
         else:
             values[key] = _build_section(hints[key], value, key, problems)
     recipe = Recipe(**values, source=source)
@@ -216,9 +222,24 @@ def validate(raw: dict[str, Any], source: str = "<python>") -> Recipe:
         problems.append(f"cv.only: folds {bad} do not exist (0..{n - 1})")
     if (task := _task_of(recipe)) is not None:  # derives or checks data.crop_size
         problems += crop_problems(task, recipe.data, raw.get("data"))
+    problems += folds_problems(recipe.tune, n)
+    if not problems and recipe.tune.space:  # each bound of the search space, as a recipe
+        problems += tune_problems(recipe.tune, lambda o: _problems_with(raw, o))
     if problems:
         raise RecipeError(source, problems)
     return recipe
+
+
+def _problems_with(raw: dict[str, Any], overrides: list[Any]) -> list[str]:
+    """The problems of recipe ``raw`` (without ``[tune]``) with ``overrides`` applied."""
+    base = {k: v for k, v in raw.items() if k != "tune"}
+    try:
+        validate(apply_overrides(base, overrides))
+    except RecipeError as e:
+        return e.problems
+    except KdError as e:
+        return [str(e)]
+    return []
 
 
 def _check_components(recipe: Recipe) -> list[str]:

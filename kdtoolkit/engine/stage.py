@@ -204,9 +204,12 @@ def train_model(
     split: tuple[np.ndarray, np.ndarray],
     teacher: torch.nn.Module | None = None,
     mask_rois: dict[int, tuple] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> Path:
     """Train ``spec`` on ``split`` (train, validation) unless its checkpoint exists; return the
-    checkpoint path. ``teacher``: the frozen model of the terms that need one. Launched as
+    checkpoint path. ``teacher``: the frozen model of the terms that need one. ``on_epoch``:
+    called with each finished epoch and its record (validation metrics included) after the
+    epoch's state is saved; what it raises stops the training. Launched as
     several processes, every rank trains and rank 0 writes the checkpoint (the others wait for
     it)."""
     ckpt = ctx.paths.checkpoint(fold, spec.role)
@@ -257,6 +260,13 @@ def train_model(
     )
     ctx.progress.start_stage(description, config.epochs)
     state_path = stage_dir / "last.pt"
+
+    def epoch_done(epoch: int, record: dict[str, Any], description: str) -> None:
+        ctx.progress.epoch(epoch, record, description)
+        ctx.loggers.epoch(fold, spec.role, epoch, record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+
     started = time.perf_counter()
     best = train_stage(
         stage,
@@ -267,10 +277,7 @@ def train_model(
         ctx.device,
         state_path,
         ctx.num_classes,
-        on_epoch=lambda e, r: (
-            ctx.progress.epoch(e, r, description),
-            ctx.loggers.epoch(fold, spec.role, e, r),
-        ),
+        on_epoch=lambda e, r: epoch_done(e, r, description),
         log=ctx.log,
     )
     seconds = time.perf_counter() - started

@@ -1,0 +1,358 @@
+"""``kd tune``: an Optuna study over the recipe's ``[tune]`` space, scored on validation only.
+
+Each trial trains one student per tuned fold on that fold's training part and scores it on the
+validation split carved out of that part (``RunContext.fold_indices``: train, validation,
+held out); the held-out fold is never loaded. The score is the student's ``select_by`` metric
+at its selected epoch, averaged over the folds; each epoch's validation score goes to the
+pruner. The teacher and ROI stage are trained once per fold (as ``kd compare`` shares them)
+before any trial. The study is a journal file in the run folder: a rerun resumes it, and
+``workers`` processes share it (Optuna's storage coordinates them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import shutil
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from kdtoolkit.config.recipe import Recipe, load_recipe
+from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.lock import RunLock
+from kdtoolkit.engine.loss import build_loss
+from kdtoolkit.engine.plan import roi_spec, student_spec, teacher_spec
+from kdtoolkit.engine.progress import RunProgress
+from kdtoolkit.engine.run import interrupted, prepare_run_folder
+from kdtoolkit.engine.stage import mask_rois_of, provide_rois, train_model
+from kdtoolkit.engine.train import DivergedError
+from kdtoolkit.errors import KdError
+from kdtoolkit.models.checkpoint import load_model, read_metadata
+
+STUDY_FILE = "study.journal"
+STUDY_NAME = "kd-tune"
+INSTALL = 'pip install "kdtoolkit[tune]"'
+
+
+def import_optuna() -> ModuleType:
+    """``optuna`` (an optional extra), or a one-line error naming the install."""
+    try:
+        import optuna
+    except ImportError:
+        raise KdError(f"kd tune needs optuna, which is not installed; {INSTALL}") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+@dataclass
+class TuneResult:
+    """A study's outcome: its trials (``number``, ``state``, ``value``, ``params``, fold
+    scores), the best trial, and the files written."""
+
+    output: Path
+    metric: str
+    direction: str
+    trials: list[dict[str, Any]]
+    ran: int
+    best: dict[str, Any] | None = None
+    best_toml: Path | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+def metric_of(recipe: Recipe) -> tuple[str, str]:
+    """The validation metric the student is selected by and the study's direction."""
+    select = recipe.student.select_by
+    return f"val_{select}", "minimize" if select == "loss" else "maximize"
+
+
+def tune_output(recipe: Recipe) -> Path:
+    """The study's run folder by default: the recipe's run folder + ``-tune``."""
+    return Path(f"{recipe.output_dir}-tune")
+
+
+def tuned_folds(ctx: RunContext) -> list[int]:
+    """``tune.folds``, or the run's folds (``cv.only`` or every fold)."""
+    return list(ctx.recipe.tune.folds) or ctx.folds_to_run()
+
+
+def trial_recipe(base: Recipe, params: dict[str, Any]) -> Recipe:
+    """``base`` with a trial's values (dotted keys) applied, validated like ``--set``."""
+    return load_recipe(base.to_dict(), **params)
+
+
+def suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
+    """A trial's value for one ``[tune]`` entry."""
+    if "choices" in spec:
+        return trial.suggest_categorical(key, spec["choices"])
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    if all(isinstance(v, int) for v in (low, high, step if step is not None else 1)):
+        return trial.suggest_int(key, low, high, step=step or 1, log=log)
+    return trial.suggest_float(key, float(low), float(high), step=step, log=log)
+
+
+def train_shared(ctx: RunContext, folds: list[int]) -> None:
+    """The teacher and the ROI stage of each fold, trained (or reused) once for every trial."""
+    for k in folds:
+        train_idx, val_idx, _ = ctx.fold_indices(k)
+        spec = teacher_spec(ctx.recipe)
+        train_model(ctx, k, spec, build_loss(spec.loss, f"fold {k} teacher"), (train_idx, val_idx))
+        provide_rois(ctx, k, roi_spec(ctx.recipe), train_idx)
+
+
+class Objective:
+    """One trial: a student per tuned fold, scored on that fold's validation split."""
+
+    def __init__(self, ctx: RunContext, folds: list[int]) -> None:
+        self.ctx, self.folds = ctx, folds
+        self.teachers: dict[int, torch.nn.Module] = {}
+        self.optuna = import_optuna()
+
+    def teacher(self, k: int) -> torch.nn.Module:
+        if k not in self.teachers:
+            ckpt = self.ctx.paths.checkpoint(k, teacher_spec(self.ctx.recipe).role)
+            self.teachers[k] = load_model(ckpt, self.ctx.device)[0]
+        return self.teachers[k]
+
+    def __call__(self, trial: Any) -> float:
+        ctx = self.ctx
+        space = ctx.recipe.tune.space
+        params = {key: suggest(trial, key, spec) for key, spec in space.items()}
+        recipe = trial_recipe(ctx.recipe, params)
+        metric, direction = metric_of(recipe)
+        pick = min if direction == "minimize" else max
+        role = f"student_t{trial.number}"  # a student's seed: trials differ only in params
+        epochs = recipe.student.epochs
+        ctx.log(f"trial {trial.number}: {params}")
+        scores = []
+        try:
+            for i, k in enumerate(self.folds):
+                train_idx, val_idx, _ = ctx.fold_indices(k)  # the held-out part stays unread
+                spec = student_spec(recipe, role, stamp=True)
+                loss = build_loss(spec.loss, f"fold {k} {role}")
+                teacher = self.teacher(k) if loss.needs_teacher else None
+                rois, _ = provide_rois(ctx, k, roi_spec(ctx.recipe), train_idx)
+                report = self.reporter(trial, metric, i * epochs, f"fold {k}")
+                ckpt = train_model(
+                    ctx, k, spec, loss, (train_idx, val_idx), teacher, mask_rois_of(rois), report
+                )
+                history = read_metadata(ckpt)["history"]
+                scores.append(pick(float(r[metric]) for r in history))
+                trial.set_user_attr(f"fold_{k}", scores[-1])
+        except DivergedError as e:  # a setting that diverges is a finished, poor trial
+            trial.set_user_attr("diverged", str(e))
+            ctx.log(f"trial {trial.number}: {e}")
+            raise self.optuna.TrialPruned(str(e)) from None
+        except self.optuna.TrialPruned:
+            ctx.log(f"trial {trial.number}: pruned")
+            raise
+        finally:
+            for k in self.folds:  # only the score is kept
+                shutil.rmtree(ctx.paths.stage(k, role), ignore_errors=True)
+        value = statistics.fmean(scores)
+        ctx.log(f"trial {trial.number}: {metric} {value:.4f} ({scores})")
+        return value
+
+    def reporter(
+        self, trial: Any, metric: str, offset: int, where: str
+    ) -> Callable[[int, dict[str, Any]], None]:
+        """Each epoch's validation score to the pruner (step: epochs of the folds so far)."""
+
+        def report(epoch: int, record: dict[str, Any]) -> None:
+            trial.report(float(record[metric]), offset + epoch)
+            if trial.should_prune():
+                raise self.optuna.TrialPruned(f"{where} epoch {epoch}")
+
+        return report
+
+
+def open_storage(output: Path) -> Any:
+    """The study's storage: Optuna's journal file in ``output`` (file locks coordinate the
+    processes that share it)."""
+    import_optuna()
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(output / STUDY_FILE)))
+
+
+def open_study(recipe: Recipe, storage: Any) -> Any:
+    """The study in ``storage`` (made when new) with the ``tune.pruner``; a study made for
+    another search space, metric or folds is refused."""
+    optuna = import_optuna()
+    metric, direction = metric_of(recipe)
+    pruner = {
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
+        "halving": optuna.pruners.SuccessiveHalvingPruner,
+        "none": optuna.pruners.NopPruner,
+    }[recipe.tune.pruner]()
+    study = optuna.create_study(
+        storage=storage,
+        study_name=STUDY_NAME,
+        direction=direction,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    stamp = {"space": recipe.tune.space, "metric": metric, "folds": recipe.tune.folds}
+    saved = study.user_attrs.get("stamp")
+    if saved is None:
+        study.set_user_attr("stamp", stamp)
+    elif saved != stamp:
+        raise KdError(
+            f"{recipe.output_dir / STUDY_FILE}: the study was made for another [tune] space, "
+            "metric or folds; choose another --output, or pass --force to start a new study"
+        )
+    return study
+
+
+def finished(study: Any) -> int:
+    """Trials that count towards ``--trials``: complete and pruned ones."""
+    states = import_optuna().trial.TrialState
+    return len(study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)))
+
+
+def requeue_interrupted(study: Any, storage: Any, log: Callable[[str], None]) -> None:
+    """Trials left running by an interrupted ``kd tune`` (the run lock says none runs now)
+    are marked failed and their values queued again."""
+    states = import_optuna().trial.TrialState
+    study_id = storage.get_study_id_from_name(STUDY_NAME)
+    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        storage.set_trial_state_values(trial_id, states.FAIL)
+        study.enqueue_trial(t.params)
+        log(f"trial {t.number}: interrupted before; its values are tried again")
+
+
+def optimize(ctx: RunContext, folds: list[int], n_trials: int, worker: int = 0) -> None:
+    """``n_trials`` trials of the study in this process (``worker``: its index). The sampler's
+    seed is ``experiment.seed`` moved on by the trials so far and the worker, so neither a
+    rerun nor another worker draws the values drawn before."""
+    study = open_study(ctx.recipe, open_storage(ctx.paths.root))
+    seed = ctx.recipe.experiment.seed + len(study.trials) + 7919 * worker
+    study.sampler = import_optuna().samplers.TPESampler(seed=seed)
+    study.optimize(Objective(ctx, folds), n_trials=n_trials, gc_after_trial=True)
+
+
+def worker_main(recipe: Recipe, folds: list[int], n_trials: int, index: int) -> None:
+    """A worker process (``--workers``): its own data context, its share of the trials;
+    logs to ``workers/worker_<index>.log``; a ``KdError`` exits 2 after one logged line."""
+    torch.set_num_threads(1)
+    log = recipe.output_dir / "workers" / f"worker_{index}.log"
+    with RunProgress(log, quiet=True) as progress:
+        try:
+            optimize(RunContext.open(recipe, progress), folds, n_trials, index)
+        except KdError as e:
+            progress.log(f"error: {e}")
+            sys.exit(2)
+        except BaseException as e:
+            progress.log(f"failed: {type(e).__name__}: {e}")
+            raise
+
+
+def run_workers(recipe: Recipe, folds: list[int], missing: int, workers: int) -> None:
+    """``missing`` trials split over ``workers`` spawned processes sharing the study."""
+    shares = [missing // workers + (i < missing % workers) for i in range(workers)]
+    spawn = multiprocessing.get_context("spawn")
+    procs = [
+        spawn.Process(target=worker_main, args=(recipe, folds, n, i))
+        for i, n in enumerate(shares)
+        if n
+    ]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode]
+    if failed:
+        logs = ", ".join(
+            f"{recipe.output_dir / 'workers' / f'worker_{i}.log'} (exit {c})" for i, c in failed
+        )
+        raise KdError(f"kd tune: {len(failed)} worker(s) failed; see {logs}")
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    """Every trial as a row: number, state, value, params, fold scores, seconds."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        seconds = t.duration.total_seconds() if t.duration is not None else None
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name.lower(),
+                "value": t.value,
+                "params": dict(t.params),
+                "folds": {k: v for k, v in t.user_attrs.items() if k.startswith("fold_")},
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def tune(
+    recipe_path: Path,
+    trials: int,
+    sets: list[str] | None = None,
+    workers: int = 1,
+    output: Path | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> TuneResult:
+    """Run the study of ``recipe_path``'s ``[tune]`` space until ``trials`` trials are
+    finished (complete or pruned; a rerun adds only the missing ones), then write the trials
+    table, the plots and ``best.toml`` into the output folder (default: ``tune_output``)."""
+    from kdtoolkit.engine.tune_outputs import write_outputs
+
+    import_optuna()
+    sets = list(sets or [])
+    forced = ["evaluate.cam_examples=0"]
+    if output is None:
+        output = tune_output(load_recipe(recipe_path, sets))
+    forced.append(f"experiment.output={json.dumps(str(output))}")
+    base = load_recipe(recipe_path, [*sets, *forced])
+    if not base.tune.space:
+        raise KdError(
+            f"{recipe_path}: no [tune] search space; add one, e.g. [tune] "
+            '"loss.0.weight" = {low = 0.05, high = 1.0, log = true} (docs/tuning.md)'
+        )
+    try:
+        with RunLock(output) as lock:
+            prepare_run_folder(base, force)
+            if force:  # a new study
+                (output / STUDY_FILE).unlink(missing_ok=True)
+            with RunProgress(output / "tune.log", quiet=quiet) as progress:
+                if lock.recovered:
+                    progress.log(lock.recovered)
+                ctx = RunContext.open(base, progress, force)
+                ctx.write_folds()
+                folds = tuned_folds(ctx)
+                progress.log(f"tune {recipe_path} -> {output}: folds {folds}, {trials} trials")
+                train_shared(ctx, folds)
+                storage = open_storage(output)
+                study = open_study(base, storage)
+                requeue_interrupted(study, storage, progress.log)
+                missing = max(0, trials - finished(study))
+                progress.log(f"{finished(study)} trials finished before; running {missing}")
+                if missing and workers == 1:
+                    optimize(ctx, folds, missing)
+                elif missing:
+                    with contextlib.redirect_stdout(sys.stderr):
+                        run_workers(base, folds, missing, workers)
+                study = open_study(base, open_storage(output))
+                metric, direction = metric_of(base)
+                result = TuneResult(output, metric, direction, trial_rows(study), missing)
+                write_outputs(result, study, recipe_path, sets, progress.log)
+                return result
+    except KeyboardInterrupt:
+        raise interrupted(output) from None

@@ -1,0 +1,238 @@
+"""``kd tune``: the ``[tune]`` section, the validation-only objective, pruning, the shared
+study (workers, resume) and ``best.toml``, at a tiny size."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.engine import tune as tune_mod
+from kdtoolkit.engine.loaders import Loaders
+from kdtoolkit.errors import KdError
+from kdtoolkit.testing import kd_cli
+
+optuna = pytest.importorskip("optuna")
+
+SPACE = """
+[tune]
+pruner = "none"
+folds = [0]
+"loss.0.weight" = {low = 0.05, high = 1.0, log = true}
+"loss.1.temperature" = {choices = [1, 2, 4]}
+"""
+FAST = ["teacher.epochs=1", "student.epochs=2"]
+
+
+@pytest.fixture
+def tune_recipe(tiny_recipe: Path) -> Path:
+    tiny_recipe.write_text(tiny_recipe.read_text() + SPACE)
+    return tiny_recipe
+
+
+def problems(recipe: Path, *sets: str) -> str:
+    with pytest.raises(KdError) as e:
+        load_recipe(recipe, list(sets))
+    return str(e.value)
+
+
+def test_tune_section_is_validated_and_outside_the_digest(tune_recipe: Path) -> None:
+    plain = load_recipe(tune_recipe, ["tune={}"])
+    recipe = load_recipe(tune_recipe)
+    assert recipe.digest() == plain.digest()  # what to try is not what a run computes
+    assert recipe.tune.space == {
+        "loss.0.weight": {"low": 0.05, "high": 1.0, "log": True},
+        "loss.1.temperature": {"choices": [1, 2, 4]},
+    }
+    assert load_recipe(recipe.to_dict()).tune == recipe.tune  # round trip
+    nested = load_recipe(tune_recipe, ["tune.student.lr={low=0.001,high=0.01}"])
+    assert nested.tune.space["student.lr"] == {"low": 0.001, "high": 0.01}
+    cases = {
+        "tune.teacher.lr={low=0.001,high=0.01}": "tune.teacher.lr: only a student setting",
+        "tune.student.backbone={choices=['resnet18']}": "tune.student.backbone: only a student",
+        "tune.student.lrr={low=0.001,high=0.01}": "tune.student.lrr: 0.001 gives student.lrr: "
+        "unknown key",
+        "tune.loss.1.temperature={choices=[0.01,2]}": "tune.loss.1.temperature: 0.01 gives "
+        "loss[1].temperature: must be >= 0.05",
+        "tune.loss.2.weight={low=0.5,high=0.1}": "tune.loss.2.weight: low must be below high",
+        "tune.loss.2.weight={low=0.0,high=1.0,log=true}": "a log range needs low > 0",
+        "tune.loss.2.weight={low=0,high=1}": "only integers are tried, but loss.2.weight takes "
+        "fractions",
+        "tune.loss.9.weight={low=0.1,high=1.0}": "tune.loss.9.weight: 0.1 gives",
+        "tune.loss.2.weight={low=0.1,hi=1.0}": "unknown key(s) hi",
+        "tune.folds=[7]": "tune.folds: folds [7] do not exist (0..1)",
+        "tune.pruner='hyperband'": "tune.pruner: must be one of 'median', 'halving', 'none'",
+        "tune.trials=3": "tune.trials: unknown key",
+    }
+    for override, message in cases.items():
+        text = problems(tune_recipe, override)
+        assert "1 problem(s)" in text and message in text, (override, text)
+    # a whole-number key takes an integer range
+    assert load_recipe(tune_recipe, ["tune.student.epochs={low=1,high=3}"]).tune.space
+    result = kd_cli("validate", str(tune_recipe), "--set", "tune.loss.0.weight={low=2.0,high=1}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tune.loss.0.weight: low must be below high" in result.stderr
+
+
+def test_space_becomes_optuna_distributions(tune_recipe: Path) -> None:
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    space = {
+        "a.x": {"low": 0.05, "high": 1.0, "log": True},
+        "a.y": {"choices": [1, 2, 4]},
+        "a.z": {"low": 2, "high": 10, "step": 4},
+        "a.w": {"low": 0.0, "high": 1.0, "step": 0.25},
+    }
+    study = optuna.create_study()
+    trial = study.ask()
+    values = {k: tune_mod.suggest(trial, k, v) for k, v in space.items()}
+    assert trial.distributions == {
+        "a.x": FloatDistribution(0.05, 1.0, log=True),
+        "a.y": CategoricalDistribution([1, 2, 4]),
+        "a.z": IntDistribution(2, 10, step=4),
+        "a.w": FloatDistribution(0.0, 1.0, step=0.25),
+    }
+    assert values["a.z"] in (2, 6, 10) and values["a.w"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_missing_optuna_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    with pytest.raises(KdError, match=re.escape('pip install "kdtoolkit[tune]"')):
+        tune_mod.import_optuna()
+
+
+def held_out_of(output: Path, fold: int) -> set[int]:
+    """The samples of held-out fold ``fold``, from the run folder's folds.json."""
+    samples = json.loads((output / "folds.json").read_text())["samples"]
+    return {s["index"] for s in samples if s["fold"] == fold}
+
+
+def test_tuning_never_loads_a_held_out_sample(
+    tune_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every loader the study makes (teacher, every trial's student and its validation) is
+    recorded with the fold being trained; none may hold a sample of that fold's held-out part.
+    The objective is checked by hand: the mean over folds of each fold's best reported
+    validation accuracy."""
+    calls: list[tuple[int, set[int]]] = []
+    current: list[int] = []
+    original_call, original_train = Loaders.__call__, tune_mod.train_model
+
+    def spy_loader(self, indices, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((current[-1], {int(i) for i in indices}))
+        return original_call(self, indices, *args, **kwargs)
+
+    def spy_train(ctx, fold, *args, **kwargs):  # type: ignore[no-untyped-def]
+        current.append(fold)
+        return original_train(ctx, fold, *args, **kwargs)
+
+    monkeypatch.setattr(Loaders, "__call__", spy_loader)
+    monkeypatch.setattr(tune_mod, "train_model", spy_train)
+    out = tmp_path / "study"
+    sets = [*FAST, "tune.folds=[0,1]"]
+    result = tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
+    assert [r["state"] for r in result.trials] == ["complete", "complete"]
+    assert len(calls) == 2 * 2 + 2 * 2 * 2  # teacher (train, val) per fold; 2 trials × 2 folds
+    for fold, indices in calls:
+        assert not indices & held_out_of(out, fold), f"fold {fold} loaded held-out samples"
+    seen = set().union(*(i for f, i in calls if f == 0))
+    assert seen == set(range(30)) - held_out_of(out, 0)  # the spy sees the whole training part
+    for t in optuna.load_study(
+        study_name=tune_mod.STUDY_NAME, storage=tune_mod.open_storage(out)
+    ).trials:
+        steps = t.intermediate_values
+        assert sorted(steps) == [1, 2, 3, 4]  # fold 0: epochs 1-2, fold 1: steps 3-4
+        best = [max(steps[1], steps[2]), max(steps[3], steps[4])]
+        assert t.value == pytest.approx(np.mean(best))
+        assert [t.user_attrs["fold_0"], t.user_attrs["fold_1"]] == pytest.approx(best)
+    assert not list(out.glob("fold_*/student_t*"))  # trial students are not kept
+    toml = load_recipe(result.best_toml)
+    assert "[tune]" not in result.best_toml.read_text() and not toml.tune.space
+    params = result.best["params"]
+    want = load_recipe(tune_recipe, [*sets, *(f"{k}={v}" for k, v in params.items())])
+    assert toml.digest() == want.digest()
+    assert toml.output_dir == out / "best"
+
+
+def test_pruned_trials_stop_and_count(
+    tune_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pruner that stops every trial at its first report: each trial trains one epoch,
+    counts as finished, and no best.toml is written (no complete trial)."""
+    monkeypatch.setattr(
+        optuna.pruners, "MedianPruner", lambda **kw: optuna.pruners.ThresholdPruner(lower=2.0)
+    )
+    out = tmp_path / "study"
+    sets = [*FAST, "tune.pruner='median'"]
+    result = tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
+    assert [r["state"] for r in result.trials] == ["pruned", "pruned"]
+    assert result.best_toml is None and not (out / "best.toml").exists()
+    study = optuna.load_study(study_name=tune_mod.STUDY_NAME, storage=tune_mod.open_storage(out))
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[1], [1]]
+    assert "no complete trial" in (out / "tune.log").read_text()
+    again = tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
+    assert again.ran == 0 and len(again.trials) == 2
+    other = [*sets, "tune.loss.2.weight={low=0.001,high=0.1}"]
+    with pytest.raises(KdError, match=r"study.journal: the study was made for another \[tune\]"):
+        tune_mod.tune(tune_recipe, 3, other, output=out, quiet=True)
+
+
+def test_interrupted_trials_are_tried_again(tune_recipe: Path, tmp_path: Path) -> None:
+    """A trial left running (its process killed) fails and its values are queued again."""
+    recipe = load_recipe(tune_recipe, [f"experiment.output='{tmp_path}'"])
+    storage = tune_mod.open_storage(tmp_path)
+    study = tune_mod.open_study(recipe, storage)
+    trial = study.ask()
+    value = tune_mod.suggest(trial, "loss.0.weight", recipe.tune.space["loss.0.weight"])
+    lines: list[str] = []
+    tune_mod.requeue_interrupted(study, storage, lines.append)
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.WAITING]
+    assert study.trials[1].params == {} and study.trials[1].system_attrs["fixed_params"] == {
+        "loss.0.weight": value
+    }
+    assert lines == ["trial 0: interrupted before; its values are tried again"]
+    assert tune_mod.finished(study) == 0
+
+
+def read_trials(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_cli_two_workers_then_resume(tune_recipe: Path, tmp_path: Path) -> None:
+    """kd tune with 4 trials on 2 worker processes, rerun with 5: only the fifth runs; the
+    study's earlier trials are kept as they were; best.toml passes kd validate."""
+    out = tmp_path / "study"
+    args = ["tune", str(tune_recipe), "--output", str(out), "--quiet"]
+    args += [item for s in FAST for item in ("--set", s)]
+    first = kd_cli(*args, "--trials", "4", "--workers", "2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = read_trials(out / "trials.csv")
+    assert [r["number"] for r in rows] == ["0", "1", "2", "3"]
+    assert {r["state"] for r in rows} == {"complete"}
+    values = {(r["loss.0.weight"], r["loss.1.temperature"]) for r in rows}
+    assert len(values) == 4  # the workers draw different values
+    assert sorted(p.name for p in (out / "workers").iterdir()) == ["worker_0.log", "worker_1.log"]
+    assert "ran 4 trial(s)" in first.stdout and "kd run " in first.stdout
+    second = kd_cli(*args, "--trials", "5")
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "4 trials finished before; running 1" in (out / "tune.log").read_text()
+    assert "ran 1 trial(s)" in second.stdout
+    again = read_trials(out / "trials.csv")
+    assert again[:4] == rows and again[4]["state"] == "complete"
+    assert (out / "figures" / "tune_history.png").stat().st_size > 0
+    assert (out / "figures" / "tune_importance.png").stat().st_size > 0
+    checked = kd_cli("validate", str(out / "best.toml"))
+    assert checked.returncode == 0, checked.stderr
