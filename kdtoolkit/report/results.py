@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
+from kdtoolkit.report.calibration import pooled_calibration
 from kdtoolkit.report.metrics import gap_closure, summarise
 from kdtoolkit.report.stats import Statistics, compute
 
@@ -169,6 +170,7 @@ class RunResults:
     models: dict[str, str] = field(default_factory=dict)
     recipe_digest: str = ""
     saved_statistics: Statistics | None = field(default=None, repr=False)
+    saved_calibration: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.folds = sorted(self.folds, key=lambda f: f.fold)
@@ -191,6 +193,12 @@ class RunResults:
             )
             self._statistics = (found or self.saved_statistics,)
         return self._statistics[0]
+
+    def calibration(self) -> dict[str, dict[str, Any]]:
+        """Per row, ECE before/after temperature scaling over the folds' pooled held-out
+        logits and each fold's temperature (``calibration.pooled_calibration``), or what a
+        results.json kept."""
+        return pooled_calibration([f.predictions for f in self.folds]) or self.saved_calibration
 
     @property
     def fold_ids(self) -> list[int]:
@@ -236,7 +244,9 @@ class RunResults:
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` document: ``summary``, ``folds`` (one ``{row: {metric: x}}`` per
         fold, in the order of ``folds_run``), ``gap_closure``, ``classes``, ``folds_run``,
-        ``roi``, ``latency_ms``, ``recipe_digest``, ``models`` and, with the folds'
+        ``roi``, ``latency_ms``, ``recipe_digest``, ``models``, ``calibration`` (per row: pooled
+        ``ece`` and ``ece_calibrated``, ``n``, the folds' ``temperatures``; per fold they are
+        in ``folds``) and, with the folds'
         predictions, the statistics (``Statistics.to_json``: ``bootstrap``, ``pooled``,
         ``comparisons``, ``gap_closure_pooled``, ``gap_closure_ci95``, ``gap_closures``)."""
         stats = self.statistics()
@@ -251,6 +261,7 @@ class RunResults:
                 "latency_ms": self.latency_ms,
                 "recipe_digest": self.recipe_digest,
                 "models": self.models,
+                "calibration": self.calibration(),
                 **(stats.to_json() if stats is not None else {}),
             }
         )
@@ -280,6 +291,7 @@ class RunResults:
             models=dict(doc.get("models") or {}),
             recipe_digest=str(doc.get("recipe_digest") or ""),
             saved_statistics=Statistics.from_json(doc),
+            saved_calibration=dict(doc.get("calibration") or {}),
         )
 
 
