@@ -190,3 +190,37 @@ def test_kd_predict_run_folder_averages_the_folds(spied_run) -> None:
     assert min(np.abs(m.predict_proba(images) - mean).max() for m in folds) > 1e-4
     empty = kd_cli("predict", str(tmp / "data"), str(images[0]))
     assert empty.returncode == 2 and "no fold_<k>/student/model.safetensors" in empty.stderr
+
+
+def test_kd_run_final_trains_a_student_on_all_data(tmp_path) -> None:
+    """``kd run --final``: the folds, then teacher and student on every sample into
+    ``final/``; its validation split is a share of all samples, nothing held out."""
+    from kdtoolkit.testing import tiny_manifest
+
+    manifest = tiny_manifest(tmp_path / "data")
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(
+        f'[experiment]\noutput = "{tmp_path / "run"}"\ndevice = "cpu"\n'
+        f'[data]\nmanifest = "{manifest}"\nclasses = ["low", "mid", "high"]\n'
+        "image_size = 32\ncrop_size = [16, 32]\n"
+        "[cv]\nfolds = 2\nval_fraction = 0.2\nonly = [0]\n"
+        '[teacher]\nbackbone = "resnet10t"\nepochs = 1\nbatch_size = 8\n'
+        '[student]\nbackbone = "resnet10t"\nepochs = 1\nbatch_size = 8\n'
+        '[[loss]]\nname = "ce"\n[[loss]]\nname = "kl"\n'
+        "[evaluate]\nbaseline = false\ncam_examples = 0\n"
+    )
+    done = kd_cli("run", str(toml), "--final", "--quiet")
+    assert done.returncode == 0, done.stderr
+    final = tmp_path / "run" / "final"
+    assert "final model" in done.stdout
+    teacher = load_checkpoint(final / "teacher" / "model.safetensors")[1]
+    student = load_checkpoint(final / "student" / "model.safetensors")[1]
+    assert teacher["calibration"]["n"] == student["calibration"]["n"]
+    n_val = student["calibration"]["n"]
+    assert 0 < n_val < 12
+    # every sample is used: the validation share of all 12, not of a fold's training part
+    assert n_val == pytest.approx(12 * 0.2, abs=1.5)
+    assert not (final / "eval.json").exists()
+    images = sorted((tmp_path / "data").glob("*.png"))[:2]
+    served = KdModel.load(final / "student" / "model.safetensors", "cpu").predict(images)
+    assert len(served) == 2 and student["temperature"] > 0
