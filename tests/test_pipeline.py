@@ -169,7 +169,15 @@ def test_predict_reproduces_evaluation(tmp_path, tiny_recipe, loader):
     images = [folds[i]["image"] for i in evaluation["predictions"]["index"]]
     ckpt = run / "fold_0" / "student" / "model.safetensors"
     result = kd(
-        "predict", str(ckpt), *images, "--json", "--cam", str(tmp_path / "cams"), "--device", "cpu"
+        "predict",
+        str(ckpt),
+        *images,
+        "--json",
+        "--cam",
+        str(tmp_path / "cams"),
+        "--device",
+        "cpu",
+        "--no-calibrated",  # eval.json's student_probabilities: the plain softmax
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]

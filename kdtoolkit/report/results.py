@@ -108,8 +108,9 @@ class FoldResult:
 
     ``metrics``: ``{row: {metric: value}}``; ``confusion``: ``{row: K×K counts}``;
     ``predictions``: ``index``, ``label``, ``group`` (each sample's group, None: none) and per
-    row the predicted classes (plus ``student_probabilities``, and ``pointing``: ``{row: 0/1 per
-    sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
+    row the predicted classes (plus ``student_probabilities``, ``logits`` and ``temperature``:
+    ``{row: N×K held-out logits}`` and ``{row: T fitted on validation}``, and ``pointing``:
+    ``{row: 0/1 per sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
     provider's metrics on this fold.
     """
 
