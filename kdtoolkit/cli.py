@@ -79,6 +79,13 @@ def run(
             min=1, help="Train each stage data-parallel in N processes (one per GPU): torchrun."
         ),
     ] = 1,
+    final: Annotated[
+        bool,
+        typer.Option(
+            help="Then train one more student on all labelled data into RUN_DIR/final/ "
+            "(for deployment)."
+        ),
+    ] = False,
 ) -> None:
     """Run a recipe: per fold teacher, ROI provider, student and baselines, then the report."""
     from kdtoolkit.config.recipe import load_recipe
@@ -105,12 +112,14 @@ def run(
         return
     if nproc > 1 and nproc != size:
         raise KdError(f"--nproc {nproc}: this process is one of {size} (torchrun); drop --nproc")
-    result = run_recipe(resolved, force=force, quiet=quiet)
+    result = run_recipe(resolved, force=force, quiet=quiet, final=final)
     if not distributed.is_main():
         return
     if not quiet:
         console.print(results_table(result.run))
     console.print(f"[green]done[/]: {result.report}")
+    if result.final is not None:
+        console.print(f"[green]final model[/]: {result.final}")
 
 
 def without_nproc(args: list[str]) -> list[str]:

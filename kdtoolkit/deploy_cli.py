@@ -17,16 +17,40 @@ err_console = Console(stderr=True)
 
 
 def predict_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A student checkpoint (.safetensors).")],
-    paths: Annotated[list[Path], typer.Argument(help="Images or folders of images.")],
+    checkpoint: Annotated[
+        Path,
+        typer.Argument(
+            help="A student checkpoint (.safetensors), or a run folder: its fold students averaged."
+        ),
+    ],
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="Images, DICOM files or series folders, NIfTI volumes, or folders of them."
+        ),
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(help="Also predict every row of this manifest.csv, read as in training."),
+    ] = None,
+    calibrated: Annotated[
+        bool, typer.Option(help="Divide the logits by the temperature fitted on validation.")
+    ] = True,
     cam: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlay PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
     """Stage full images with a student alone: no crops, no detector."""
-    from kdtoolkit.engine.predict import predict as predict_images
+    from kdtoolkit.engine.serve import predict as predict_images
 
-    report = predict_images(checkpoint, paths, cam_dir=cam, device=device)
+    report = predict_images(
+        checkpoint,
+        paths or [],
+        cam_dir=cam,
+        device=device,
+        manifest=manifest,
+        calibrated=calibrated,
+    )
     if as_json:
         for r in report.results:
             print(json.dumps(r, allow_nan=False))

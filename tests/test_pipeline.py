@@ -169,7 +169,15 @@ def test_predict_reproduces_evaluation(tmp_path, tiny_recipe, loader):
     images = [folds[i]["image"] for i in evaluation["predictions"]["index"]]
     ckpt = run / "fold_0" / "student" / "model.safetensors"
     result = kd(
-        "predict", str(ckpt), *images, "--json", "--cam", str(tmp_path / "cams"), "--device", "cpu"
+        "predict",
+        str(ckpt),
+        *images,
+        "--json",
+        "--cam",
+        str(tmp_path / "cams"),
+        "--device",
+        "cpu",
+        "--no-calibrated",  # eval.json's student_probabilities: the plain softmax
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
@@ -263,7 +271,7 @@ def test_paired_rows_differ_only_in_their_loss(tmp_path, tiny_recipe):
 
 
 def test_cam_names_never_overwrite_each_other(tmp_path):
-    from kdtoolkit.engine.predict import cam_name
+    from kdtoolkit.engine.serve import cam_name
 
     used: set[str] = set()
     names = [cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]

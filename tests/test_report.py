@@ -87,6 +87,7 @@ def test_write_results_shape(tmp_path: Path, folds: list[dict]) -> None:
         "latency_ms",
         "recipe_digest",
         "models",
+        "calibration",
     ]
     assert set(doc["summary"]) == {"teacher_crop", "baseline_full", "two_stage", "student"}
     for row in doc["summary"].values():

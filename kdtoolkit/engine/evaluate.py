@@ -18,9 +18,10 @@ from kdtoolkit.engine.device import autocast
 from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.plan import EvaluateSpec
 from kdtoolkit.engine.train import predict_logits
-from kdtoolkit.models.checkpoint import load_model
+from kdtoolkit.models.checkpoint import load_model, read_metadata
 from kdtoolkit.models.gradcam import cam_for_images, unwrap
 from kdtoolkit.plugins.roi import RoiResult
+from kdtoolkit.report.calibration import row_calibration
 from kdtoolkit.report.metrics import (
     attention_metrics,
     classification_metrics,
@@ -96,6 +97,14 @@ def student_latency_ms(
     return 1000 * seconds / max(1, n)
 
 
+def temperature_of(checkpoint: Path | None) -> float:
+    """The temperature stored with a checkpoint (1.0: none, a checkpoint made before
+    calibration)."""
+    if checkpoint is None:
+        return 1.0
+    return float(read_metadata(checkpoint).get("temperature", 1.0))
+
+
 def evaluate_fold(
     ctx: RunContext,
     k: int,
@@ -114,11 +123,17 @@ def evaluate_fold(
     loader = ctx.loaders(test_idx, False, spec.batch_size, seed=k)
     result = FoldResult(fold=k, n_test=len(test_idx), metrics={})
 
-    def add(row: str, labels: np.ndarray, logits: np.ndarray) -> None:
+    def add(row: str, labels: np.ndarray, logits: np.ndarray, role: str | None) -> None:
         predicted = logits.argmax(1)
         result.metrics[row] = classification_metrics(labels, predicted, n_classes, ctx.ordinal)
         result.confusion[row] = confusion(labels, predicted, n_classes).tolist()
         result.predictions[row] = predicted.tolist()
+        # calibration: the temperature fitted on the validation split of the row's model
+        t = temperature_of(checkpoints.get(role) if role else None)
+        calibration = row_calibration(logits, labels, t)
+        result.metrics[row].update({k: calibration[k] for k in ("ece", "ece_calibrated")})
+        result.predictions.setdefault("logits", {})[row] = logits.tolist()
+        result.predictions.setdefault("temperature", {})[row] = t
 
     logits, labels, indices = predict_logits(teacher, loader, "crop", device)
     result.predictions["index"] = indices.tolist()
@@ -126,14 +141,14 @@ def evaluate_fold(
     # what the bootstrap resamples: the groups folds keep whole (None: the sample alone)
     groups = ctx.groups or [s.group for s in ctx.samples]
     result.predictions["group"] = [groups[int(i)] for i in indices]
-    add(TEACHER_CROP, labels, logits)
+    add(TEACHER_CROP, labels, logits, spec.teacher)
 
     cams: dict[str, np.ndarray] = {}
     boxes = None
     for row, role in spec.rows:
         model = load_model(checkpoints[role], device)[0]
         logits, labels, _ = predict_logits(model, loader, "image", device)
-        add(row, labels, logits)
+        add(row, labels, logits, role)
         if row == STUDENT:
             probabilities = torch.softmax(torch.from_numpy(logits), 1)
             result.predictions["student_probabilities"] = probabilities.tolist()
@@ -155,7 +170,7 @@ def evaluate_fold(
         logits, crop_ms = two_stage_logits(
             classifier, ctx.samples, test_idx, rois, ctx.view, device
         )
-        add(TWO_STAGE, labels, logits)
+        add(TWO_STAGE, labels, logits, spec.two_stage_model)
         # the provider's own per-image time (a detector's), measured on held-out images
         detector_ms = rois.metrics.get("latency_ms")
         if detector_ms is not None:

@@ -16,6 +16,7 @@ from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json, reading
 from kdtoolkit.report import figures
+from kdtoolkit.report.calibration import pooled_reliability
 from kdtoolkit.report.markdown import write_report
 from kdtoolkit.report.results import (
     BASELINE_FULL,
@@ -97,6 +98,14 @@ def write_figures(paths: RunPaths, results: RunResults, backbone: str) -> dict[s
     made["confusion matrices"] = "figures/confusion.png"
     figures.plot_results_table(out / "results_table.png", results.summary, backbone)
     made["results table"] = "figures/results_table.png"
+    curves = {
+        row: curve
+        for row in results.calibration()
+        if (curve := pooled_reliability([f.predictions for f in results.folds], row))
+    }
+    if curves:
+        figures.plot_reliability(out / "reliability.png", curves)
+        made["reliability diagrams (pooled folds)"] = "figures/reliability.png"
     first = results.fold_ids[0]
     figures.plot_curves(out / "curves.png", history_of(paths, first))
     made[f"training curves (fold {first})"] = "figures/curves.png"

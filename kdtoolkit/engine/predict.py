@@ -1,57 +1,88 @@
-"""Serving a trained model: ``KdModel`` owns its preprocessing (from the checkpoint's metadata),
-so a student stages full images with no crop and no detector."""
+"""Serving a trained model: ``KdModel`` owns its preprocessing (from the checkpoint's metadata:
+input size, letterbox, channels, normalisation and how scans are read), so a student stages
+full images with no crop and no detector, exactly as it was evaluated; ``FoldEnsemble``
+averages the fold students of a run folder."""
 
 from __future__ import annotations
 
-import tempfile
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
+from kdtoolkit.data.scan import ReadSpec, spec_of
 from kdtoolkit.data.view import ViewConfig, student_view
+from kdtoolkit.data.volume import is_volume_path
 from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import reading
 from kdtoolkit.models.checkpoint import load_model
 from kdtoolkit.models.gradcam import cam_for_images
+from kdtoolkit.models.temperature import Probabilities
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-#: An image for ``KdModel``: a file path, or an H×W / H×W×C array (uint8, uint16, or float in
-#: [0, 1]).
-ImageLike = str | Path | np.ndarray
+#: An image for ``KdModel``: a file path (a 2D image, a DICOM file or series folder, a NIfTI
+#: volume), an H×W / H×W×C array (uint8, uint16, or float in [0, 1]), or a manifest ``Sample``.
+ImageLike = str | Path | np.ndarray | Any
 
 
 @dataclass
 class Prediction:
-    """One image's result: the predicted class, its index and every class's probability."""
+    """One image's result: the predicted class, its index and every class's probability
+    (``row``: its manifest line, when read from a manifest)."""
 
     image: str
     label: str
     index: int
     probabilities: dict[str, float] = field(default_factory=dict)
+    row: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"image", "class", "index", "probabilities"}`` (strict JSON: finite numbers)."""
-        return {
+        """``{"image", "class", "index", "probabilities"}`` and ``"row"`` for a manifest row
+        (strict JSON: finite numbers)."""
+        out = {
             "image": self.image,
             "class": self.label,
             "index": self.index,
             "probabilities": self.probabilities,
         }
+        return out if self.row is None else {**out, "row": self.row}
+
+
+@dataclass(frozen=True)
+class ScanSource:
+    """A scan path with the read settings it is read with (an image source, see
+    ``kdtoolkit.data.imageio``)."""
+
+    image: Path
+    read: ReadSpec
+
+
+def read_spec_of(metadata: dict[str, Any]) -> ReadSpec:
+    """How a checkpoint's model reads scans: its ``read`` metadata, else (older checkpoints)
+    the ``[data]`` section of the recipe stored with it, else the defaults."""
+    saved = metadata.get("read")
+    if saved is None:
+        data = (metadata.get("recipe") or {}).get("data") or {}
+        return spec_of(SimpleNamespace(**data))
+    return spec_of(SimpleNamespace(**saved))
 
 
 class KdModel:
-    """A trained kdtoolkit model with the preprocessing it was trained with.
+    """A trained kdtoolkit model with the preprocessing it was trained with and the
+    temperature fitted on its validation split (``calibrated``; a checkpoint without one: 1).
 
     >>> model = KdModel.load("runs/x/fold_0/student/model.safetensors")  # doctest: +SKIP
     >>> model.predict(["slice.png"])[0].label                            # doctest: +SKIP
     """
 
-    def __init__(self, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, metadata: dict[str, Any], calibrated: bool = True
+    ) -> None:
         self.model = model.eval()
         self.metadata = metadata
         self.classes: list[str] = list(metadata["classes"])
@@ -66,51 +97,58 @@ class KdModel:
             mean=metadata["normalisation"]["mean"],
             std=metadata["normalisation"]["std"],
         )
+        self.read = read_spec_of(metadata)
+        self.temperature = float(metadata.get("temperature", 1.0)) if calibrated else 1.0
+        #: The input batch → probabilities module (temperature inside): what exports export.
+        self.network = Probabilities(self.model, self.temperature).eval()
 
     @classmethod
-    def load(cls, checkpoint: str | Path, device: str | torch.device = "auto") -> KdModel:
+    def load(
+        cls, checkpoint: str | Path, device: str | torch.device = "auto", calibrated: bool = True
+    ) -> KdModel:
         """The model of a kdtoolkit checkpoint (``model.safetensors`` of a stage) on
-        ``device`` (``auto``: CUDA when present)."""
+        ``device`` (``auto``: CUDA when present); ``calibrated``: apply its temperature."""
         dev = resolve_device(device) if isinstance(device, str) else device
         model, meta = load_model(checkpoint, dev)
         with reading(checkpoint, "checkpoint's metadata", "give a model.safetensors of kd run"):
-            return cls(model, meta)
+            return cls(model, meta, calibrated).to(dev)
+
+    def to(self, device: torch.device) -> KdModel:
+        self.network.to(device)
+        return self
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def source(self, image: ImageLike) -> Any:
+        """What is read for ``image``: a scan path gets the checkpoint's read settings."""
+        if isinstance(image, str | Path) and is_volume_path(image):
+            return ScanSource(Path(image), self.read)
+        return image
+
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """The model's input batch (N×C×H×W, normalised) for ``images``."""
-        return torch.stack([student_view(image, self.config) for image in images])
+        return torch.stack([student_view(self.source(image), self.config) for image in images])
 
     def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Raw class scores, N×K."""
+        """Raw class scores, N×K (no temperature)."""
         with torch.no_grad():
             return self.model(self.preprocess(images).to(self.device)).float().cpu().numpy()
 
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N×K) of a preprocessed batch: ``softmax(logits / T)``, the one
+        place they are computed (``network``)."""
+        with torch.no_grad():
+            return self.network(batch.to(self.device)).cpu()
+
+    def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Class probabilities of ``images``, N×K."""
+        return self.probabilities(self.preprocess(images)).numpy()
+
     def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> list[Prediction]:
         """Class and probabilities of every image; a non-finite output is an error."""
-        out: list[Prediction] = []
-        for chunk in batches(images, batch_size):
-            logits = torch.from_numpy(self.logits(chunk))
-            probs = torch.softmax(logits, 1).numpy()
-            for image, p in zip(chunk, probs, strict=True):
-                if not np.isfinite(p).all():
-                    raise KdError(
-                        f"{describe(image)}: the model gave non-finite scores; the checkpoint "
-                        "holds diverged weights (retrain with a lower learning rate)"
-                    )
-                k = int(np.argmax(p))
-                out.append(
-                    Prediction(
-                        describe(image),
-                        self.classes[k],
-                        k,
-                        {c: float(v) for c, v in zip(self.classes, p, strict=True)},
-                    )
-                )
-        return out
+        return predictions_of(self, images, batch_size)
 
     def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
         """Grad-CAM of the predicted class for every image, N×H×W in [0, 1] at the model's
@@ -122,115 +160,80 @@ class KdModel:
         return torch.cat(cams).numpy()
 
 
+class FoldEnsemble:
+    """The fold students of a run folder as one model: the mean of their (calibrated)
+    probabilities; each reads its input with its own preprocessing."""
+
+    def __init__(self, members: Sequence[KdModel], names: Sequence[str]) -> None:
+        self.members, self.names = list(members), list(names)
+        first = self.members[0]
+        self.classes, self.view, self.metadata = first.classes, first.view, first.metadata
+        for m, name in zip(self.members, self.names, strict=True):
+            if m.classes != self.classes:
+                raise KdError(f"{name}: classes {m.classes} differ from {self.classes}")
+
+    @classmethod
+    def load(
+        cls, run_dir: str | Path, device: str | torch.device = "auto", calibrated: bool = True
+    ) -> FoldEnsemble:
+        """The ``fold_<k>/student/model.safetensors`` of ``run_dir``, in fold order."""
+        found = sorted(
+            (int(m.group(1)), f / "student" / "model.safetensors")
+            for f in Path(run_dir).iterdir()
+            if (m := re.fullmatch(r"fold_(\d+)", f.name))
+            and (f / "student/model.safetensors").is_file()
+        )
+        if not found:
+            raise KdError(
+                f"{run_dir}: no fold_<k>/student/model.safetensors; give a run folder of kd run "
+                "or one checkpoint"
+            )
+        return cls(
+            [KdModel.load(p, device, calibrated) for _, p in found], [str(p) for _, p in found]
+        )
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        return self.members[0].preprocess(images)
+
+    def predict_proba(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """The mean of the members' probabilities, N×K."""
+        return np.mean([m.predict_proba(images) for m in self.members], axis=0)
+
+    def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> list[Prediction]:
+        return predictions_of(self, images, batch_size)
+
+    def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
+        """The mean of the members' Grad-CAMs (each of its own predicted class)."""
+        return np.mean([m.cam(images, batch_size) for m in self.members], axis=0)
+
+
+def predictions_of(
+    model: KdModel | FoldEnsemble, images: Sequence[ImageLike], batch_size: int
+) -> list[Prediction]:
+    """``model``'s ``Prediction`` of every image, in batches; non-finite scores are an error."""
+    out: list[Prediction] = []
+    for chunk in batches(images, batch_size):
+        for image, p in zip(chunk, model.predict_proba(chunk), strict=True):
+            if not np.isfinite(p).all():
+                raise KdError(
+                    f"{describe(image)}: the model gave non-finite scores; the checkpoint "
+                    "holds diverged weights (retrain with a lower learning rate)"
+                )
+            k = int(np.argmax(p))
+            probabilities = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
+            row = getattr(image, "row", None)
+            out.append(Prediction(describe(image), model.classes[k], k, probabilities, row))
+    return out
+
+
 def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
 def describe(image: ImageLike) -> str:
-    return str(image) if isinstance(image, str | Path) else f"array {np.shape(image)}"
-
-
-def image_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """Image files among ``paths``; folders are searched (not recursively), sorted."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise KdError(f"{p}: no such image or folder")
-    if not out:
-        raise KdError(f"no images found in {', '.join(map(str, paths))}")
-    return out
-
-
-@dataclass
-class PredictReport:
-    """``predict``'s outcome: results for the readable images, and the files it skipped with
-    the reason."""
-
-    results: list[dict[str, Any]]
-    skipped: list[tuple[str, str]]
-
-
-def predict(
-    checkpoint: str | Path,
-    paths: Sequence[str | Path],
-    cam_dir: str | Path | None = None,
-    device: str = "auto",
-    batch_size: int = 16,
-) -> PredictReport:
-    """Stage every image with a student checkpoint; Grad-CAM overlays in ``cam_dir`` when
-    given (the folder is made first: one that cannot be is an error before any work).
-    Unreadable files are skipped and listed in ``skipped``."""
-    if cam_dir is not None:
-        make_cam_dir(Path(cam_dir))
-    model = KdModel.load(checkpoint, device)
-    if model.view != "image":
-        raise KdError(
-            f"{checkpoint}: a {model.metadata.get('role')} checkpoint that takes crops; "
-            f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
-        )
-    readable: list[Path] = []
-    skipped: list[tuple[str, str]] = []
-    for path in image_paths(paths):
-        try:
-            model.preprocess([path])
-        except (KdError, OSError, ValueError) as e:
-            skipped.append((str(path), str(e).splitlines()[0]))
-        else:
-            readable.append(path)
-    results = [p.to_dict() for p in model.predict(readable, batch_size)]
-    if cam_dir is not None and readable:
-        write_cams(Path(cam_dir), model, readable, batch_size)
-    return PredictReport(results, skipped)
-
-
-def cam_name(path: Path, used: set[str]) -> str:
-    """``<stem>_cam.png``, or with the parent folder's name (and a number) when taken."""
-    name = f"{path.stem}_cam.png"
-    k = 1
-    while name in used:
-        name = f"{path.parent.name}_{path.stem}{'' if k == 1 else f'_{k}'}_cam.png"
-        k += 1
-    used.add(name)
-    return name
-
-
-def make_cam_dir(cam_dir: Path) -> None:
-    """Make the Grad-CAM folder (and its parents); one line when it cannot be made."""
-    if cam_dir.exists() and not cam_dir.is_dir():
-        raise KdError(f"{cam_dir}: is a file; give --cam a folder")
-    try:
-        cam_dir.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=cam_dir)  # noqa: SIM115
-        probe.close()
-    except OSError as e:
-        raise KdError(
-            f"{cam_dir}: cannot be written ({e.strerror or type(e).__name__}); choose another "
-            "--cam folder"
-        ) from None
-
-
-def write_cams(cam_dir: Path, model: KdModel, files: list[Path], batch_size: int) -> None:
-    """One overlay PNG per image: the model's input in grey with its Grad-CAM on top."""
-    from matplotlib import colormaps
-    from PIL import Image
-
-    from kdtoolkit.fileio import atomic_path
-
-    cam_dir.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    for chunk in batches(files, batch_size):
-        cams = model.cam(chunk)
-        inputs = model.preprocess(chunk).numpy()
-        for f, image, cam in zip(chunk, inputs, cams, strict=True):
-            grey = image.mean(0)
-            grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
-            heat = colormaps["jet"](cam)[..., :3]
-            overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
-            pixels = Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8))
-            with atomic_path(cam_dir / cam_name(f, used)) as tmp:
-                pixels.save(tmp, format="PNG")
+    if isinstance(image, str | Path):
+        return str(image)
+    if hasattr(image, "image"):
+        return str(image.image)
+    return f"array {np.shape(image)}"

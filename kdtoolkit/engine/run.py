@@ -33,6 +33,7 @@ from kdtoolkit.engine.distributed import (
     world,
 )
 from kdtoolkit.engine.evaluate import evaluate_fold
+from kdtoolkit.engine.final import train_final
 from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loggers import run_loggers
@@ -68,6 +69,7 @@ class RunResult:
     output: Path
     report: Path
     run: RunResults
+    final: Path | None = None  # the final student's checkpoint (``--final``)
 
     @property
     def results(self) -> dict[str, Any]:
@@ -235,17 +237,23 @@ def finish_run(ctx: RunContext, per_fold: dict[int, FoldResult]) -> RunResult:
     return RunResult(output=ctx.paths.root, report=path, run=results)
 
 
-def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
+def run(recipe: Recipe, force: bool = False, quiet: bool = False, final: bool = False) -> RunResult:
     """Run ``recipe`` into its run folder (locked while it runs) and write results, report
     and figures; each fold in this process, or as a job (``[launch]``, ``run_as_jobs``);
     Ctrl-C raises ``Interrupted`` (what is kept, how to resume). Launched as several
-    processes, rank 0 locks, prepares and logs while the others wait and log nowhere."""
+    processes, rank 0 locks, prepares and logs while the others wait and log nowhere.
+    ``final``: then the final model (``engine.final``), inline only."""
     out = recipe.output_dir
     main = is_main()
     if launched() and recipe.launch.executor != "inline":
         raise KdError(
             "launch.executor: several processes per run (torchrun, --nproc) train each stage "
             "together; folds as jobs need one process: use --executor inline"
+        )
+    if final and recipe.launch.executor != "inline":
+        raise KdError(
+            "--final trains in this process: run the folds first, then kd run --final "
+            "--executor inline (finished folds are reused)"
         )
     try:
         start(resolve_device(recipe.experiment.device))
@@ -261,14 +269,14 @@ def run(recipe: Recipe, force: bool = False, quiet: bool = False) -> RunResult:
                     progress.log(lock.recovered)
                 if recipe.launch.executor != "inline":
                     return run_as_jobs(recipe, progress, force)
-                return run_in(recipe, progress, force)
+                return run_in(recipe, progress, force, final)
     except KeyboardInterrupt:
         raise interrupted(out) from None
     finally:
         stop()
 
 
-def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
+def run_in(recipe: Recipe, progress: RunProgress, force: bool, final: bool = False) -> RunResult:
     """The body of ``run``, in the prepared and locked run folder."""
     out = recipe.output_dir
     progress.log(f"run {recipe.experiment.name} -> {out} (recipe {recipe.source})")
@@ -284,7 +292,10 @@ def run_in(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:
             if k not in per_fold and done.exists() and of_this_data(ctx, plan, k):
                 progress.log(f"fold {k}: evaluated in an earlier run, included in the results")
                 per_fold[k] = FoldResult.read(done)
-        return finish_run(ctx, dict(sorted(per_fold.items())))
+        result = finish_run(ctx, dict(sorted(per_fold.items())))
+        if final:
+            result.final = train_final(ctx, plan)
+        return result
 
 
 def run_as_jobs(recipe: Recipe, progress: RunProgress, force: bool) -> RunResult:

@@ -4,6 +4,7 @@ reused when present, resumed from its last epoch when interrupted) or the ROI pr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import zlib
@@ -18,7 +19,9 @@ import torch
 from kdtoolkit.config.recipe import ModelConfig, Recipe
 from kdtoolkit.data.geometry import enclosing_box
 from kdtoolkit.data.manifest import Sample
+from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig
+from kdtoolkit.engine.calibrate import calibrate
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.device import compile_trunk, seed_everything
 from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
@@ -27,7 +30,7 @@ from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
 from kdtoolkit.models.backbone import build_backbone
-from kdtoolkit.models.checkpoint import read_metadata, save_checkpoint
+from kdtoolkit.models.checkpoint import model_from_weights, read_metadata, save_checkpoint
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiRequest, RoiResult, run_provider
@@ -77,9 +80,16 @@ def model_metadata(
         "channels": cfg.channels,
         "letterbox": cfg.letterbox,
         "normalisation": {"mean": cfg.mean, "std": cfg.std},
+        "read": read_settings(recipe),
         "recipe_digest": recipe.digest(),
         "recipe": recipe.to_dict(),
     }
+
+
+def read_settings(recipe: Recipe) -> dict[str, Any]:
+    """How the recipe reads scans (``ReadSpec`` fields: axis, slice, slab, projection, window,
+    percentiles, spacing_mm), for a checkpoint's metadata."""
+    return dataclasses.asdict(read_spec(recipe))
 
 
 def init_from_teacher(model: torch.nn.Module, teacher: torch.nn.Module, role: str) -> None:
@@ -268,12 +278,15 @@ def train_model(
             on_epoch(epoch, record)
 
     started = time.perf_counter()
+    val_loader = ctx.loaders(
+        val_idx, False, config.batch_size, seed, views=(view,), samples=samples
+    )
     best = train_stage(
         stage,
         ctx.loaders(
             train_idx, True, config.batch_size, seed, mask_rois, views, samples, spec.jitter
         ),
-        ctx.loaders(val_idx, False, config.batch_size, seed, views=(view,), samples=samples),
+        val_loader,
         ctx.device,
         state_path,
         ctx.num_classes,
@@ -288,6 +301,8 @@ def train_model(
             meta["data_digest"] = ctx.data_digest
         if view == "crop":  # which crops it learned from (the report names them)
             meta.update({"crops": spec.crops, "crop_jitter": spec.jitter})
+        selected = model_from_weights(best, meta, ckpt).to(ctx.device)
+        meta.update(calibrate(selected, val_loader, view, ctx.device))
         save_checkpoint(ckpt, best, meta)
         state_path.unlink(missing_ok=True)
     barrier()  # the checkpoint is there for every rank

@@ -27,11 +27,12 @@ import torch
 
 from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.engine.context import RunContext
+from kdtoolkit.engine.folder import check_run_folder, stamp_run_folder
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.plan import roi_spec, student_spec, teacher_spec
 from kdtoolkit.engine.progress import RunProgress
-from kdtoolkit.engine.run import interrupted, prepare_run_folder
+from kdtoolkit.engine.run import interrupted
 from kdtoolkit.engine.stage import mask_rois_of, provide_rois, train_model
 from kdtoolkit.engine.train import DivergedError
 from kdtoolkit.errors import KdError
@@ -328,7 +329,8 @@ def tune(
         )
     try:
         with RunLock(output) as lock:
-            prepare_run_folder(base, force)
+            check_run_folder(base, force)
+            stamp_run_folder(base)
             if force:  # a new study
                 (output / STUDY_FILE).unlink(missing_ok=True)
             with RunProgress(output / "tune.log", quiet=quiet) as progress:

@@ -98,6 +98,14 @@ def split_weights(weights: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     """(model in eval mode, metadata) of a kdtoolkit checkpoint."""
     weights, meta = load_checkpoint(Path(checkpoint))
+    return model_from_weights(weights, meta, checkpoint).to(device).eval(), meta
+
+
+def model_from_weights(
+    weights: dict[str, torch.Tensor], meta: dict[str, Any], checkpoint: str | Path
+) -> nn.Module:
+    """The model (on CPU, eval mode) that ``weights`` (``weights_of`` output) fill, built from
+    the checkpoint metadata ``meta``; errors name ``checkpoint``."""
     model_weights, _ = split_weights(weights)
     with reading(checkpoint, "checkpoint's metadata", "give a model.safetensors written by kd run"):
         options = {k: v for k, v in meta["backbone_options"].items() if k != "pretrained"}
@@ -120,7 +128,7 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu"):
     bad = [k for k, v in model_weights.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise KdError(f"{checkpoint}: weights {', '.join(bad[:3])} are not finite; retrain it")
-    return model.to(device).eval(), meta
+    return model.eval()
 
 
 def mismatch(e: BaseException) -> str:

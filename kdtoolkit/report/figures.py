@@ -295,3 +295,30 @@ def plot_curves(path: str | os.PathLike[str], history: Mapping[str, Sequence[Map
             legend_ax.legend(handles, names, fontsize=7, loc="best")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_reliability(path: str | os.PathLike[str], curves: Mapping[str, tuple[Any, Any]]) -> Path:
+    """Reliability diagrams, one panel per row: accuracy against mean confidence per bin
+    before and after temperature scaling (``curves``: ``{row: (before, after)}``,
+    ``report.calibration.Reliability``), the diagonal for perfect calibration."""
+    rows = ordered_rows(curves)
+    fig = Figure(figsize=(3.4 * max(1, len(rows)), 3.4))
+    for i, row in enumerate(rows):
+        ax = fig.add_subplot(1, max(1, len(rows)), i + 1)
+        ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+        for curve, name, colour in zip(curves[row], ("before", "after"), ("C3", "C0"), strict=True):
+            used = curve.share > 0
+            ax.plot(
+                curve.confidence[used],
+                curve.accuracy[used],
+                "o-",
+                color=colour,
+                ms=3,
+                label=f"{name} T (ECE {100 * curve.ece:.1f}%)",
+            )
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", title=row_label(row))
+        if i == 0:
+            ax.set_ylabel("accuracy")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, path)

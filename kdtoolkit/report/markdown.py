@@ -111,6 +111,7 @@ def write_report(
     out += statistics_lines(results.statistics(), labels, order=rows)
     out += extra_metrics_section(summary, rows)
     out += attention_section(summary, rows)
+    out += calibration_section(results.calibration(), rows)
     out += roi_section(results.roi)
     out += latency_section(results.latency_ms)
     out += per_fold_section(results, rows)
@@ -154,6 +155,29 @@ def extra_metrics_section(summary: Mapping[str, Any], rows: list[str]) -> list[s
         *md_table(["setting", *(h + (" (%)" if p else "") for _, h, p in present)], body),
         "",
         "QWK: quadratic-weighted Cohen's kappa; MAE: mean |class-index difference|.",
+        "",
+    ]
+
+
+def calibration_section(calibration: Mapping[str, Mapping[str, Any]], rows: list[str]) -> list[str]:
+    """ECE before and after temperature scaling, pooled over the folds' held-out samples."""
+    present = [r for r in rows if r in calibration]
+    if not present:
+        return []
+    body = []
+    for r in present:
+        c = calibration[r]
+        temps = ", ".join(f"{t:.2f}" for t in c.get("temperatures", []))
+        ece = [None if c.get(k) is None else (float(c[k]), None) for k in ("ece", "ece_calibrated")]
+        body.append([row_label(r), fmt(ece[0], True), fmt(ece[1], True), temps])
+    return [
+        "## Calibration",
+        "",
+        *md_table(["setting", "ECE (%)", "ECE, temperature-scaled (%)", "T per fold"], body),
+        "",
+        "ECE: top-label expected calibration error, 15 equal-width confidence bins, over the "
+        "pooled held-out samples. T: the temperature each fold's model divides its logits by, "
+        "fitted on that fold's validation split (never its held-out fold).",
         "",
     ]
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
+from kdtoolkit.report.calibration import pooled_calibration
 from kdtoolkit.report.metrics import gap_closure, summarise
 from kdtoolkit.report.stats import Statistics, compute
 
@@ -107,8 +108,9 @@ class FoldResult:
 
     ``metrics``: ``{row: {metric: value}}``; ``confusion``: ``{row: K×K counts}``;
     ``predictions``: ``index``, ``label``, ``group`` (each sample's group, None: none) and per
-    row the predicted classes (plus ``student_probabilities``, and ``pointing``: ``{row: 0/1 per
-    sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
+    row the predicted classes (plus ``student_probabilities``, ``logits`` and ``temperature``:
+    ``{row: N×K held-out logits}`` and ``{row: T fitted on validation}``, and ``pointing``:
+    ``{row: 0/1 per sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
     provider's metrics on this fold.
     """
 
@@ -169,6 +171,7 @@ class RunResults:
     models: dict[str, str] = field(default_factory=dict)
     recipe_digest: str = ""
     saved_statistics: Statistics | None = field(default=None, repr=False)
+    saved_calibration: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.folds = sorted(self.folds, key=lambda f: f.fold)
@@ -191,6 +194,12 @@ class RunResults:
             )
             self._statistics = (found or self.saved_statistics,)
         return self._statistics[0]
+
+    def calibration(self) -> dict[str, dict[str, Any]]:
+        """Per row, ECE before/after temperature scaling over the folds' pooled held-out
+        logits and each fold's temperature (``calibration.pooled_calibration``), or what a
+        results.json kept."""
+        return pooled_calibration([f.predictions for f in self.folds]) or self.saved_calibration
 
     @property
     def fold_ids(self) -> list[int]:
@@ -236,7 +245,9 @@ class RunResults:
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` document: ``summary``, ``folds`` (one ``{row: {metric: x}}`` per
         fold, in the order of ``folds_run``), ``gap_closure``, ``classes``, ``folds_run``,
-        ``roi``, ``latency_ms``, ``recipe_digest``, ``models`` and, with the folds'
+        ``roi``, ``latency_ms``, ``recipe_digest``, ``models``, ``calibration`` (per row: pooled
+        ``ece`` and ``ece_calibrated``, ``n``, the folds' ``temperatures``; per fold they are
+        in ``folds``) and, with the folds'
         predictions, the statistics (``Statistics.to_json``: ``bootstrap``, ``pooled``,
         ``comparisons``, ``gap_closure_pooled``, ``gap_closure_ci95``, ``gap_closures``)."""
         stats = self.statistics()
@@ -251,6 +262,7 @@ class RunResults:
                 "latency_ms": self.latency_ms,
                 "recipe_digest": self.recipe_digest,
                 "models": self.models,
+                "calibration": self.calibration(),
                 **(stats.to_json() if stats is not None else {}),
             }
         )
@@ -280,6 +292,7 @@ class RunResults:
             models=dict(doc.get("models") or {}),
             recipe_digest=str(doc.get("recipe_digest") or ""),
             saved_statistics=Statistics.from_json(doc),
+            saved_calibration=dict(doc.get("calibration") or {}),
         )
 
 

@@ -1,0 +1,180 @@
+"""``kd predict``: a student checkpoint, or a run folder's fold students together, on image
+files, scans (DICOM files and series folders, NIfTI volumes, read as the checkpoint's recipe
+read them) and manifest rows, with Grad-CAM overlays."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdtoolkit.data.volume import NIFTI_SUFFIXES, is_volume_path
+from kdtoolkit.engine.predict import FoldEnsemble, KdModel, batches, describe
+from kdtoolkit.errors import KdError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+
+def series_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one DICOM series: it holds DICOM files and no 2D image or NIfTI
+    volume."""
+    files = [f for f in folder.iterdir() if f.is_file()]
+    if any(f.suffix.lower() in IMAGE_SUFFIXES or is_nifti(f) for f in files):
+        return False
+    return any(is_volume_path(f) for f in files)
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def image_paths(paths: Sequence[str | Path]) -> list[Path]:
+    """Images and scans among ``paths``, folders searched (not recursively), sorted: a
+    folder that is a DICOM series is one scan; any other folder gives its 2D images, NIfTI
+    volumes, DICOM files and the DICOM series folders directly inside it."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir() and series_folder(p):
+            out.append(p)
+        elif p.is_dir():
+            for f in sorted(p.iterdir()):
+                if f.is_dir():
+                    if series_folder(f):
+                        out.append(f)
+                elif f.suffix.lower() in IMAGE_SUFFIXES or is_volume_path(f):
+                    out.append(f)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise KdError(f"{p}: no such image or folder")
+    if not out:
+        raise KdError(f"no images found in {', '.join(map(str, paths))}")
+    return out
+
+
+@dataclass
+class PredictReport:
+    """``predict``'s outcome: results for the readable images, and the files it skipped with
+    the reason."""
+
+    results: list[dict[str, Any]]
+    skipped: list[tuple[str, str]]
+
+
+def load_predictor(
+    checkpoint: str | Path, device: str = "auto", calibrated: bool = True
+) -> KdModel | FoldEnsemble:
+    """A checkpoint's ``KdModel``, or the ``FoldEnsemble`` of a run folder."""
+    if Path(checkpoint).is_dir():
+        return FoldEnsemble.load(checkpoint, device, calibrated)
+    return KdModel.load(checkpoint, device, calibrated)
+
+
+def manifest_samples(model: KdModel | FoldEnsemble, manifest: str | Path) -> list[Any]:
+    """The rows of ``manifest`` as the model's evaluation read them: its classes, its read
+    settings (each row's ``slice`` column included), boxes optional."""
+    from kdtoolkit.data.manifest import read_manifest
+
+    first = model.members[0] if isinstance(model, FoldEnsemble) else model
+    return list(
+        read_manifest(manifest, model.classes, require_boxes=False, read=first.read).samples
+    )
+
+
+def predict(
+    checkpoint: str | Path,
+    paths: Sequence[str | Path],
+    cam_dir: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int = 16,
+    manifest: str | Path | None = None,
+    calibrated: bool = True,
+) -> PredictReport:
+    """Stage every image (and every row of ``manifest``) with a student checkpoint, or with
+    the fold students of a run folder (``FoldEnsemble``); ``calibrated``: with the fitted
+    temperatures. Grad-CAM overlays in ``cam_dir`` when given (the folder is made first: one
+    that cannot be is an error before any work). Unreadable files are skipped and listed in
+    ``skipped``."""
+    if cam_dir is not None:
+        make_cam_dir(Path(cam_dir))
+    if not paths and manifest is None:
+        raise KdError("nothing to predict: give images, folders or --manifest")
+    model = load_predictor(checkpoint, device, calibrated)
+    if model.view != "image":
+        raise KdError(
+            f"{checkpoint}: a {model.metadata.get('role')} checkpoint that takes crops; "
+            f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
+        )
+    sources: list[Any] = list(image_paths(paths)) if paths else []
+    if manifest is not None:
+        sources += manifest_samples(model, manifest)
+    readable: list[Any] = []
+    skipped: list[tuple[str, str]] = []
+    for source in sources:
+        try:
+            model.preprocess([source])
+        except (KdError, OSError, ValueError) as e:
+            skipped.append((describe(source), str(e).splitlines()[0]))
+        else:
+            readable.append(source)
+    results = [p.to_dict() for p in model.predict(readable, batch_size)]
+    if cam_dir is not None and readable:
+        write_cams(Path(cam_dir), model, readable, batch_size)
+    return PredictReport(results, skipped)
+
+
+def cam_name(path: Path, used: set[str]) -> str:
+    """``<stem>_cam.png``, or with the parent folder's name (and a number) when taken."""
+    path = Path(getattr(path, "image", path))
+    if path.name.lower().endswith(".nii.gz"):
+        path = path.with_suffix("")
+    name = f"{path.stem}_cam.png"
+    k = 1
+    while name in used:
+        name = f"{path.parent.name}_{path.stem}{'' if k == 1 else f'_{k}'}_cam.png"
+        k += 1
+    used.add(name)
+    return name
+
+
+def make_cam_dir(cam_dir: Path) -> None:
+    """Make the Grad-CAM folder (and its parents); one line when it cannot be made."""
+    if cam_dir.exists() and not cam_dir.is_dir():
+        raise KdError(f"{cam_dir}: is a file; give --cam a folder")
+    try:
+        cam_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=cam_dir)  # noqa: SIM115
+        probe.close()
+    except OSError as e:
+        raise KdError(
+            f"{cam_dir}: cannot be written ({e.strerror or type(e).__name__}); choose another "
+            "--cam folder"
+        ) from None
+
+
+def write_cams(
+    cam_dir: Path, model: KdModel | FoldEnsemble, files: list[Any], batch_size: int
+) -> None:
+    """One overlay PNG per image: the model's input in grey with its Grad-CAM on top."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from kdtoolkit.fileio import atomic_path
+
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
+    for chunk in batches(files, batch_size):
+        cams = model.cam(chunk)
+        inputs = model.preprocess(chunk).numpy()
+        for f, image, cam in zip(chunk, inputs, cams, strict=True):
+            grey = image.mean(0)
+            grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
+            heat = colormaps["jet"](cam)[..., :3]
+            overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
+            pixels = Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8))
+            with atomic_path(cam_dir / cam_name(f, used)) as tmp:
+                pixels.save(tmp, format="PNG")
