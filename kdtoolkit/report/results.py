@@ -110,8 +110,8 @@ class FoldResult:
     ``predictions``: ``index``, ``label``, ``group`` (each sample's group, None: none) and per
     row the predicted classes (plus ``student_probabilities``, ``logits`` and ``temperature``:
     ``{row: N×K held-out logits}`` and ``{row: T fitted on validation}``, and ``pointing``:
-    ``{row: 0/1 per sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``; ``roi``: the ROI
-    provider's metrics on this fold.
+    ``{row: 0/1 per sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``;
+    ``roi``: the ROI provider's metrics on this fold.
     """
 
     fold: int
