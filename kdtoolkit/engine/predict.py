@@ -56,16 +56,7 @@ class KdModel:
         self.metadata = metadata
         self.classes: list[str] = list(metadata["classes"])
         self.view: str = metadata.get("view", "image")
-        size = (int(metadata["input_size"][0]), int(metadata["input_size"][1]))
-        # a crop model takes crops as given: stretched to its input, as the teacher saw them
-        self.config = ViewConfig(
-            image_size=size,
-            crop_size=size,
-            channels=metadata["channels"],
-            letterbox=metadata["letterbox"] if self.view == "image" else False,
-            mean=metadata["normalisation"]["mean"],
-            std=metadata["normalisation"]["std"],
-        )
+        self.config = view_config(metadata)
 
     @classmethod
     def load(cls, checkpoint: str | Path, device: str | torch.device = "auto") -> KdModel:
@@ -89,12 +80,16 @@ class KdModel:
         with torch.no_grad():
             return self.model(self.preprocess(images).to(self.device)).float().cpu().numpy()
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N×K) from raw scores: the one definition ``predict`` and every
+        export (``kd export``) use, traced into the exported graph as written here."""
+        return torch.softmax(logits.float(), 1)
+
     def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> list[Prediction]:
         """Class and probabilities of every image; a non-finite output is an error."""
         out: list[Prediction] = []
         for chunk in batches(images, batch_size):
-            logits = torch.from_numpy(self.logits(chunk))
-            probs = torch.softmax(logits, 1).numpy()
+            probs = self.probabilities(torch.from_numpy(self.logits(chunk))).numpy()
             for image, p in zip(chunk, probs, strict=True):
                 if not np.isfinite(p).all():
                     raise KdError(
@@ -120,6 +115,21 @@ class KdModel:
             for chunk in batches(images, batch_size)
         ]
         return torch.cat(cams).numpy()
+
+
+def view_config(metadata: dict[str, Any]) -> ViewConfig:
+    """How a model's inputs are made, from its checkpoint's (or an export's) metadata: input
+    size, channels, letterbox and normalisation. A crop model (``view`` other than ``image``)
+    takes crops as given: stretched to its input, as the teacher saw them."""
+    size = (int(metadata["input_size"][0]), int(metadata["input_size"][1]))
+    return ViewConfig(
+        image_size=size,
+        crop_size=size,
+        channels=metadata["channels"],
+        letterbox=metadata["letterbox"] if metadata.get("view", "image") == "image" else False,
+        mean=metadata["normalisation"]["mean"],
+        std=metadata["normalisation"]["std"],
+    )
 
 
 def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
