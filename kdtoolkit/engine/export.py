@@ -68,7 +68,8 @@ def linear_head(kd: KdModel, maps: torch.Tensor) -> dict[str, list] | None:
     fc = next((m for m in reversed(linears) if tuple(m.weight.shape) == shape), None)
     if fc is None:
         return None
-    probe = torch.cat([maps, torch.randn_like(maps) * maps.std().clamp_min(1e-3)])
+    noise = torch.randn(maps.shape, generator=torch.Generator().manual_seed(0))
+    probe = torch.cat([maps, noise.to(maps) * maps.std().clamp_min(1e-3)])
     with torch.no_grad():
         expected = kd.model.forward_head(probe)
         linear = probe.mean((2, 3)) @ fc.weight.T + (0 if fc.bias is None else fc.bias)
@@ -215,7 +216,9 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
         else:
             extra = {EXTRA_FILE: ""}
             if fmt == "torchscript":
-                torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             else:
                 torch.export.load(str(path), extra_files=extra)
             text = extra[EXTRA_FILE] or None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def load_runtime(path: Path, fmt: str) -> Runtime:
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return lambda x: list(session.run(None, {"image": x}))
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated, still what servers run
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
     else:
         module = torch.export.load(str(path)).module()
 
