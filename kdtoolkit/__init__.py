@@ -38,6 +38,10 @@ EXPORTS = {
     "load_data": "kdtoolkit.engine.context",
     "KdModel": "kdtoolkit.engine.predict",
     "Prediction": "kdtoolkit.engine.predict",
+    "export_model": "kdtoolkit.engine.export",
+    "read_export_metadata": "kdtoolkit.engine.export",
+    "verify_export": "kdtoolkit.engine.export",
+    "prepare_inputs": "kdtoolkit.engine.parity",
     "create_backbone": "kdtoolkit.models.backbone",
     "Backbone": "kdtoolkit.models.backbone",
     "list_components": "kdtoolkit.plugins.manager",
@@ -76,6 +80,10 @@ __all__ = [
     "load_data",
     "KdModel",
     "Prediction",
+    "export_model",
+    "read_export_metadata",
+    "verify_export",
+    "prepare_inputs",
     "create_backbone",
     "Backbone",
     "list_components",
@@ -108,6 +116,8 @@ if TYPE_CHECKING:
     from kdtoolkit.data.geometry import enclosing_box, roi_axes, roi_corners
     from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
     from kdtoolkit.engine.context import load_data
+    from kdtoolkit.engine.export import export_model, read_export_metadata, verify_export
+    from kdtoolkit.engine.parity import prepare_inputs
     from kdtoolkit.engine.predict import KdModel, Prediction
     from kdtoolkit.engine.run import RunResult, run
     from kdtoolkit.engine.tune import TuneResult, tune

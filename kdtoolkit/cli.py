@@ -16,7 +16,7 @@ from rich.table import Table
 
 from kdtoolkit import __version__
 from kdtoolkit.data_cli import data_app
-from kdtoolkit.deploy_cli import predict_command
+from kdtoolkit.deploy_cli import export_command, predict_command
 from kdtoolkit.errors import KdError
 from kdtoolkit.scaffold import new_plugin_command
 from kdtoolkit.tune_cli import tune_command
@@ -39,6 +39,7 @@ app.add_typer(data_app, name="data")
 app.command("new-plugin")(new_plugin_command)
 app.command("predict")(predict_command)
 app.command("tune")(tune_command)
+app.command("export")(export_command)
 
 SetOption = Annotated[
     list[str] | None,

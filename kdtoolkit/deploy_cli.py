@@ -69,3 +69,57 @@ def predict_command(
             f"{len(report.skipped)} of {len(report.skipped) + len(report.results)} images could "
             "not be read (listed above); the others were predicted"
         )
+
+
+def export_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors of kd run.")],
+    fmt: Annotated[
+        str, typer.Option("--format", "-f", help="onnx, torchscript or exported (.pt2).")
+    ] = "onnx",
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="The file to write (default: beside the checkpoint)."),
+    ] = None,
+    run: Annotated[
+        Path | None,
+        typer.Option(help="Run folder: check parity on its held-out images (else synthetic)."),
+    ] = None,
+    features: Annotated[
+        bool, typer.Option("--features", help="Output the feature map too (Grad-CAM).")
+    ] = False,
+    tolerance: Annotated[
+        float, typer.Option(help="Largest allowed difference of a probability.")
+    ] = 1e-4,
+    samples: Annotated[int, typer.Option(help="Images in the parity check.")] = 8,
+    opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    verify: Annotated[
+        bool,
+        typer.Option("--verify", help="Only check an existing export (-o) against the checkpoint."),
+    ] = False,
+) -> None:
+    """Export a student (or teacher) for serving, with its preprocessing and a parity check."""
+    from kdtoolkit.engine.export import FORMATS, export_model, verify_export
+
+    if verify:
+        if output is None:
+            raise KdError("--verify checks an existing export: give it with -o PATH")
+        parity = verify_export(checkpoint, output, run=run, tolerance=tolerance, samples=samples)
+        console.print(f"parity ok: {output}: {parity.describe()}", highlight=False)
+        return
+    if fmt not in FORMATS:
+        raise KdError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    result = export_model(
+        checkpoint,
+        output,
+        fmt,
+        features=features,
+        run=run,
+        tolerance=tolerance,
+        samples=samples,
+        opset=opset,
+    )
+    opset_text = f", opset {result.metadata['opset']}" if "opset" in result.metadata else ""
+    outputs = ", ".join(o["name"] for o in result.metadata["outputs"])
+    console.print(f"wrote {result.path} ({fmt}{opset_text}; outputs {outputs})", highlight=False)
+    console.print(f"wrote {result.preprocess}", highlight=False)
+    console.print(f"parity ok: {result.parity.describe()}", highlight=False)

@@ -87,16 +87,7 @@ class KdModel:
         self.metadata = metadata
         self.classes: list[str] = list(metadata["classes"])
         self.view: str = metadata.get("view", "image")
-        size = (int(metadata["input_size"][0]), int(metadata["input_size"][1]))
-        # a crop model takes crops as given: stretched to its input, as the teacher saw them
-        self.config = ViewConfig(
-            image_size=size,
-            crop_size=size,
-            channels=metadata["channels"],
-            letterbox=metadata["letterbox"] if self.view == "image" else False,
-            mean=metadata["normalisation"]["mean"],
-            std=metadata["normalisation"]["std"],
-        )
+        self.config = view_config(metadata)
         self.read = read_spec_of(metadata)
         self.temperature = float(metadata.get("temperature", 1.0)) if calibrated else 1.0
         #: The input batch → probabilities module (temperature inside): what exports export.
@@ -224,6 +215,21 @@ def predictions_of(
             row = getattr(image, "row", None)
             out.append(Prediction(describe(image), model.classes[k], k, probabilities, row))
     return out
+
+
+def view_config(metadata: dict[str, Any]) -> ViewConfig:
+    """How a model's inputs are made, from its checkpoint's (or an export's) metadata: input
+    size, channels, letterbox and normalisation. A crop model (``view`` other than ``image``)
+    takes crops as given: stretched to its input, as the teacher saw them."""
+    size = (int(metadata["input_size"][0]), int(metadata["input_size"][1]))
+    return ViewConfig(
+        image_size=size,
+        crop_size=size,
+        channels=metadata["channels"],
+        letterbox=metadata["letterbox"] if metadata.get("view", "image") == "image" else False,
+        mean=metadata["normalisation"]["mean"],
+        std=metadata["normalisation"]["std"],
+    )
 
 
 def batches(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -59,5 +59,9 @@ class Probabilities(nn.Module):
         self.model = model
         self.register_buffer("temperature", torch.tensor(float(temperature)))
 
+    def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The calibrated probabilities of the model's ``logits``."""
+        return torch.softmax(logits.float() / self.temperature, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(x).float() / self.temperature, dim=1)
+        return self.from_logits(self.model(x))

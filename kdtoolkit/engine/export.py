@@ -1,0 +1,330 @@
+"""Exporting a trained model for serving: ONNX, TorchScript or a ``torch.export`` program.
+
+The exported graph is :class:`ServingModule`: the checkpoint's network followed by
+``KdModel.network``'s calibration (the definition ``KdModel.predict`` uses), so the file outputs the
+probabilities ``predict`` gives; optionally the feature map too, for a Grad-CAM after export.
+The preprocessing (input size, letterbox, channels, normalisation, how scans are read, class
+names) is written into the file's metadata (ONNX ``metadata_props``, a TorchScript extra file, a
+``.pt2`` extra file; key ``kdtoolkit``) and into ``preprocess.json`` beside it. The file is
+written to a temporary name, checked against ``KdModel`` (:mod:`kdtoolkit.engine.parity`), and
+only then moved into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdtoolkit.data.warp import ANTIALIAS_STEP
+from kdtoolkit.engine.parity import Parity, check_parity, differing_keys, sample_inputs
+from kdtoolkit.engine.predict import KdModel
+from kdtoolkit.engine.runtimes import require
+from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import atomic_path, atomic_write_text, read_json
+
+#: ``--format`` → the file suffix it is written with by default.
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
+META_KEY = "kdtoolkit"
+EXTRA_FILE = "kdtoolkit.json"
+SIDECAR = "preprocess.json"
+#: The keys of the metadata that say how an input is made (``preprocess.json``).
+PREPROCESS_KEYS = ("classes", "inputs", "preprocess", "scan")
+SCAN_KEYS = ("axis", "slice", "slab", "projection", "window", "percentiles", "spacing_mm")
+
+
+class ServingModule(nn.Module):
+    """``image`` (N×C×H×W, normalised) → ``probabilities`` (N×K), and the feature map
+    (N×F×h×w) with ``features``: the model's ``forward_head(forward_features(x))``, then
+    ``KdModel.network`` (softmax of the logits over the stored temperature)."""
+
+    def __init__(self, kd: KdModel, features: bool = False) -> None:
+        super().__init__()
+        self.net = kd.model
+        self.to_probabilities = kd.network.from_logits  # the temperature is inside
+        self.features = features
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not self.features:
+            return self.to_probabilities(self.net(image))
+        maps = self.net.forward_features(image)
+        return self.to_probabilities(self.net.forward_head(maps)), maps
+
+
+def linear_head(kd: KdModel, maps: torch.Tensor) -> dict[str, list] | None:
+    """``{"weight", "bias"}`` when the head is global average pooling then a linear layer
+    (checked on ``maps`` and on random maps: ``head(A) == mean_hw(A) @ Wᵀ + b``), else None."""
+    if maps.ndim != 4:
+        return None
+    shape = (len(kd.classes), maps.shape[1])
+    linears = [m for m in kd.model.modules() if isinstance(m, nn.Linear)]
+    fc = next((m for m in reversed(linears) if tuple(m.weight.shape) == shape), None)
+    if fc is None:
+        return None
+    noise = torch.randn(maps.shape, generator=torch.Generator().manual_seed(0))
+    probe = torch.cat([maps, noise.to(maps) * maps.std().clamp_min(1e-3)])
+    with torch.no_grad():
+        expected = kd.model.forward_head(probe)
+        linear = probe.mean((2, 3)) @ fc.weight.T + (0 if fc.bias is None else fc.bias)
+    if expected.shape != linear.shape or not torch.allclose(expected, linear, atol=1e-5):
+        return None
+    bias = torch.zeros(fc.out_features) if fc.bias is None else fc.bias.detach()
+    return {"weight": fc.weight.detach().tolist(), "bias": bias.tolist()}
+
+
+def package_version() -> str:
+    """kdtoolkit's installed version ("unknown" when run from a source tree alone)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kdtoolkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def export_metadata(
+    kd: KdModel, checkpoint: Path, fmt: str, example: torch.Tensor, features: bool
+) -> dict[str, Any]:
+    """What the exported file says about itself: its inputs and outputs, the preprocessing
+    that makes its input, how scans are read, the classes, and where it came from."""
+    meta = kd.metadata
+    c, h, w = example.shape[1:]
+    outputs: list[dict[str, Any]] = [
+        {"name": "probabilities", "shape": ["batch", len(kd.classes)], "dtype": "float32"}
+    ]
+    out: dict[str, Any] = {
+        "format": fmt,
+        "kdtoolkit": package_version(),
+        "torch": torch.__version__.split("+")[0],
+        "role": meta.get("role"),
+        "backbone": meta.get("backbone"),
+        "fold": meta.get("fold"),
+        "recipe_digest": meta.get("recipe_digest"),
+        "checkpoint": str(checkpoint),
+        "classes": list(kd.classes),
+        "inputs": [{"name": "image", "shape": ["batch", c, h, w], "dtype": "float32"}],
+        "outputs": outputs,
+        "preprocess": {
+            "view": kd.view,
+            "input_size": [h, w],
+            "channels": c,
+            "letterbox": kd.config.letterbox,
+            "normalisation": {"mean": list(kd.config.mean), "std": list(kd.config.std)},
+            "pixels": "integers / dtype maximum (255, 65535) into [0, 1]; RGB to grey with "
+            "BT.601 luma, grey to RGB by repeating",
+            "resample": "one bilinear sampling at pixel centres, zeros outside the image; "
+            f"antialiased reduction first where an axis shrinks by more than {ANTIALIAS_STEP}",
+            "layout": "NCHW, (pixel - mean) / std per channel",
+        },
+        "scan": {
+            k: v for k, v in (meta.get("recipe", {}).get("data") or {}).items() if k in SCAN_KEYS
+        },
+    }
+    if "temperature" in meta:
+        out["temperature"] = meta["temperature"]
+    if features:
+        with torch.no_grad():
+            maps = kd.model.forward_features(example)
+        outputs.append(
+            {"name": "features", "shape": ["batch", *maps.shape[1:]], "dtype": "float32"}
+        )
+        head = linear_head(kd, maps)
+        out["cam"] = {"head": "pooling+linear", **head} if head else {"head": "other"}
+    return out
+
+
+def preprocess_part(metadata: dict[str, Any]) -> dict[str, Any]:
+    """The part of an export's metadata that ``preprocess.json`` holds."""
+    return {k: metadata[k] for k in PREPROCESS_KEYS if k in metadata}
+
+
+def write_onnx(
+    module: ServingModule, example: torch.Tensor, path: Path, meta: dict, opset: int | None
+) -> None:
+    require("onnx", "onnxscript")
+    import onnx
+
+    names = ["probabilities", "features"] if module.features else ["probabilities"]
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=["image"],
+            output_names=names,
+            dynamic_shapes={"image": {0: batch}},
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    model = program.model_proto
+    meta["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
+    onnx.save_model(model, str(path))
+
+
+def write_torchscript(module: ServingModule, example: torch.Tensor, path: Path, meta: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
+
+
+def write_exported(module: ServingModule, example: torch.Tensor, path: Path, meta: dict) -> None:
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
+        torch.export.save(program, str(path), extra_files={EXTRA_FILE: json.dumps(meta)})
+
+
+def format_of(path: Path) -> str:
+    """The export format of a file, from its suffix."""
+    for fmt, suffix in FORMATS.items():
+        if path.suffix == suffix:
+            return fmt
+    raise KdError(
+        f"{path}: not an exported model (.onnx, .pt or .pt2); give the file kd export wrote"
+    )
+
+
+def read_export_metadata(path: str | Path) -> dict[str, Any]:
+    """The kdtoolkit metadata inside an exported file (any of the three formats)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"{path}: no such exported model")
+    fmt = format_of(path)
+    try:
+        if fmt == "onnx":
+            require("onnx")
+            import onnx
+
+            props = {
+                p.key: p.value
+                for p in onnx.load(str(path), load_external_data=False).metadata_props
+            }
+            text = props.get(META_KEY)
+        else:
+            extra = {EXTRA_FILE: ""}
+            if fmt == "torchscript":
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+            else:
+                torch.export.load(str(path), extra_files=extra)
+            text = extra[EXTRA_FILE] or None
+        if text is None:
+            raise ValueError("it holds no kdtoolkit metadata")
+        meta = json.loads(text)
+    except KdError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every loader's own error becomes one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KdError(f"{path}: cannot be read as a kd export ({first}); export it again") from None
+    return meta
+
+
+@dataclass
+class ExportResult:
+    """What ``export_model`` wrote: the model file, its ``preprocess.json``, the metadata
+    inside the file and the parity check that passed."""
+
+    path: Path
+    preprocess: Path
+    metadata: dict[str, Any]
+    parity: Parity
+
+
+def export_model(
+    checkpoint: str | Path,
+    output: str | Path | None = None,
+    fmt: str = "onnx",
+    *,
+    features: bool = False,
+    run: str | Path | None = None,
+    tolerance: float = 1e-4,
+    samples: int = 8,
+    opset: int | None = None,
+) -> ExportResult:
+    """Export a checkpoint to ``output`` (default: beside it, with the format's suffix) as
+    ``fmt`` (``onnx``, ``torchscript``, ``exported``), check parity against ``KdModel`` on
+    ``samples`` inputs (held-out images of ``run``, else synthetic ones) and write
+    ``preprocess.json`` beside it. A difference above ``tolerance`` is an error and leaves
+    nothing written."""
+    if fmt not in FORMATS:
+        raise KdError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        require("onnx", "onnxscript", "onnxruntime")
+    checkpoint = Path(checkpoint)
+    path = Path(output) if output is not None else checkpoint.with_suffix(FORMATS[fmt])
+    if path.suffix != FORMATS[fmt]:
+        raise KdError(f"-o {path}: a {fmt} export is written as *{FORMATS[fmt]}; rename it")
+    if path.is_dir():
+        raise KdError(f"-o {path}: is a folder; give a file name ending in {FORMATS[fmt]}")
+    kd = KdModel.load(checkpoint, device="cpu")
+    if features and not hasattr(kd.model, "forward_features"):
+        raise KdError(f"{checkpoint}: backbone {kd.metadata.get('backbone')} has no feature map")
+    images, kind = sample_inputs(kd, run, samples)
+    example = kd.preprocess(images[:2])
+    meta = export_metadata(kd, checkpoint, fmt, example, features)
+    sidecar = path.parent / SIDECAR
+    fix = "delete it, or export into a folder of its own"
+    if sidecar.is_file() and read_json(sidecar, SIDECAR, fix) != preprocess_part(meta):
+        raise KdError(
+            f"{sidecar}: another model's preprocessing is there; export into a folder of its own"
+        )
+    module = ServingModule(kd, features).eval()
+    with atomic_path(path) as tmp:
+        try:
+            if fmt == "onnx":
+                write_onnx(module, example, tmp, meta, opset)
+            elif fmt == "torchscript":
+                write_torchscript(module, example, tmp, meta)
+            else:
+                write_exported(module, example, tmp, meta)
+        except KdError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an exporter's failure becomes one line
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise KdError(
+                f"{checkpoint}: backbone {kd.metadata.get('backbone')!r} could not be exported "
+                f"as {fmt} ({type(e).__name__}: {first}); try another --format"
+            ) from None
+        parity = check_parity(kd, tmp, meta, images, kind, tolerance)
+        parity.raise_if_failed(path)
+    atomic_write_text(sidecar, json.dumps(preprocess_part(meta), indent=2) + "\n")
+    return ExportResult(path, sidecar, meta, parity)
+
+
+def verify_export(
+    checkpoint: str | Path,
+    path: str | Path,
+    run: str | Path | None = None,
+    tolerance: float = 1e-4,
+    samples: int = 8,
+) -> Parity:
+    """The parity check of an existing export against its checkpoint: inputs prepared as
+    ``preprocess.json`` beside it says (what a server reads; the file's own metadata when
+    there is none). A failure is an error naming the largest difference."""
+    path = Path(path)
+    meta = read_export_metadata(path)
+    kd = KdModel.load(checkpoint, device="cpu")
+    sidecar = path.parent / SIDECAR
+    mismatched: list[str] = []
+    if sidecar.is_file():
+        served = read_json(sidecar, "export's preprocessing", "export the model again")
+        mismatched = differing_keys(served, preprocess_part(meta))
+        meta = {**meta, **served}
+    images, inputs = sample_inputs(kd, run, samples)
+    parity = check_parity(kd, path, meta, images, inputs, tolerance, mismatched)
+    parity.raise_if_failed(path)
+    return parity

@@ -1,0 +1,81 @@
+"""The runtimes an export is served with: onnxruntime, TorchScript, ``torch.export``; the
+optional ONNX packages, imported with one line naming the extra when missing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdtoolkit.errors import KdError
+
+INSTALL = 'pip install "kdtoolkit[export]"'
+Runtime = Callable[[np.ndarray], list[np.ndarray]]
+
+
+def require(*modules: str) -> None:
+    """Import ``modules``; one line naming the extra when one is missing."""
+    import importlib
+
+    for name in modules:
+        try:
+            with private_caches():  # onnxruntime writes a device id when imported
+                importlib.import_module(name)
+        except ImportError:
+            raise KdError(
+                f"ONNX export needs onnx, onnxscript and onnxruntime ({name} is missing): {INSTALL}"
+            ) from None
+
+
+@contextlib.contextmanager
+def private_caches() -> Iterator[None]:
+    """onnxruntime keeps a device id under ``$XDG_CACHE_HOME``; point it at kdtoolkit's
+    per-user temporary folder while a session is made (unless the user chose a folder)."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    if saved is None:
+        user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+        os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / f"kdtoolkit-{user}")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("XDG_CACHE_HOME", None)
+
+
+def load_runtime(path: Path, fmt: str) -> Runtime:
+    """A function running the exported file at ``path`` in its own runtime: onnxruntime (CPU),
+    ``torch.jit.load`` or ``torch.export.load``; N×C×H×W float32 in, its outputs out."""
+    if fmt == "onnx":
+        require("onnxruntime")
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch
+        with private_caches():
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return lambda x: list(session.run(None, {"image": x}))
+    if fmt == "torchscript":
+        with warnings.catch_warnings():  # TorchScript is deprecated, still what servers run
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu")
+    else:
+        module = torch.export.load(str(path)).module()
+
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(torch.from_numpy(x))
+        return [t.numpy() for t in (out if isinstance(out, tuple | list) else (out,))]
+
+    return run
+
+
+def run_in_batches(runtime: Runtime, x: np.ndarray) -> list[np.ndarray]:
+    """The runtime on a batch of one, then on the rest (the batch axis is dynamic)."""
+    parts = [runtime(x[:1]), runtime(x[1:])]
+    return [np.concatenate(outs) for outs in zip(*parts, strict=True)]

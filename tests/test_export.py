@@ -1,0 +1,219 @@
+"""``kd export``: a tiny trained student exported to ONNX, TorchScript and ``torch.export`` gives
+``KdModel.predict``'s probabilities in each format's own runtime; its metadata round-trips; a
+tampered model or a preprocessing mismatch fails the parity check (exit 2); the feature map
+output gives the product's Grad-CAM with numpy alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kdtoolkit
+from kdtoolkit import export_model, prepare_inputs, read_export_metadata, verify_export
+from kdtoolkit.engine.export import ServingModule
+from kdtoolkit.engine.runtimes import private_caches
+from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
+from kdtoolkit.testing import kd_cli, run_tiny_recipe
+
+onnx = pytest.importorskip("onnx")
+with private_caches():  # onnxruntime writes a device id when imported
+    ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory):
+    """A finished tiny run (64-pixel student: a 2×2 feature map), its student checkpoint and
+    fold 0's held-out images."""
+    root = tmp_path_factory.mktemp("export")
+    result = run_tiny_recipe(root, **{"data.image_size": 64})
+    folds = json.loads((result.output / "folds.json").read_text())
+    held_out = [Path(s["image"]) for s in folds["samples"] if s["fold"] == 0]
+    ckpt = result.output / "fold_0" / "student" / "model.safetensors"
+    return result.output, ckpt, held_out
+
+
+@pytest.fixture(scope="module")
+def onnx_export(trained, tmp_path_factory):
+    run, ckpt, _ = trained
+    out = tmp_path_factory.mktemp("onnx") / "student.onnx"
+    return export_model(ckpt, out, "onnx", features=True, run=run)
+
+
+def reference(ckpt: Path, images) -> tuple[kdtoolkit.KdModel, np.ndarray]:
+    model = kdtoolkit.KdModel.load(ckpt, device="cpu")
+    probs = np.array([list(p.probabilities.values()) for p in model.predict(images)])
+    return model, probs
+
+
+def test_onnxruntime_matches_kdmodel_predict_and_metadata_round_trips(trained, onnx_export):
+    _, ckpt, held_out = trained
+    model, expected = reference(ckpt, held_out)
+    session = ort.InferenceSession(str(onnx_export.path), providers=["CPUExecutionProvider"])
+    (image,) = session.get_inputs()
+    assert image.name == "image" and isinstance(image.shape[0], str)  # a dynamic batch axis
+    assert image.shape[1:] == [1, 64, 64]
+    # as a server would: preprocess.json beside the file says how inputs are made
+    served = json.loads((onnx_export.path.parent / "preprocess.json").read_text())
+    probs, features = session.run(None, {"image": prepare_inputs(held_out, served)})
+    assert np.abs(probs - expected).max() < 1e-4
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and features.shape[1:] == (512, 2, 2)
+    # and for images of other shapes (letterboxed) prepare_inputs is KdModel.preprocess
+    odd = [np.full((40, 64), 200, np.uint8), np.eye(70, 30, dtype=np.float32)]
+    assert np.array_equal(prepare_inputs(odd, served), model.preprocess(odd).numpy())
+    # the metadata inside the file, read with onnx itself, and preprocess.json beside it
+    proto = onnx.load(str(onnx_export.path))
+    inside = json.loads({p.key: p.value for p in proto.metadata_props}["kdtoolkit"])
+    assert inside == onnx_export.metadata == read_export_metadata(onnx_export.path)
+    assert inside["opset"] == next(o.version for o in proto.opset_import if o.domain == "")
+    assert inside["classes"] == ["low", "mid", "high"]
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    pre = inside["preprocess"]
+    assert pre["input_size"] == meta["input_size"] == [64, 64]
+    assert (pre["channels"], pre["letterbox"]) == (meta["channels"], meta["letterbox"])
+    assert pre["normalisation"] == meta["normalisation"]
+    assert inside["scan"]["axis"] == meta["recipe"]["data"]["axis"]
+    sidecar = json.loads((onnx_export.path.parent / "preprocess.json").read_text())
+    assert sidecar == {k: inside[k] for k in ("classes", "inputs", "preprocess", "scan")}
+    assert onnx_export.parity.ok and onnx_export.parity.n == len(held_out[:8])
+    assert onnx_export.parity.inputs == "held-out images of fold 0"
+
+
+def test_gradcam_from_the_exported_feature_map_with_numpy(trained, onnx_export):
+    """The docs' recipe (pooling + linear head: the CAM weights are the head's rows) gives
+    ``KdModel.cam``, which differentiates the head with autograd."""
+    from PIL import Image
+
+    _, ckpt, held_out = trained
+    model = kdtoolkit.KdModel.load(ckpt, device="cpu")
+    meta = onnx_export.metadata
+    assert meta["cam"]["head"] == "pooling+linear"
+    weight = np.array(meta["cam"]["weight"], dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_export.path), providers=["CPUExecutionProvider"])
+    probs, features = session.run(None, {"image": model.preprocess(held_out).numpy()})
+
+    def minmax(m):
+        m = m - m.min()
+        return m / (1e-7 + m.max())
+
+    h, w = meta["preprocess"]["input_size"]
+    cams = []
+    for p, f in zip(probs, features, strict=True):
+        cam = minmax(np.maximum(np.einsum("c,chw->hw", weight[p.argmax()], f), 0))
+        big = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((w, h), Image.BILINEAR))
+        cams.append(minmax(big))
+    assert np.abs(np.stack(cams) - model.cam(held_out)).max() < 1e-4
+
+
+def test_torchscript_and_exported_program_match(trained, tmp_path):
+    run, ckpt, held_out = trained
+    model, expected = reference(ckpt, held_out)
+    x = model.preprocess(held_out)
+    ts = kd_cli("export", str(ckpt), "-f", "torchscript", "-o", str(tmp_path / "ts/s.pt"))
+    assert ts.returncode == 0, ts.stderr
+    assert "parity ok" in ts.stdout and "synthetic images" in ts.stdout
+    extra = {"kdtoolkit.json": ""}
+    scripted = torch.jit.load(str(tmp_path / "ts/s.pt"), _extra_files=extra)
+    assert json.loads(extra["kdtoolkit.json"])["preprocess"]["input_size"] == [64, 64]
+    with torch.no_grad():
+        assert np.abs(scripted(x).numpy() - expected).max() < 1e-4
+    result = export_model(ckpt, tmp_path / "ep/s.pt2", "exported", run=run)
+    program = torch.export.load(str(result.path), extra_files=extra)
+    assert json.loads(extra["kdtoolkit.json"]) == result.metadata
+    with torch.no_grad():
+        assert np.abs(program.module()(x).numpy() - expected).max() < 1e-4
+
+
+def test_export_applies_the_checkpoints_temperature(trained, tmp_path):
+    """A checkpoint calibrated with T = 2 exports softmax(logits / 2), computed here from the
+    logits by hand; ``--no-calibrated`` predictions differ from it."""
+    _, ckpt, held_out = trained
+    tensors, meta = load_checkpoint(ckpt)
+    calibrated = tmp_path / "calibrated" / "model.safetensors"
+    calibrated.parent.mkdir()
+    save_checkpoint(calibrated, tensors, {**meta, "temperature": 2.0})
+    result = export_model(calibrated, tmp_path / "t.pt", "torchscript")
+    model = kdtoolkit.KdModel.load(calibrated, device="cpu", calibrated=False)
+    logits = model.logits(held_out)
+    by_hand = np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)
+    with torch.no_grad():
+        out = torch.jit.load(str(result.path))(model.preprocess(held_out)).numpy()
+    assert np.abs(out - by_hand).max() < 1e-5
+    assert np.abs(by_hand - torch.softmax(torch.from_numpy(logits), 1).numpy()).max() > 1e-3
+    assert result.metadata["temperature"] == 2.0
+
+
+def test_a_graph_that_differs_is_not_written(trained, tmp_path, monkeypatch):
+    _, ckpt, _ = trained
+    forward = ServingModule.forward
+    monkeypatch.setattr(ServingModule, "forward", lambda self, x: forward(self, x) + 0.01)
+    with pytest.raises(kdtoolkit.KdError, match=r"parity check failed: largest difference 0\.01"):
+        export_model(ckpt, tmp_path / "bad.pt", "torchscript")
+    assert not list(tmp_path.iterdir())
+
+
+def test_tampered_model_and_preprocessing_mismatch_fail_with_exit_2(trained, onnx_export, tmp_path):
+    run, ckpt, _ = trained
+    folder = tmp_path / "served"
+    shutil.copytree(onnx_export.path.parent, folder)
+    path = folder / "student.onnx"
+    assert verify_export(ckpt, path, run=run).ok  # the untouched copy passes
+
+    def failed(result, *words: str) -> None:
+        assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "parity check failed: largest difference" in lines[0]
+        assert all(w in lines[0] for w in words), lines[0]
+
+    # 1. a tampered initializer: the classifier's bias moved
+    proto = onnx.load(str(path))
+    bias = next(t for t in proto.graph.initializer if tuple(t.dims) == (3,))
+    value = onnx.numpy_helper.to_array(bias).copy()
+    value[0] += 3.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(value, bias.name))
+    tampered = folder / "tampered.onnx"
+    onnx.save_model(proto, str(tampered))
+    failed(kd_cli("export", str(ckpt), "-o", str(tampered), "--verify"), "probabilities")
+
+    # 2. preprocess.json edited (a server normalising differently): named, and measured
+    sidecar = json.loads((folder / "preprocess.json").read_text())
+    sidecar["preprocess"]["normalisation"]["mean"] = [0.1]
+    (folder / "preprocess.json").write_text(json.dumps(sidecar))
+    failed(kd_cli("export", str(ckpt), "-o", str(path), "--verify"), "normalisation.mean")
+
+    # 3. the same mismatch inside the file too: only the numbers show it
+    proto = onnx.load(str(path))
+    inside = json.loads(proto.metadata_props[0].value)
+    inside["preprocess"] = sidecar["preprocess"]
+    onnx.helper.set_model_props(proto, {"kdtoolkit": json.dumps(inside)})
+    onnx.save_model(proto, str(path))
+    with pytest.raises(kdtoolkit.KdError) as error:
+        verify_export(ckpt, path)
+    assert "largest difference" in str(error.value) and "differs" not in str(error.value)
+
+
+def test_bad_requests_are_one_line(trained, tmp_path):
+    """Without the ``export`` extra: one line naming it (a subprocess where onnxscript cannot
+    be imported); a wrong suffix or format: one line, nothing written."""
+    _, ckpt, _ = trained
+    fake = tmp_path / "site" / "onnxscript"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
+    path = os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])
+    result = kd_cli(
+        "export", str(ckpt), "-o", str(tmp_path / "m.onnx"), env={**os.environ, "PYTHONPATH": path}
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert 'pip install "kdtoolkit[export]"' in lines[0] and "onnxscript" in lines[0]
+    with pytest.raises(kdtoolkit.KdError, match=r"written as \*\.pt; rename"):
+        export_model(ckpt, tmp_path / "m.onnx", "torchscript")
+    with pytest.raises(kdtoolkit.KdError, match="use one of onnx, torchscript, exported"):
+        export_model(ckpt, tmp_path / "m.tflite", "tflite")
+    assert not list(tmp_path.glob("m.*"))
