@@ -15,6 +15,8 @@ import pytest
 from kdtoolkit.engine import compare as gc
 from kdtoolkit.engine.plan import EvaluateSpec, RoiSpec, TrainSpec, compare_plan, fold_plan
 from kdtoolkit.errors import KdError
+from kdtoolkit.report.comparison import Comparison, VariantInfo, write_comparison
+from kdtoolkit.report.results import FoldResult, RunResults
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gap_closure.py"
@@ -97,15 +99,14 @@ def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
     mean = {
         row: float(np.mean([f["metrics"][row]["accuracy"] for f in data["folds"]])) for row in rows
     }
+    # the gap closures from the per-fold accuracies (which branch runs depends on the tiny
+    # training; test_gap_closure_by_hand pins both, a gap and none, on made-up folds)
     gap = mean["teacher_crop"] - mean["baseline_full"]
     for name in ("paper", "roi_feature"):
-        value = data["gap_closure"][name]
-        if gap > 0:
-            expected = (mean[name] - mean["baseline_full"]) / gap
-            assert value == pytest.approx(expected, abs=1e-12)
-            assert f"{100 * expected:.1f}%" in table_rows[name]
-        else:
-            assert value is None and "n/a" in table_rows[name]
+        expected = (mean[name] - mean["baseline_full"]) / gap if gap > 0 else None
+        assert data["gap_closure"][name] == pytest.approx(expected, abs=1e-12)
+        text = "n/a" if expected is None else f"{100 * expected:.1f}%"
+        assert text in table_rows[name]
         acc = data["summary"][name]["accuracy"]
         assert f"{100 * acc['mean']:.2f} ± {100 * acc['std']:.2f}" in table_rows[name]
 
@@ -143,3 +144,44 @@ def test_gap_closure_script_tiny(tmp_path: Path, tiny_recipe: Path) -> None:
     }
     assert checkpoint.stat().st_mtime_ns == stamp
     assert "trained in" not in (out / "gap_closure.log").read_text().split("gap closure of")[-1]
+
+
+def fold(k: int, accuracy: dict[str, float], n: int = 20) -> FoldResult:
+    """A fold of ``n`` samples of two classes whose rows get ``accuracy`` right."""
+    labels = [i % 2 for i in range(n)]
+    predictions: dict = {"index": list(range(n)), "label": labels, "group": [None] * n}
+    for row, acc in accuracy.items():
+        right = round(acc * n)
+        predictions[row] = [y if i < right else 1 - y for i, y in enumerate(labels)]
+    metrics = {row: {"accuracy": acc, "f1": acc} for row, acc in accuracy.items()}
+    return FoldResult(fold=k, n_test=n, metrics=metrics, predictions=predictions)
+
+
+@pytest.mark.parametrize(
+    ("teacher", "baseline", "student", "closure", "cell"),
+    [
+        # gap 0.85 - 0.55 = 0.30, student 0.65 - 0.55 = 0.10: a third of the gap
+        ((0.9, 0.8), (0.5, 0.6), (0.7, 0.6), 1 / 3, "33.3%"),
+        # the student beyond the teacher: more than all of the gap
+        ((0.6, 0.7), (0.5, 0.5), (0.8, 0.8), 2.0, "200.0%"),
+        # the teacher no better than the baseline: no gap to close
+        ((0.5, 0.6), (0.6, 0.5), (0.7, 0.6), None, "n/a"),
+        ((0.4, 0.4), (0.5, 0.5), (0.7, 0.6), None, "n/a"),
+    ],
+)
+def test_gap_closure_by_hand(tmp_path: Path, teacher, baseline, student, closure, cell) -> None:
+    folds = [
+        fold(k, {"teacher_crop": t, "baseline_full": b, "student_paper": s})
+        for k, (t, b, s) in enumerate(zip(teacher, baseline, student, strict=True))
+    ]
+    info = VariantInfo("paper", [], "d", [{"name": "kl", "weight": 1.0}], {})
+    comparison = Comparison(
+        "r.toml", "d", tmp_path, RunResults(folds, ["a", "b"]), [info], "t", "s"
+    )
+    write_comparison(comparison)
+    data = json.loads((tmp_path / "gap_closure.json").read_text())
+    assert data["gap_closure"]["paper"] == pytest.approx(closure, abs=1e-12)
+    row = next(
+        x for x in (tmp_path / "gap_closure.md").read_text().splitlines() if "| paper |" in x
+    )
+    assert row.rstrip().endswith(f"| {cell} |"), row

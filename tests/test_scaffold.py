@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from kdtoolkit.cli import app
 from kdtoolkit.errors import KdError
 from kdtoolkit.plugins.manager import GROUP
-from kdtoolkit.scaffold import SUFFIX, TEMPLATE, new_plugin
+from kdtoolkit.scaffold import ORIENTED, SUFFIX, TEMPLATE, new_plugin
 from kdtoolkit.testing import kd_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,16 +25,19 @@ FILES = {
     "kd_molars/__init__.py",
     "kd_molars/data.py",
     "kd_molars/plugin.py",
+    "kd_molars/roi.py",
     "recipes/molars-quick.toml",
     "tests/test_molars.py",
 }
 
 
 def test_template_is_package_data_and_not_collected():
-    files = [p for p in TEMPLATE.rglob("*") if p.is_file()]
-    assert files and all(p.name.endswith(SUFFIX) for p in files)
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "scaffold/template/**/*" in config["tool"]["setuptools"]["package-data"]["kdtoolkit"]
+    for folder in (TEMPLATE, ORIENTED):
+        files = [p for p in folder.rglob("*") if p.is_file()]
+        assert files and all(p.name.endswith(SUFFIX) for p in files)
+        data = config["tool"]["setuptools"]["package-data"]["kdtoolkit"]
+        assert f"scaffold/{folder.name}/**/*" in data
 
 
 def test_new_plugin_renders_every_file(tmp_path):
@@ -52,6 +55,65 @@ def test_new_plugin_renders_every_file(tmp_path):
     assert project["entry-points"][GROUP] == {"molars": "kd_molars.plugin"}
     plugin = (root / "kd_molars/plugin.py").read_text()
     assert "from kdtoolkit import" in plugin and "from kdtoolkit." not in plugin
+
+
+def test_component_names_follow_the_documented_convention(tmp_path):
+    """The task is the plugin's name, every other component is prefixed with it
+    (docs/plugins.md, "Component names")."""
+    assert "prefixed with the plugin's name" in " ".join(
+        (ROOT / "docs/plugins.md").read_text().split()
+    )
+    for oriented in (False, True):
+        root = new_plugin("molars", tmp_path / str(oriented), oriented=oriented)
+        sys.path[:0] = [str(root)]
+        try:
+            import kd_molars.plugin as plugin
+
+            from kdtoolkit.testing import fresh_registries
+
+            regs = fresh_registries(plugin)
+        finally:
+            sys.path.remove(str(root))
+            for name in [m for m in sys.modules if m.startswith("kd_molars")]:
+                del sys.modules[name]
+        assert [n for n in regs.tasks if n.startswith("molars")] == ["molars"]
+        own = [
+            n for kind in (regs.losses, regs.roi_providers) for n in kind if n.startswith("molars")
+        ]
+        assert sorted(own) == sorted(
+            ["molars_logit_norm", "molars_principal_axis" if oriented else "molars_mean_box"]
+        )
+
+
+def test_oriented_plugin_has_rotated_rois_and_an_oriented_provider(tmp_path):
+    root = new_plugin("knee", tmp_path, oriented=True)
+    written = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    assert written == {f.replace("molars", "knee") for f in FILES}
+    recipe = tomllib.loads((root / "recipes/knee-quick.toml").read_text())
+    assert recipe["roi"]["provider"] == "knee_principal_axis"
+    assert recipe["data"]["crop_size"] == [16, 32]
+    roi = (root / "kd_knee/roi.py").read_text()
+    assert "oriented = True" in roi and "from kdtoolkit import" in roi
+    assert "angle" in (root / "kd_knee/data.py").read_text()
+
+
+@pytest.mark.slow
+def test_oriented_plugin_passes_its_own_tests(tmp_path):
+    """The generated tests (rotated boxes recovered by the provider, a tiny run) pass as
+    written, with the plugin not installed."""
+    root = new_plugin("knee", tmp_path, oriented=True)
+    path = [str(root), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    assert "5 passed" in tests.stdout
 
 
 def test_new_plugin_refuses_bad_names_and_a_full_folder(tmp_path):

@@ -15,7 +15,9 @@ from kdtoolkit.errors import KdError
 from kdtoolkit.report.markdown import write_report
 from kdtoolkit.report.results import FoldResult, RunResults, read_results, write_results
 from kdtoolkit.report.stats import (
+    LEVEL,
     compute,
+    interval,
     macro_f1_of,
     mcnemar_p,
     pool,
@@ -124,6 +126,63 @@ def test_confusion_formulas_equal_sklearn() -> None:
         qwk = cohen_kappa_score(y, p, labels=range(4), weights="quadratic")
         assert qwk_of(conf) == pytest.approx(qwk)
     assert qwk_of(np.diag([5.0, 0, 0])) == 1.0  # one class everywhere, as in metrics
+
+
+def test_qwk_of_tiny_counts_equals_sklearn() -> None:
+    """Every labelling of one to three samples into two or three classes: the expected
+    disagreement is then at most 1, where a wrong threshold on it would show."""
+    for k in (2, 3):
+        for n in (1, 2, 3):
+            for codes in np.ndindex(*([k * k] * n)):
+                y, p = np.array(codes) // k, np.array(codes) % k
+                conf = np.zeros((k, k))
+                np.add.at(conf, (y, p), 1)
+                if len(set(y) | set(p)) == 1:
+                    assert qwk_of(conf) == 1.0  # one class everywhere
+                    continue
+                want = cohen_kappa_score(y, p, labels=range(k), weights="quadratic")
+                assert qwk_of(conf) == pytest.approx(want, abs=1e-12), conf
+
+
+def test_interval_is_the_percentile_interval_of_the_finite_values() -> None:
+    values = np.array([0.4, np.nan, 0.1, np.inf, 0.3, 0.2, -np.inf])
+    finite = np.array([0.1, 0.2, 0.3, 0.4])
+    lo, hi = (1 - LEVEL) / 2, (1 + LEVEL) / 2
+    assert interval(values) == pytest.approx(list(np.quantile(finite, [lo, hi])))
+    assert interval(np.array([0.25, np.nan])) == [0.25, 0.25]  # one finite value
+    assert interval(np.array([np.nan, np.inf])) is None
+
+
+def test_pool_keeps_each_pointing_hit_on_its_own_sample() -> None:
+    folds = [
+        {
+            "index": [0, 1, 2],
+            "label": [0, 1, 1],
+            "student": [0, 0, 1],
+            "pointing": {"student": [1, 0, 0]},
+        },
+        {"index": [3, 4], "label": [1, 0], "student": [1, 1], "pointing": {"student": [0, 1]}},
+    ]
+    pooled = pool(folds, [0, 1])
+    assert pooled is not None and pooled.unit == "sample" and pooled.n_units == 5
+    assert pooled.outcomes["pointing_game"]["student"].tolist() == [1, 0, 0, 0, 1]
+    assert pooled.outcomes["accuracy"]["student"].tolist() == [1, 0, 1, 1, 0]
+    assert pooled.predicted["student"].tolist() == [0, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("fold", "key"),
+    [
+        ({"index": 3, "label": [0]}, "predictions.index has int entries"),
+        ({"index": [0, 1], "label": [0]}, "predictions.label has 1 entries for 2"),
+        ({"index": [0], "label": [0], "group": ["a", "b"]}, "predictions.group has 2 entries"),
+        ({"index": [0], "label": [0], "pointing": [1]}, "predictions.pointing must map rows"),
+        ({"index": [0], "label": [0], "pointing": {"s": [1, 0]}}, "predictions.pointing.s has 2"),
+    ],
+)
+def test_pool_names_the_fold_and_the_damaged_column(fold, key) -> None:
+    with pytest.raises(KdError, match=f"^fold 7 eval.json: {key}"):
+        pool([{"index": [5], "label": [1]}, fold], [3, 7])
 
 
 def test_mcnemar_equals_binomtest_on_counts_made_by_hand() -> None:

@@ -55,10 +55,12 @@ class Pooled:
     outcomes: dict[str, dict[str, np.ndarray]]
 
 
-def _column(values: Any, n: int, key: str, fold: Any) -> list:
-    if not isinstance(values, list | tuple) or len(values) != n:
+def _column(values: Any, n: int | None, key: str, fold: Any) -> list:
+    """``values`` as a list of ``n`` entries (None: any number), or a KdError naming them."""
+    if not isinstance(values, list | tuple) or (n is not None and len(values) != n):
         size = len(values) if isinstance(values, list | tuple) else type(values).__name__
-        raise KdError(f"fold {fold} eval.json: predictions.{key} has {size} entries for {n}")
+        wanted = "" if n is None else f" for {n}"
+        raise KdError(f"fold {fold} eval.json: predictions.{key} has {size} entries{wanted}")
     return list(values)
 
 
@@ -75,7 +77,7 @@ def pool(predictions: Sequence[Mapping[str, Any]], folds: Sequence[Any] = ()) ->
     rows: dict[str, list[tuple[int, int]]] = {}
     hits: dict[str, list[tuple[int, float]]] = {}
     for p, k in usable:
-        index = _column(p["index"], len(p["index"]), "index", k)
+        index = _column(p["index"], None, "index", k)
         n, start = len(index), len(labels)
         labels += [int(y) for y in _column(p["label"], n, "label", k)]
         groups = _column(p.get("group") or [None] * n, n, "group", k)
