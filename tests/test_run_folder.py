@@ -154,3 +154,36 @@ def test_reordered_manifest_keeps_each_images_fold(tmp_path, tiny_recipe, tiny_m
     log = (tmp_path / "run" / "run.log").read_text()
     assert "fold 0 teacher: the data changed since" in log  # the batches' order changed
     assert held_out() == before and len(before) < len(rows)
+
+
+def test_saved_folds_keep_each_rows_fold_when_rows_share_an_image(tmp_path):
+    """Two slices of one volume in different folds keep them, reordered or not; slices match
+    by value when the file records them, else in their saved order."""
+    from kdtoolkit.engine.context import saved_folds
+
+    root = tmp_path
+    records = [("a.dcm", 3, 0), ("a.dcm", 7, 1), ("b.png", None, 0)]
+    with_slices = {
+        "root": str(root),
+        "samples": [
+            {"image": str(root / n), "fold": f, **({"slice": k} if k is not None else {})}
+            for n, k, f in records
+        ],
+    }
+    path = tmp_path / "folds.json"
+    names, slices = ["a.dcm", "a.dcm", "b.png"], [3, 7, None]
+    assert list(saved_folds(path, with_slices, names, root, 1, slices)) == [0, 1, 0]
+    assert list(saved_folds(path, with_slices, names[::-1], root, 1, slices[::-1])) == [0, 1, 0]
+    assert list(saved_folds(path, with_slices, names[1:] + names[:1], root, 1, [7, None, 3])) == [
+        1,
+        0,
+        0,
+    ]
+    older = {
+        "root": str(root),
+        "samples": [{k: v for k, v in s.items() if k != "slice"} for s in with_slices["samples"]],
+    }
+    assert list(saved_folds(path, older, names, root, 1, slices)) == [0, 1, 0]
+    assert list(saved_folds(path, older, ["b.png", "a.dcm", "a.dcm"], root, 1)) == [0, 0, 1]
+    with pytest.raises(KdError, match="other data"):
+        saved_folds(path, with_slices, ["a.dcm", "b.png", "b.png"], root, 1, [3, None, None])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,12 +168,18 @@ def fold_count(recipe: Recipe) -> int:
     return recipe.cv.folds * recipe.cv.repeats
 
 
-def saved_folds(path: Path, saved: dict, names: list[str], root: Path, repeats: int) -> np.ndarray:
+def saved_folds(
+    path: Path, saved: dict, names: list[str], root: Path, repeats: int, slices: list | None = None
+) -> np.ndarray:
     """The fold assignment of ``folds.json`` (``saved``) for samples ``names`` (relative to the
-    manifest's folder ``root``); an error when it was made for other data or repeats."""
+    manifest's folder ``root``) and ``slices`` (each row's scan slice, None for 2D files;
+    matched when the file records them); an error when it was made for other data or repeats."""
     # images relative to their manifest: a run folder moved to another machine stays valid
     before = Path(saved.get("root", root))  # older files: absolute paths, here
     stored = [os.path.relpath(s["image"], before) for s in saved["samples"]]
+    if slices is not None and any("slice" in s for s in saved["samples"]):
+        stored = [f"{n}#{s.get('slice')}" for n, s in zip(stored, saved["samples"], strict=True)]
+        names = [f"{n}#{k}" for n, k in zip(names, slices, strict=True)]
     if sorted(stored) != sorted(names):
         raise KdError(f"{path}: the fold assignment was made for other data; use a new output")
     if int(saved.get("repeats", 1)) != repeats:
@@ -181,8 +188,12 @@ def saved_folds(path: Path, saved: dict, names: list[str], root: Path, repeats: 
             f"{saved.get('repeats', 1)}, not {repeats}; use a new output"
         )
     key = "repeat_folds" if repeats > 1 else "fold"
-    by_name = {name: s[key] for name, s in zip(stored, saved["samples"], strict=True)}
-    folds = np.array([by_name[name] for name in names], dtype=np.int64)  # rows reordered: same
+    # rows reordered: each row takes the fold of the saved row of its image, rows of one image
+    # (slices of a volume) in their saved order
+    by_name: dict[str, list] = defaultdict(list)
+    for name, s in zip(stored, saved["samples"], strict=True):
+        by_name[name].append(s[key])
+    folds = np.array([by_name[name].pop(0) for name in names], dtype=np.int64)
     return folds.T if repeats > 1 else folds
 
 
@@ -208,9 +219,9 @@ def assign_run_folds(
         fix = "delete the run folder's fold outputs and folds.json, or use a new output"
         saved = read_json(path, "fold assignment", fix)
         with reading(path, "fold assignment", fix):
-            return saved_folds(
-                path, saved, [os.path.relpath(s.image, root) for s in samples], root, repeats
-            )
+            names = [os.path.relpath(s.image, root) for s in samples]
+            slices = [s.slice for s in samples]
+            return saved_folds(path, saved, names, root, repeats, slices)
     predefined = [s.fold for s in samples]
     if repeats > 1 and all(f is not None for f in predefined):
         raise KdError(
@@ -232,6 +243,7 @@ def assign_run_folds(
         {
             "index": s.index,
             "image": str(s.image),
+            **({"slice": s.slice} if s.slice is not None else {}),
             "group": s.group if groups is None else groups[s.index],
             "label": int(s.label),
             "fold": int(assignments[0][s.index]),
