@@ -231,3 +231,17 @@ def test_only_rank_0_logs(tiny_recipe, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert RunLoggers.open(recipe, print).loggers == []
+
+
+@pytest.mark.parametrize(
+    "entry, option",
+    [
+        ('{name="csv", file="../metrics.csv"}', "file"),
+        ('{name="tensorboard", folder="/tmp/tb"}', "folder"),
+    ],
+)
+def test_a_logger_path_outside_the_run_folder_is_refused(tiny_recipe, entry, option):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(tiny_recipe, [f"experiment.loggers=[{entry}]"])
+    assert f"experiment.loggers[0]: {option} = " in str(e.value) and "inside it" in str(e.value)
+    load_recipe(tiny_recipe, ['experiment.loggers=[{name="csv", file="logs/metrics.csv"}]'])

@@ -2,7 +2,7 @@
 # Mutation testing of the modules where a wrong number goes unnoticed (docs/testing.md).
 #
 #   tools/mutation.sh                 every module of [tool.mutmut.modules] in pyproject.toml
-#   tools/mutation.sh stats losses    those modules
+#   tools/mutation.sh stats           that module
 #   tools/mutation.sh stats 'kdtoolkit.report.stats.x_qwk_of*'   some mutants of one module
 #
 # Each module runs in .mutation/MODULE (a copy of kdtoolkit/ and tests/ with a pyproject.toml

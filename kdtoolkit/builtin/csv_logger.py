@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 from typing import Any
 
 from kdtoolkit.fileio import atomic_write_text
 from kdtoolkit.plugins.hookspec import hookimpl
-from kdtoolkit.plugins.logger import RunInfo, RunLogger
+from kdtoolkit.plugins.logger import RunInfo, RunLogger, relative_inside
 
 COLUMNS = ("stage", "fold", "epoch", "name", "value")
 RESULTS = "results"
@@ -31,7 +30,7 @@ class CsvLogger(RunLogger):
 
     def __init__(self, file: str = "metrics.csv") -> None:
         self.file = file
-        self.path = Path(file)
+        self.path = relative_inside("file", file)
         self.logged: set[tuple[str, str, str]] = set()
 
     def start(self, run: RunInfo) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.plugins.hookspec import hookimpl
-from kdtoolkit.plugins.logger import RunInfo, RunLogger
+from kdtoolkit.plugins.logger import RunInfo, RunLogger, relative_inside
 
 PREFIXES = ("train_", "val_", "grad_share_")
 
@@ -43,7 +43,7 @@ class TensorBoardLogger(RunLogger):
 
     def __init__(self, folder: str = "tb") -> None:
         self.folder = folder
-        self.root = Path(folder)
+        self.root = relative_inside("folder", folder)
         self.writers: dict[tuple[int, str], Any] = {}
         self.params: dict[str, Any] = {}
         self.results: Any = None

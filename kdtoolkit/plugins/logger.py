@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from kdtoolkit.config.option import check_options
+from kdtoolkit.errors import KdError
 
 if TYPE_CHECKING:
     from kdtoolkit.plugins.registry import Registry
@@ -87,6 +88,18 @@ def missing_packages(logger: type[RunLogger]) -> list[tuple[str, str]]:
     return out
 
 
+def relative_inside(option: str, value: str) -> Path:
+    """``value`` as a path relative to the run folder that stays inside it, else a KdError
+    naming ``option`` (loggers write nothing outside the run folder)."""
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise KdError(
+            f"{option} = {value!r}: give a path relative to the run folder, inside it "
+            "(no absolute path, no '..')"
+        )
+    return path
+
+
 def logger_problems(entries: Sequence[Any], registry: Registry) -> list[str]:
     """Every problem of ``experiment.loggers``: unknown names, bad options, duplicates and
     missing optional packages (each naming the extra to install)."""
@@ -100,7 +113,13 @@ def logger_problems(entries: Sequence[Any], registry: Registry) -> list[str]:
             problems.append(f"{path}: logger {name!r} is listed twice")
         seen.add(name)
         cls = registry.get(name)
-        problems += check_options(cls, options, path)
+        option_problems = check_options(cls, options, path)
+        problems += option_problems
+        if not option_problems:
+            try:  # a logger's constructor only checks and keeps its options
+                cls(**options)
+            except KdError as e:
+                problems.append(f"{path}: {e}")
         for module, extra in missing_packages(cls):
             problems.append(
                 f'{path}: the {name} logger needs {module}, which is not installed; pip install "'
