@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ import torch
 import kdtoolkit
 from kdtoolkit import export_model, prepare_inputs, read_export_metadata, verify_export
 from kdtoolkit.engine.export import ServingModule
+from kdtoolkit.engine.parity import held_out_images
 from kdtoolkit.engine.runtimes import private_caches
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from kdtoolkit.testing import kd_cli, run_tiny_recipe
@@ -77,7 +79,7 @@ def test_onnxruntime_matches_kdmodel_predict_and_metadata_round_trips(trained, o
     assert pre["input_size"] == meta["input_size"] == [64, 64]
     assert (pre["channels"], pre["letterbox"]) == (meta["channels"], meta["letterbox"])
     assert pre["normalisation"] == meta["normalisation"]
-    assert inside["scan"]["axis"] == meta["recipe"]["data"]["axis"]
+    assert inside["scan"] == meta["read"]  # how KdModel reads scans, as it reads it back
     sidecar = json.loads((onnx_export.path.parent / "preprocess.json").read_text())
     assert sidecar == {k: inside[k] for k in ("classes", "inputs", "preprocess", "scan")}
     assert onnx_export.parity.ok and onnx_export.parity.n == len(held_out[:8])
@@ -141,11 +143,40 @@ def test_export_applies_the_checkpoints_temperature(trained, tmp_path):
     model = kdtoolkit.KdModel.load(calibrated, device="cpu", calibrated=False)
     logits = model.logits(held_out)
     by_hand = np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)
+    scripted = torch.jit.load(str(result.path))
+    assert float(scripted.temperature) == 2.0  # a buffer of the exported module itself
     with torch.no_grad():
-        out = torch.jit.load(str(result.path))(model.preprocess(held_out)).numpy()
+        out = scripted(model.preprocess(held_out)).numpy()
     assert np.abs(out - by_hand).max() < 1e-5
     assert np.abs(by_hand - torch.softmax(torch.from_numpy(logits), 1).numpy()).max() > 1e-3
     assert result.metadata["temperature"] == 2.0
+
+
+def test_scans_are_read_with_the_checkpoints_read_settings(trained, tmp_path):
+    """A checkpoint that reads scans axially with a percentile clip: its export's ``scan``
+    says so, and ``prepare_inputs`` on the export's metadata reads a NIfTI volume as
+    ``KdModel.preprocess`` does, not as the default read settings would."""
+    import nibabel as nib
+
+    _, ckpt, _ = trained
+    tensors, meta = load_checkpoint(ckpt)
+    read = {**meta["read"], "axis": "axial", "percentiles": [10.0, 90.0]}
+    scans = tmp_path / "scans" / "model.safetensors"
+    scans.parent.mkdir()
+    save_checkpoint(scans, tensors, {**meta, "read": read})
+    result = export_model(scans, tmp_path / "s.pt", "torchscript")
+    assert result.metadata["scan"] == read
+    assert json.loads(result.preprocess.read_text())["scan"] == read
+    rng = np.random.default_rng(0)
+    volume = rng.normal(100, 20, (24, 20, 16)).astype(np.float32)
+    volume[0, 0, :] = 5000  # an outlier the percentile clip removes
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(path))
+    model = kdtoolkit.KdModel.load(scans, device="cpu")
+    got = prepare_inputs([path, str(path)], result.metadata)
+    assert np.array_equal(got, model.preprocess([path, str(path)]).numpy())
+    default = prepare_inputs([path], {**result.metadata, "scan": {}})
+    assert np.abs(got[:1] - default).max() > 0.5
 
 
 def test_a_graph_that_differs_is_not_written(trained, tmp_path, monkeypatch):
@@ -201,7 +232,7 @@ def test_tampered_model_and_preprocessing_mismatch_fail_with_exit_2(trained, onn
 def test_bad_requests_are_one_line(trained, tmp_path):
     """Without the ``export`` extra: one line naming it (a subprocess where onnxscript cannot
     be imported); a wrong suffix or format: one line, nothing written."""
-    _, ckpt, _ = trained
+    run, ckpt, _ = trained
     fake = tmp_path / "site" / "onnxscript"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('not installed')\n")
@@ -217,3 +248,52 @@ def test_bad_requests_are_one_line(trained, tmp_path):
     with pytest.raises(kdtoolkit.KdError, match="use one of onnx, torchscript, exported"):
         export_model(ckpt, tmp_path / "m.tflite", "tflite")
     assert not list(tmp_path.glob("m.*"))
+    # a run folder instead of a checkpoint: one line naming a checkpoint inside it
+    result = kd_cli("export", str(run), "-f", "torchscript")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    expected = f"{run} is a run folder; export one checkpoint, e.g. {run}/fold_0/student/"
+    assert expected + "model.safetensors (docs/deploy.md, Folds)" in lines[0], lines[0]
+    assert not list(run.glob("*.pt")) and not list(run.parent.glob("*.pt"))
+
+
+def test_run_without_held_out_images_is_named(trained, tmp_path):
+    """``--run`` with the final model (fold id = the number of folds): it has no held-out
+    images, said in one line; with ``cv.repeats`` 2, fold id 3 of 2 folds is repeat 1's fold 1
+    (each sample's ``repeat_folds``), not the samples' first-repeat ``fold``."""
+    run, ckpt, _ = trained
+    tensors, meta = load_checkpoint(ckpt)
+    final = tmp_path / "final" / "model.safetensors"
+    final.parent.mkdir()
+    save_checkpoint(final, tensors, {**meta, "fold": 2})
+    with pytest.raises(kdtoolkit.KdError) as error:
+        export_model(final, tmp_path / "f.pt", "torchscript", run=run)
+    message = str(error.value)
+    assert "final model" in message and "no held-out images" in message, message
+    assert "omit --run" in message and "\n" not in message
+    assert not list(tmp_path.glob("f.*"))
+
+    images = [tmp_path / f"{i}.png" for i in range(4)]
+    for image in images:
+        image.write_bytes(b"")
+    repeat_folds = [[0, 1], [1, 1], [0, 0], [1, 0]]
+    doc = {
+        "folds": 2,
+        "repeats": 2,
+        "samples": [
+            {"image": str(p), "fold": r[0], "repeat_folds": r}
+            for p, r in zip(images, repeat_folds, strict=True)
+        ],
+    }
+    repeated = tmp_path / "repeated"
+    repeated.mkdir()
+    (repeated / "folds.json").write_text(json.dumps(doc))
+
+    def held_out(fold: int) -> tuple[list, str]:
+        model = SimpleNamespace(metadata={"fold": fold})
+        return held_out_images(model, repeated, 8)  # type: ignore[arg-type]
+
+    assert held_out(3) == ([images[0], images[1]], "held-out images of fold 1 of repeat 1")
+    assert held_out(1) == ([images[1], images[3]], "held-out images of fold 1 of repeat 0")
+    with pytest.raises(kdtoolkit.KdError, match="final model"):
+        held_out(4)

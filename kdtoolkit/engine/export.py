@@ -1,7 +1,7 @@
 """Exporting a trained model for serving: ONNX, TorchScript or a ``torch.export`` program.
 
-The exported graph is :class:`ServingModule`: the checkpoint's network followed by
-``KdModel.network``'s calibration (the definition ``KdModel.predict`` uses), so the file outputs the
+The exported graph is :class:`ServingModule`: the checkpoint's network followed by its
+calibration (``probabilities_of``, the definition ``KdModel.predict`` uses), so the file outputs the
 probabilities ``predict`` gives; optionally the feature map too, for a Grad-CAM after export.
 The preprocessing (input size, letterbox, channels, normalisation, how scans are read, class
 names) is written into the file's metadata (ONNX ``metadata_props``, a TorchScript extra file, a
@@ -13,6 +13,7 @@ only then moved into place.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import warnings
@@ -29,6 +30,7 @@ from kdtoolkit.engine.predict import KdModel
 from kdtoolkit.engine.runtimes import require
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_path, atomic_write_text, read_json
+from kdtoolkit.models.temperature import probabilities_of
 
 #: ``--format`` → the file suffix it is written with by default.
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -37,25 +39,25 @@ EXTRA_FILE = "kdtoolkit.json"
 SIDECAR = "preprocess.json"
 #: The keys of the metadata that say how an input is made (``preprocess.json``).
 PREPROCESS_KEYS = ("classes", "inputs", "preprocess", "scan")
-SCAN_KEYS = ("axis", "slice", "slab", "projection", "window", "percentiles", "spacing_mm")
 
 
 class ServingModule(nn.Module):
     """``image`` (N×C×H×W, normalised) → ``probabilities`` (N×K), and the feature map
     (N×F×h×w) with ``features``: the model's ``forward_head(forward_features(x))``, then
-    ``KdModel.network`` (softmax of the logits over the stored temperature)."""
+    ``probabilities_of`` over the checkpoint's temperature (a buffer of this module, a copy of
+    ``KdModel.network``'s): what ``KdModel.predict`` computes."""
 
     def __init__(self, kd: KdModel, features: bool = False) -> None:
         super().__init__()
         self.net = kd.model
-        self.to_probabilities = kd.network.from_logits  # the temperature is inside
+        self.register_buffer("temperature", kd.network.temperature.detach().clone())
         self.features = features
 
     def forward(self, image: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.features:
-            return self.to_probabilities(self.net(image))
+            return probabilities_of(self.net(image), self.temperature)
         maps = self.net.forward_features(image)
-        return self.to_probabilities(self.net.forward_head(maps)), maps
+        return probabilities_of(self.net.forward_head(maps), self.temperature), maps
 
 
 def linear_head(kd: KdModel, maps: torch.Tensor) -> dict[str, list] | None:
@@ -123,9 +125,8 @@ def export_metadata(
             f"antialiased reduction first where an axis shrinks by more than {ANTIALIAS_STEP}",
             "layout": "NCHW, (pixel - mean) / std per channel",
         },
-        "scan": {
-            k: v for k, v in (meta.get("recipe", {}).get("data") or {}).items() if k in SCAN_KEYS
-        },
+        # how KdModel reads scans (the checkpoint's ``read``), in the form it reads it back
+        "scan": json.loads(json.dumps(dataclasses.asdict(kd.read))),
     }
     if "temperature" in meta:
         out["temperature"] = meta["temperature"]
@@ -185,6 +186,16 @@ def write_exported(module: ServingModule, example: torch.Tensor, path: Path, met
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
         torch.export.save(program, str(path), extra_files={EXTRA_FILE: json.dumps(meta)})
+
+
+def load_checkpoint_model(checkpoint: Path) -> KdModel:
+    """The ``KdModel`` of one checkpoint on the CPU; a run folder is an error naming a file."""
+    if checkpoint.is_dir():
+        raise KdError(
+            f"{checkpoint} is a run folder; export one checkpoint, e.g. "
+            f"{checkpoint / 'fold_0' / 'student' / 'model.safetensors'} (docs/deploy.md, Folds)"
+        )
+    return KdModel.load(checkpoint, device="cpu")
 
 
 def format_of(path: Path) -> str:
@@ -270,7 +281,7 @@ def export_model(
         raise KdError(f"-o {path}: a {fmt} export is written as *{FORMATS[fmt]}; rename it")
     if path.is_dir():
         raise KdError(f"-o {path}: is a folder; give a file name ending in {FORMATS[fmt]}")
-    kd = KdModel.load(checkpoint, device="cpu")
+    kd = load_checkpoint_model(Path(checkpoint))
     if features and not hasattr(kd.model, "forward_features"):
         raise KdError(f"{checkpoint}: backbone {kd.metadata.get('backbone')} has no feature map")
     images, kind = sample_inputs(kd, run, samples)
@@ -317,7 +328,7 @@ def verify_export(
     there is none). A failure is an error naming the largest difference."""
     path = Path(path)
     meta = read_export_metadata(path)
-    kd = KdModel.load(checkpoint, device="cpu")
+    kd = load_checkpoint_model(Path(checkpoint))
     sidecar = path.parent / SIDECAR
     mismatched: list[str] = []
     if sidecar.is_file():

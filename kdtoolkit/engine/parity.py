@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from kdtoolkit.data.view import student_view
-from kdtoolkit.engine.predict import ImageLike, KdModel, view_config
+from kdtoolkit.engine.predict import ImageLike, KdModel, read_spec_of, source_of, view_config
 from kdtoolkit.engine.runtimes import load_runtime, run_in_batches
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json
@@ -82,22 +82,37 @@ def synthetic_images(kd: KdModel, n: int, seed: int = 0) -> list[np.ndarray]:
 
 def held_out_images(kd: KdModel, run: Path, n: int) -> tuple[list[ImageLike], str]:
     """Up to ``n`` images of the checkpoint's held-out fold in ``run/folds.json`` (any
-    images of the run when the checkpoint has no fold)."""
+    images of the run when the checkpoint has no fold). With ``cv.repeats`` R > 1, fold id
+    ``f`` is fold ``f % folds`` of repeat ``f // folds`` (each sample's ``repeat_folds``)."""
     doc = read_json(
         run / "folds.json", "run folder's fold list", "give --run a run folder of kd run"
     )
     fold = kd.metadata.get("fold")
-    rows = [s for s in doc.get("samples", []) if fold is None or s.get("fold") == fold]
-    paths = [Path(s["image"]) for s in rows[:n]]
+    samples = doc.get("samples", [])
+    where = "images"
+    if fold is not None:
+        k, repeats = int(doc.get("folds", 0)), int(doc.get("repeats", 1))
+        if k and fold >= k * repeats:
+            raise KdError(
+                f"{run}: the checkpoint is the run's final model (trained on every sample), "
+                "which has no held-out images; omit --run (synthetic inputs)"
+            )
+        if repeats > 1 and k:
+            r, f = divmod(fold, k)
+            samples = [s for s in samples if (s.get("repeat_folds") or [])[r : r + 1] == [f]]
+            where = f"held-out images of fold {f} of repeat {r}"
+        else:
+            samples = [s for s in samples if s.get("fold") == fold]
+            where = f"held-out images of fold {fold}"
+    paths = [Path(s["image"]) for s in samples[:n]]
     if not paths:
-        raise KdError(f"{run}/folds.json: no held-out images of fold {fold}; omit --run")
+        raise KdError(f"{run}/folds.json: no {where}; omit --run (synthetic inputs)")
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise KdError(
             f"{missing[0]}: a held-out image of {run} is missing ({len(missing)} of "
             f"{len(paths)}); restore the data or omit --run (synthetic inputs)"
         )
-    where = "images" if fold is None else f"held-out images of fold {fold}"
     return list(paths), where
 
 
@@ -111,10 +126,12 @@ def sample_inputs(kd: KdModel, run: str | Path | None, n: int) -> tuple[list[Ima
 
 def prepare_inputs(images: Sequence[ImageLike], metadata: dict[str, Any]) -> np.ndarray:
     """The input batch (N×C×H×W float32) of an exported model for ``images`` (paths or
-    arrays), made as its metadata's ``preprocess`` says (``preprocess.json`` or the metadata
-    inside the file): what ``KdModel.preprocess`` does for the checkpoint."""
+    arrays), made as its metadata's ``preprocess`` says, scans read as its ``scan`` says
+    (``preprocess.json`` or the metadata inside the file): what ``KdModel.preprocess`` does
+    for the checkpoint."""
     cfg = view_config(metadata["preprocess"])
-    return torch.stack([student_view(image, cfg) for image in images]).numpy()
+    read = read_spec_of({"read": metadata.get("scan") or {}})
+    return torch.stack([student_view(source_of(image, read), cfg) for image in images]).numpy()
 
 
 def check_parity(

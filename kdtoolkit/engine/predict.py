@@ -72,6 +72,14 @@ def read_spec_of(metadata: dict[str, Any]) -> ReadSpec:
     return spec_of(SimpleNamespace(**saved))
 
 
+def source_of(image: ImageLike, read: ReadSpec) -> Any:
+    """What is read for ``image``: a scan path (DICOM, NIfTI) with the read settings ``read``;
+    anything else as it is."""
+    if isinstance(image, str | Path) and is_volume_path(image):
+        return ScanSource(Path(image), read)
+    return image
+
+
 class KdModel:
     """A trained kdtoolkit model with the preprocessing it was trained with and the
     temperature fitted on its validation split (``calibrated``; a checkpoint without one: 1).
@@ -114,9 +122,7 @@ class KdModel:
 
     def source(self, image: ImageLike) -> Any:
         """What is read for ``image``: a scan path gets the checkpoint's read settings."""
-        if isinstance(image, str | Path) and is_volume_path(image):
-            return ScanSource(Path(image), self.read)
-        return image
+        return source_of(image, self.read)
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """The model's input batch (N×C×H×W, normalised) for ``images``."""

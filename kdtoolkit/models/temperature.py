@@ -2,8 +2,8 @@
 that its softmax probabilities are calibrated; fitted by minimising the negative
 log-likelihood on held-back labelled logits (a fold's validation split, never its test fold).
 
-:class:`Probabilities` is the one place where a model's scores become probabilities
-(``softmax(logits / T)``); ``kdtoolkit.KdModel`` and exports use it.
+:func:`probabilities_of` is the one place where a model's scores become probabilities
+(``softmax(logits / T)``); :class:`Probabilities` (``kdtoolkit.KdModel``) and exports use it.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 100) ->
     return t
 
 
+def probabilities_of(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """``softmax(logits / temperature)`` over classes (dim 1), in float32."""
+    return torch.softmax(logits.float() / temperature, dim=1)
+
+
 class Probabilities(nn.Module):
     """``softmax(model(x) / temperature)`` over classes (dim 1), in float32: the model's
     calibrated probabilities (``temperature`` 1: its plain softmax)."""
@@ -61,7 +66,7 @@ class Probabilities(nn.Module):
 
     def from_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The calibrated probabilities of the model's ``logits``."""
-        return torch.softmax(logits.float() / self.temperature, dim=1)
+        return probabilities_of(logits, self.temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.from_logits(self.model(x))
