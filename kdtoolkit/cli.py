@@ -245,11 +245,14 @@ def validate(
     show: Annotated[bool, typer.Option(help="Print the resolved recipe as JSON.")] = False,
 ) -> None:
     """Check a recipe without running it: every problem at once, exit 2 if any."""
-    from kdtoolkit.config.recipe import load_recipe
+    from kdtoolkit.config.recipe import RecipeError, load_recipe
+    from kdtoolkit.engine.compare import variant_problems
     from kdtoolkit.engine.device import resolve_device
 
     resolved = load_recipe(recipe, list(set_ or []))
     resolve_device(resolved.experiment.device)  # as kd run does: a device this machine lacks
+    if problems := variant_problems(recipe, list(set_ or [])):  # as kd compare would
+        raise RecipeError(str(recipe), problems)
     if show:
         print(resolved.to_json())
     else:

@@ -187,3 +187,16 @@ def test_saved_folds_keep_each_rows_fold_when_rows_share_an_image(tmp_path):
     assert list(saved_folds(path, older, ["b.png", "a.dcm", "a.dcm"], root, 1)) == [0, 0, 1]
     with pytest.raises(KdError, match="other data"):
         saved_folds(path, with_slices, ["a.dcm", "b.png", "b.png"], root, 1, [3, None, None])
+
+
+def test_a_bad_compare_variant_is_named_by_validate_and_compare(tmp_path, tiny_recipe):
+    text = (
+        tiny_recipe.read_text()
+        + '\n[compare]\nvariants.good = []\nvariants.bad = ["loss.0.weigth=0.3"]\n'
+    )
+    tiny_recipe.write_text(text)
+    for command in ("validate", "compare"):
+        result = kd(command, str(tiny_recipe), "--quiet" if command == "compare" else "--show")
+        assert result.returncode == 2, result.stderr
+        assert "compare.variants.bad: loss[0].weigth: unknown option" in result.stderr
+    assert not (tmp_path / "run-gap_closure").exists()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtoolkit.config.override import parse_override
-from kdtoolkit.config.recipe import Recipe, load_recipe
+from kdtoolkit.config.recipe import Recipe, RecipeError, load_recipe
 from kdtoolkit.config.sections import VARIANT_NAME
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.folder import check_run_folder, stamped
@@ -97,10 +97,29 @@ def variants_of(path: Path, texts: list[str], overrides: list[str]) -> list[Vari
     return [Variant(name, list(o)) for name, o in listed.items()] or [Variant("recipe", [])]
 
 
-def load_variant_recipe(path: Path, overrides: list[str]) -> Recipe:
+def load_variant_recipe(path: Path, overrides: list[str], variant: str = "") -> Recipe:
     """The recipe at ``path`` with a variant's ``overrides`` (``load_recipe``; an override
-    ``loss.N.…`` with N the number of terms appends one, as ``--set`` does everywhere)."""
-    return load_recipe(path, overrides)
+    ``loss.N.…`` with N the number of terms appends one, as ``--set`` does everywhere); its
+    problems are named as the variant's."""
+    try:
+        return load_recipe(path, overrides)
+    except RecipeError as e:
+        if not variant:
+            raise
+        raise RecipeError(
+            str(path), [f"compare.variants.{variant}: {p}" for p in e.problems]
+        ) from None
+
+
+def variant_problems(path: Path, sets: list[str]) -> list[str]:
+    """Every problem of the recipe's ``[compare]`` variants (``kd validate``)."""
+    problems = []
+    for v in variants_of(path, [], sets):
+        try:
+            load_variant_recipe(path, sets + v.overrides, v.name)
+        except RecipeError as e:
+            problems += e.problems
+    return problems
 
 
 def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -198,7 +217,9 @@ def compare(
         output = Path(f"{load_variant_recipe(recipe_path, sets + forced).output_dir}-gap_closure")
     forced.append(f"experiment.output={json.dumps(str(output))}")
     base = load_variant_recipe(recipe_path, sets + forced)
-    recipes = [load_variant_recipe(recipe_path, sets + v.overrides + forced) for v in variants]
+    recipes = [
+        load_variant_recipe(recipe_path, sets + v.overrides + forced, v.name) for v in variants
+    ]
     for v, recipe in zip(variants, recipes, strict=True):
         check_shared(base, v, recipe)
 
