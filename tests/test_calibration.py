@@ -61,6 +61,9 @@ def test_temperature_is_the_nll_minimum_and_lowers_nll() -> None:
     underconfident = 0.25 * logits
     assert fit_temperature(underconfident, labels) < 0.5
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
+    right = logits[logits.argmax(1) == labels], labels[logits.argmax(1) == labels]
+    assert nll(*right, 0.1) < nll(*right, 1.0)  # no finite minimum: sharper is always better
+    assert fit_temperature(*right) == 1.0  # so no temperature is fitted
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,14 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, steps: int = 100) -> float:
     """The temperature minimising the NLL of ``labels`` under ``softmax(logits / T)``: LBFGS
-    on ``log T`` (float64), kept in [``T_MIN``, ``T_MAX``]; 1.0 when there are no logits or
-    the fit does not lower the NLL at ``T = 1``."""
+    on ``log T`` (float64), kept in [``T_MIN``, ``T_MAX``]; 1.0 when there are no logits, when
+    every sample is classified right (the NLL then falls as T → 0 and has no minimum: a fit
+    would only sharpen the model to its bound), or when the fit does not lower the NLL at
+    ``T = 1``."""
     logits, labels = np.asarray(logits), np.asarray(labels)
     if len(logits) == 0 or not np.isfinite(logits).all():
+        return 1.0
+    if (logits.argmax(1) == labels).all():
         return 1.0
     z = torch.as_tensor(logits, dtype=torch.float64)
     y = torch.as_tensor(labels, dtype=torch.long)
