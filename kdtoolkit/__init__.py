@@ -37,6 +37,7 @@ EXPORTS = {
     "TuneResult": "kdtoolkit.engine.tune",
     "load_data": "kdtoolkit.engine.context",
     "KdModel": "kdtoolkit.engine.predict",
+    "FoldEnsemble": "kdtoolkit.engine.predict",
     "Prediction": "kdtoolkit.engine.predict",
     "export_model": "kdtoolkit.engine.export",
     "read_export_metadata": "kdtoolkit.engine.export",
@@ -79,6 +80,7 @@ __all__ = [
     "TuneResult",
     "load_data",
     "KdModel",
+    "FoldEnsemble",
     "Prediction",
     "export_model",
     "read_export_metadata",
@@ -118,7 +120,7 @@ if TYPE_CHECKING:
     from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.export import export_model, read_export_metadata, verify_export
     from kdtoolkit.engine.parity import prepare_inputs
-    from kdtoolkit.engine.predict import KdModel, Prediction
+    from kdtoolkit.engine.predict import FoldEnsemble, KdModel, Prediction
     from kdtoolkit.engine.run import RunResult, run
     from kdtoolkit.engine.tune import TuneResult, tune
     from kdtoolkit.errors import KdError
