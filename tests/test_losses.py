@@ -599,22 +599,26 @@ def test_roi_pool_default_is_the_box_mean_and_takes_double_boxes():
 
 
 def test_roi_feature_mse_normalises_each_sample():
-    """``metric = "mse"`` with a batch of 2: the layer norm is over each sample's channels."""
+    """``metric = "mse"`` with a batch of 2: the layer norm is over each sample's channels,
+    for the student's and the teacher's vectors alike."""
     term, ctx, s, t = _roi_case("mse")
+    t2 = torch.tensor([3.0, -1.0, 0.5])
     two = _ctx(
         **{
             **ctx.__dict__,
             "features": torch.cat([ctx.features, 3 * ctx.features.detach()]),
             "images": torch.zeros(2, 1, 32, 64),
             "boxes": ctx.boxes.repeat(2, 1),
-            "teacher_features": ctx.teacher_features.repeat(2, 1, 1, 1),
+            "teacher_features": torch.cat(
+                [ctx.teacher_features, t2.expand(1, 5, 5, 3).permute(0, 3, 1, 2)]
+            ),
         }
     )
 
     def ln(v):
         return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
 
-    expected = ((ln(s) - ln(t)).pow(2).mean() + (ln(3 * s) - ln(t)).pow(2).mean()) / 2
+    expected = ((ln(s) - ln(t)).pow(2).mean() + (ln(3 * s) - ln(t2)).pow(2).mean()) / 2
     torch.testing.assert_close(term(two), expected)
 
 
