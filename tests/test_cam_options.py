@@ -1,6 +1,8 @@
 """Options of the Grad-CAM loss terms (``cam_layer``, ``mask_norm``), binding a term to the
 student, and the gradient share of each term."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,7 +118,10 @@ def test_cam_layer_errors():
     # a compiled trunk cannot be differentiated twice
     model.forward_features = torch.compile(model.forward_features)
     compiled = CompositeLoss([("attention_mse", 1.0, AttentionMSELoss(cam_layer=-2))])
-    with pytest.raises(KdError, match=r"loss\.0\.cam_layer = -2 .*experiment\.compile = false"):
+    with pytest.raises(
+        KdError,
+        match=r"^loss\.0\.cam_layer = -2 needs .*compile = false or cam_layer = 'last'$",
+    ):
         compiled.bind(model)
     # unbound: the stage was never captured
     x, masks, labels = _case()
@@ -132,6 +137,127 @@ def test_cam_layer_errors():
         AttentionMSELoss(cam_layer=True)
     with pytest.raises(KdError, match="mask_norm must be"):
         AttentionMSELoss(mask_norm="peak")
+
+
+class _Stage(nn.Module):
+    """Identity on a B×C×h×w map, returned as B×h×w×C when ``nhwc`` (as timm's NHWC stages)."""
+
+    def __init__(self, nhwc):
+        super().__init__()
+        self.nhwc = nhwc
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1) if self.nhwc else x
+
+
+class _Staged(nn.Module):
+    """One feature stage, then GAP → linear: the stage's CAM is ReLU(Σ_c W_yc A^c), known by
+    hand. ``nhwc`` sets ``channels_last_features`` as the timm wrapper does; otherwise the
+    attribute is absent."""
+
+    def __init__(self, weight, nhwc):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.stage = _Stage(nhwc)
+        self.model.feature_info = [{"module": "stage"}]
+        self.fc = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        self.fc.weight.data.copy_(weight)
+        if nhwc:
+            self.channels_last_features = True
+
+    def forward_features(self, x):
+        a = self.model.stage(x)
+        return a.permute(0, 3, 1, 2) if self.model.stage.nhwc else a
+
+    def forward_head(self, features):
+        return self.fc(features.mean(dim=(2, 3)))
+
+
+def _staged_ctx(model, x, labels):
+    features = model.forward_features(x)
+    return LossContext(
+        student=model,
+        images=torch.zeros(x.shape[0], 1, 8, 12),
+        features=features,
+        logits=model.forward_head(features),
+        labels=labels,
+        boxes=None,
+        masks=torch.zeros(x.shape[0], 1, 8, 12),
+    )
+
+
+@pytest.mark.parametrize("nhwc", [False, True])
+def test_cam_layer_of_a_channels_last_stage_by_hand(nhwc):
+    """A stage whose output is B×h×w×C (C = 4, h×w = 2×3) is permuted back before its CAM:
+    attention_mse against an empty mask is mean(CAM²), CAM = ReLU(Σ_c W_yc A^c) / max. With
+    ``create_graph`` the loss reaches the head's weight, without it only the features."""
+    torch.manual_seed(0)
+    weight = torch.randn(3, 4)
+    x = torch.randn(2, 4, 2, 3)
+    labels = torch.tensor([1, 2])
+    cam = F.relu(torch.einsum("bc,bchw->bhw", weight[labels], x))
+    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    for create_graph in (True, False):
+        model = _Staged(weight, nhwc)
+        term = AttentionMSELoss(cam_layer=0, create_graph=create_graph)
+        term.bind(model)
+        xs = x.clone().requires_grad_(True)
+        value = term(_staged_ctx(model, xs, labels))
+        torch.testing.assert_close(value, cam.pow(2).mean())
+        value.backward()
+        assert xs.grad.abs().sum() > 0
+        assert (model.fc.weight.grad is not None) == create_graph
+
+
+def _exactly(message):
+    return pytest.raises(KdError, match="^" + re.escape(message) + "$")
+
+
+def test_cam_layer_binding_edge_cases(monkeypatch):
+    """The whole index range binds (resnet18: 5 stages, -5..4) and 5 does not; a stage that
+    was not captured in this forward, or of another batch, is an error; a failed bind leaves
+    the term bindable; an empty feature_info has no stages; several processes are refused."""
+    model = _resnet()
+    for layer in (-5, 4):
+        AttentionMSELoss(cam_layer=layer).bind(model)
+    with pytest.raises(KdError, match=r"^cam_layer = 5: this backbone has 5 feature stages"):
+        AttentionMSELoss(cam_layer=5).bind(model)
+    term = AttentionMSELoss(cam_layer=-2)
+    term.bind(model)
+    x, masks, labels = _case()
+    with torch.no_grad():
+        ctx = _ctx(model, x, masks, labels)  # validation forward: nothing captured
+    message = (
+        "loss 'attention_mse': the stage of cam_layer = -2 was not captured in this forward "
+        "(the engine calls bind(student) before training)"
+    )
+    with _exactly(message):
+        term(ctx)
+    ctx = _ctx(model, x, masks, labels)
+    with _exactly(message):
+        term(LossContext(**{**ctx.__dict__, "labels": torch.tensor([0, 1, 2])}))
+    with _exactly(
+        "cam_layer = -2: backbone Linear has no feature stages (timm's feature_info); "
+        "choices: 'last'"
+    ):
+        term.bind(nn.Linear(2, 2))
+    term.bind(model)  # again, after the failed bind
+    value = term(_ctx(model, x, masks, labels))
+    assert torch.isfinite(value) and value > 0
+    empty = _Staged(torch.ones(2, 1), nhwc=False)
+    empty.model.feature_info = []
+    with pytest.raises(KdError, match="has no feature stages"):
+        term.bind(empty)
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 1)
+    term.bind(model)  # one process
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 2)
+    with _exactly(
+        "cam_layer = -2 needs one process (a double backward through the trunk); run one "
+        "process or set cam_layer = 'last'"
+    ):
+        term.bind(model)
 
 
 class _OneChannelHead(nn.Module):

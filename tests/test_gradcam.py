@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from kdtoolkit.builtin.timm import timm_backbone
-from kdtoolkit.models.gradcam import cam_for_images, gradcam, paper_cam, unwrap
+from kdtoolkit.models.gradcam import cam_for_images, cam_of, gradcam, minmax, paper_cam, unwrap
 
 
 def _model(name, in_chans):
@@ -306,3 +307,88 @@ def test_paper_cam_constant_map_is_zero_and_inference_has_no_graph():
     cam = paper_cam(_gap_identity_head(), features, torch.tensor([0, 1]), create_graph=True)
     cam[:, 0, 0].sum().backward()
     assert torch.isfinite(features.grad).all()
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def _gap_linear_case():
+    """GAP → linear (no bias) on a 2×3 grid: the class-score weights are W_y / (hw), so the
+    Grad-CAM is ReLU(Σ_c W_yc A^c) / max by hand."""
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(4, 3, bias=False)
+    features = torch.randn(2, 4, 2, 3, requires_grad=True)
+    labels = torch.tensor([1, 2])
+    cam = F.relu(torch.einsum("bc,bchw->bhw", fc.weight.detach()[labels], features.detach()))
+    return fc, features, labels, cam / cam.amax(dim=(1, 2), keepdim=True)
+
+
+def _head(fc):
+    return lambda a: fc(a.mean(dim=(2, 3)))
+
+
+def test_cam_of_by_hand_and_the_graph_it_keeps():
+    """By default (create_graph) the CAM's weights reach the classifier; with
+    ``create_graph=False`` they do not, and the logits' graph is kept for the loss's own
+    backward: the classifier's gradient is then that of Σ logits alone, Σ_b mean_ij A_b."""
+    fc, features, labels, by_hand = _gap_linear_case()
+    cam = cam_of(_head(fc)(features), features, labels)
+    torch.testing.assert_close(cam, by_hand)
+    (g,) = torch.autograd.grad(cam.sum(), fc.weight, allow_unused=True)
+    assert g is not None and g.abs().sum() > 0
+    logits = _head(fc)(features)
+    cam = cam_of(logits, features, labels, create_graph=False)
+    torch.testing.assert_close(cam, by_hand)
+    (cam.sum() + logits.sum()).backward()
+    expected = features.detach().mean(dim=(2, 3)).sum(0).expand(3, 4)
+    torch.testing.assert_close(fc.weight.grad, expected)
+
+
+def test_gradcam_and_paper_cam_keep_the_weights_differentiable_by_default():
+    fc, features, labels, by_hand = _gap_linear_case()
+    standard = gradcam(_head(fc), features, labels)
+    torch.testing.assert_close(standard, by_hand)
+    for cam in (standard, paper_cam(_head(fc), features, labels)):
+        (g,) = torch.autograd.grad(cam.sum(), fc.weight, allow_unused=True)
+        assert g is not None and g.abs().sum() > 0
+
+
+def test_int32_and_uint8_targets_give_the_same_maps():
+    fc, features, labels, by_hand = _gap_linear_case()
+    for dtype in (torch.int32, torch.uint8):
+        target = labels.to(dtype)
+        torch.testing.assert_close(gradcam(_head(fc), features, target), by_hand)
+        torch.testing.assert_close(
+            paper_cam(_head(fc), features, target), paper_cam(_head(fc), features, labels)
+        )
+        torch.testing.assert_close(cam_of(_head(fc)(features), features, target), by_hand)
+        paper = cam_of(_head(fc)(features), features, target, cam="paper")
+        torch.testing.assert_close(paper, paper_cam(_head(fc), features, labels))
+
+
+def test_shape_errors_name_the_function():
+    fc, features, labels, _ = _gap_linear_case()
+    flat = torch.zeros(2, 4, 3, requires_grad=True)
+    with pytest.raises(
+        ValueError, match=r"^gradcam needs B×C×h×w features, got shape \(2, 4, 3\)$"
+    ):
+        gradcam(_head(fc), flat, labels)
+    with pytest.raises(
+        ValueError, match=r"^paper_cam needs B×C×h×w features, got shape \(2, 4, 3\)$"
+    ):
+        paper_cam(_head(fc), flat, labels)
+    message = r"^cam_of needs B×C×h×w features in the graph, got \({}\)$"
+    with pytest.raises(ValueError, match=message.format("2, 4, 3")):
+        cam_of(flat.sum(dim=(1, 2))[:, None].expand(2, 3), flat, labels)
+    outside = features.detach()  # 4-D but not in the graph
+    with pytest.raises(ValueError, match=message.format("2, 4, 2, 3")):
+        cam_of(_head(fc)(features), outside, labels)
+
+
+def test_minmax_matches_pytorch_grad_cam_scaling():
+    """Per map over the last two axes, as pytorch_grad_cam's ``scale_cam_image`` (maps with
+    different, negative minima)."""
+    torch.manual_seed(0)
+    maps = torch.randn(3, 4, 5) * torch.tensor([1.0, 2.0, 0.5])[:, None, None]
+    maps = maps + torch.tensor([-3.0, 1.0, 5.0])[:, None, None]
+    torch.testing.assert_close(minmax(maps), torch.from_numpy(scale_cam_image(maps.numpy())))

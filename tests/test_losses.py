@@ -1,6 +1,7 @@
 """Built-in loss terms against hand computations and independent references."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -476,3 +477,175 @@ def test_roi_ce_classifies_the_roi_with_the_plain_head():
         grad = features.grad
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0
         assert grad[0, :, 0, 7].abs().sum() == 0  # outside the box: no gradient
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+def _exactly(message):
+    """pytest.raises for a KdError whose whole message is ``message``."""
+    return pytest.raises(KdError, match="^" + re.escape(message) + "$")
+
+
+def test_error_messages_in_full():
+    with _exactly("loss 'kl' needs teacher logits, but the batch has none"):
+        KLLoss()(_ctx())
+    with _exactly("loss 'roi_feature' needs a teacher (its feature width is unknown)"):
+        RoiFeatureLoss().setup(8, None)
+    with _exactly("loss 'roi_feature' was not set up (call setup(student, teacher))"):
+        RoiFeatureLoss()(_ctx())
+    term = RoiFeatureLoss()
+    term.setup(1, 1)
+    with _exactly("loss 'roi_feature' needs teacher features, but the batch has none"):
+        term(_ctx())
+    with _exactly("loss 'roi_feature': metric must be 'cosine' or 'mse', not 'l1'"):
+        RoiFeatureLoss(metric="l1")
+    with _exactly("loss 'attention_kl': mode must be 'kl' or 'bce', not 'l2'"):
+        AttentionKLLoss(mode="l2")
+    with _exactly(
+        "loss 'attention_pool' needs a student with an attention map (backbone "
+        "'convnext_attn'); this student has none"
+    ):
+        AttentionPoolLoss()(_ctx(student=nn.Module()))
+    student = nn.Module()
+    student.last_attention = torch.ones(3, 1, 2, 2)  # a batch of 3, labels of 2
+    with _exactly("loss 'attention_pool': the attention map is not of this batch"):
+        AttentionPoolLoss()(_ctx(student=student))
+
+
+def test_masks_without_a_channel_axis_and_max_norm_per_sample():
+    """Zero features give an all-zero CAM, so attention_mse is mean(M²) of the pooled mask.
+    B×H×W masks pool like B×1×H×W; ``max`` divides each sample by its own maximum (block means
+    0.5 and 0.25 here, both become 1), and an empty mask stays 0."""
+    masks = torch.zeros(3, 1, 4, 4)
+    masks[0, 0, 0, :] = 1  # half of cell (0, 0) and of cell (0, 1)
+    masks[1, 0, 0, 0] = 1  # a quarter of cell (0, 0)
+    area = _block_mean(masks, 2, 2)
+    assert area.amax(dim=(1, 2)).tolist() == [0.5, 0.25, 0.0]
+    peak = torch.zeros(3, 2, 2)
+    peak[0, 0, :] = 1
+    peak[1, 0, 0] = 1
+
+    def loss(m, norm):
+        features = torch.zeros(3, 1, 2, 2, requires_grad=True)
+        ctx = _ctx(
+            student=_LinearHead(torch.ones(2, 1)),
+            features=features,
+            masks=m,
+            labels=torch.zeros(3, dtype=torch.long),
+            images=torch.zeros(3, 1, 4, 4),
+        )
+        return AttentionMSELoss(mask_norm=norm)(ctx)
+
+    for m in (masks, masks[:, 0]):
+        torch.testing.assert_close(loss(m, "area"), area.pow(2).mean())
+        torch.testing.assert_close(loss(m, "max"), peak.pow(2).mean())
+    wide = torch.ones(2, 1, 4, 6)  # a 2×3 grid for a batch of 2
+    features = torch.zeros(2, 1, 2, 3, requires_grad=True)
+    ctx = _ctx(
+        student=_LinearHead(torch.ones(2, 1)),
+        features=features,
+        masks=wide,
+        images=torch.zeros(2, 1, 4, 6),
+    )
+    assert AttentionMSELoss(mask_norm="max")(ctx).item() == 1
+
+
+def test_cam_terms_differentiate_the_weights_by_default():
+    """Default ``create_graph=True``: the Grad-CAM weights W_y/(hw) stay in the graph, so the
+    loss reaches the head's weight; with False it does not."""
+    for make in (AttentionMSELoss, AttentionKLLoss):
+        for kwargs, reaches_head in (({}, True), ({"create_graph": False}, False)):
+            ctx, _, _ = _grad_cam_case()
+            make(**kwargs)(ctx).backward()
+            grad = ctx.student.fc.weight.grad
+            assert (grad is not None and grad.abs().sum() > 0) == reaches_head, (make, kwargs)
+
+
+def test_attention_pool_takes_maps_without_a_channel_axis():
+    student = nn.Module()
+    student.last_attention = torch.tensor([[[0.1, 0.2], [0.3, 0.4]]])  # 1×2×2
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., :2, :] = 1
+    ctx = _ctx(student=student, masks=masks, labels=torch.zeros(1, dtype=torch.long))
+    by_hand = 0.5 * math.log(0.5 / 0.1) + 0.5 * math.log(0.5 / 0.2)
+    assert AttentionPoolLoss()(ctx).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_ce_takes_double_class_weights():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 1])
+    nll = -logits.log_softmax(1)[torch.arange(2), labels]
+    by_hand = (nll[0] + 3 * nll[1]) / 4
+    weights = torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)
+    value = CELoss()(_ctx(logits=logits, labels=labels, class_weights=weights))
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, by_hand)
+
+
+def test_roi_pool_default_is_the_box_mean_and_takes_double_boxes():
+    """``output_size = 1`` (roi_feature's default): roi_align samples every cell centre of a box
+    on cell edges, so the pooled vector is the mean of the box's cells (3×3 here)."""
+    torch.manual_seed(0)
+    features = torch.randn(1, 3, 8, 8)
+    ctx = _ctx(
+        images=torch.zeros(1, 1, 32, 64),
+        features=features,
+        boxes=torch.tensor([[8.0, 8.0, 32.0, 20.0]], dtype=torch.float64),  # cells x 1–4, y 2–5
+    )
+    term = RoiFeatureLoss()
+    term.setup(3, 3)
+    torch.testing.assert_close(term.pooled_student(ctx), features[:, :, 2:5, 1:4].mean(dim=(2, 3)))
+
+
+def test_roi_feature_mse_normalises_each_sample():
+    """``metric = "mse"`` with a batch of 2: the layer norm is over each sample's channels,
+    for the student's and the teacher's vectors alike."""
+    term, ctx, s, t = _roi_case("mse")
+    t2 = torch.tensor([3.0, -1.0, 0.5])
+    two = _ctx(
+        **{
+            **ctx.__dict__,
+            "features": torch.cat([ctx.features, 3 * ctx.features.detach()]),
+            "images": torch.zeros(2, 1, 32, 64),
+            "boxes": ctx.boxes.repeat(2, 1),
+            "teacher_features": torch.cat(
+                [ctx.teacher_features, t2.expand(1, 5, 5, 3).permute(0, 3, 1, 2)]
+            ),
+        }
+    )
+
+    def ln(v):
+        return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + 1e-5)
+
+    expected = ((ln(s) - ln(t)).pow(2).mean() + (ln(3 * s) - ln(t2)).pow(2).mean()) / 2
+    torch.testing.assert_close(term(two), expected)
+
+
+def test_roi_ce_on_a_plain_head_with_class_weights():
+    """A student that is no timm backbone: its own ``forward_head`` on the pooled box (float64
+    here, the features' dtype), weighted CE. Constant features c per sample in the box, so the
+    2×2 pooled map is c and GAP → linear gives logits W c."""
+    weight = torch.tensor([[1.0, -1.0], [0.5, 2.0], [-1.0, 0.0]], dtype=torch.float64)
+    features = torch.zeros(2, 2, 8, 8, dtype=torch.float64)
+    c = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=torch.float64)
+    features[:, :, 1:7, 0:6] = c[:, :, None, None]
+    student = _LinearHead(weight).double()
+    labels, weights = torch.tensor([0, 2]), torch.tensor([1.0, 1.0, 4.0])
+    ctx = _ctx(
+        student=student,
+        images=torch.zeros(2, 1, 32, 64),
+        features=features.requires_grad_(True),
+        boxes=torch.tensor([[8.0, 8.0, 40.0, 24.0]]).repeat(2, 1),
+        labels=labels,
+        class_weights=weights,
+    )
+    value = RoiCELoss()(ctx)
+    nll = -(c @ weight.T).log_softmax(1)[[0, 1], labels]
+    by_hand = (nll[0] + 4 * nll[1]) / 5
+    torch.testing.assert_close(value, by_hand.float())
+    # the default output_size is 2: the same as asking for it, not as 3 on a varying map
+    torch.manual_seed(0)
+    ctx.features = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    assert torch.equal(RoiCELoss()(ctx), RoiCELoss(output_size=2)(ctx))
+    assert not torch.equal(RoiCELoss()(ctx), RoiCELoss(output_size=3)(ctx))

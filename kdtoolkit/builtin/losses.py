@@ -141,9 +141,7 @@ class CamTerm(LossTerm):
                 f"loss '{self.key}': the stage of cam_layer = {self.cam_layer} was not captured "
                 "in this forward (the engine calls bind(student) before training)"
             )
-        if self._nhwc:
-            features = features.permute(0, 3, 1, 2)
-        return cam_of(ctx.logits, features, ctx.labels, self.cam, self.create_graph)
+        return cam_of(ctx.logits, features, ctx.labels, self.cam, self.create_graph, self._nhwc)
 
 
 class CELoss(LossTerm):

@@ -132,12 +132,15 @@ def cam_of(
     target: torch.Tensor,
     cam: str = "gradcam",
     create_graph: bool = True,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """The CAM (B×h×w, float32, normalised as :func:`gradcam` or :func:`paper_cam`) of
     ``features``, any B×C×h×w map in the autograd graph of ``logits`` (e.g. an earlier stage's
     output captured by a forward hook). The gradient runs from the logits through everything
     between (later stages and head); the graph is retained for the loss's own backward, and
-    with ``create_graph`` that part is differentiated twice (eager autograd only)."""
+    with ``create_graph`` that part is differentiated twice (eager autograd only).
+    ``channels_last``: ``features`` is B×h×w×C (a timm NHWC stage); the gradient is taken with
+    respect to it as it is in the graph, then both are permuted to B×C×h×w."""
     if features.ndim != 4 or not features.requires_grad:
         raise ValueError(f"cam_of needs B×C×h×w features in the graph, got {tuple(features.shape)}")
     with torch.enable_grad():
@@ -145,6 +148,8 @@ def cam_of(
         (grads,) = torch.autograd.grad(
             objective, features, create_graph=create_graph, retain_graph=True
         )
+        if channels_last:
+            features, grads = features.permute(0, 3, 1, 2), grads.permute(0, 3, 1, 2)
         return _weighted_map(features, grads, cam, True)
 
 
