@@ -649,3 +649,50 @@ def test_roi_ce_on_a_plain_head_with_class_weights():
     ctx.features = torch.randn(2, 2, 8, 8, dtype=torch.float64)
     assert torch.equal(RoiCELoss()(ctx), RoiCELoss(output_size=2)(ctx))
     assert not torch.equal(RoiCELoss()(ctx), RoiCELoss(output_size=3)(ctx))
+
+
+# The engine's own cross-entropy (kdtoolkit/engine/loss.py), against a hand computation.
+
+
+def _hand_ce(logits, labels, weight=None):
+    """Σ w_y·(−log softmax(z)_y) / Σ w_y, written out with math.exp."""
+    num = den = 0.0
+    for row, y in zip(logits, labels, strict=True):
+        logp = row[y] - math.log(sum(math.exp(v) for v in row))
+        w = 1.0 if weight is None else weight[y]
+        num += -w * logp
+        den += w
+    return num / den
+
+
+def test_engine_cross_entropy_matches_hand_computation_with_and_without_class_weights():
+    from kdtoolkit.engine.loss import CE, build_loss, cross_entropy
+
+    rows, labels, weight = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]], [0, 2], [1.0, 2.0, 3.0]
+    logits = torch.tensor(rows, dtype=torch.float16)  # under autocast; cast to float32
+    plain = _ctx(logits=logits, labels=torch.tensor(labels))
+    weighted = _ctx(
+        logits=logits,
+        labels=torch.tensor(labels),
+        class_weights=torch.tensor(weight, dtype=torch.float64),  # cast to float32 too
+    )
+    rows16 = logits.float().tolist()
+    for loss in (cross_entropy("fold 0 teacher"), build_loss([], "fold 0 teacher")):
+        assert CE == "ce" and loss.names == ["ce"] and loss.weights == [1.0]
+        assert loss.plugins == ["kdtoolkit"] and loss.where == "fold 0 teacher"
+        total, parts = loss(plain)
+        assert total.dtype == torch.float32 and set(parts) == {"ce"}
+        assert total.item() == pytest.approx(_hand_ce(rows16, labels), rel=1e-6)
+        total, parts = loss(weighted)
+        assert total.dtype == torch.float32
+        assert parts["ce"] == pytest.approx(_hand_ce(rows16, labels, weight), rel=1e-6)
+
+
+def test_engine_build_loss_builds_the_recipe_terms_from_the_registry():
+    from kdtoolkit.config.recipe import LossConfig
+    from kdtoolkit.engine.loss import build_loss
+
+    terms = [LossConfig(name="ce", weight=0.5), LossConfig(name="kl", weight=2.0)]
+    loss = build_loss(terms, "fold 1 student")
+    assert loss.names == ["ce", "kl"] and loss.weights == [0.5, 2.0]
+    assert loss.where == "fold 1 student" and all(loss.plugins)
