@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -222,3 +223,111 @@ def test_attention_metrics() -> None:
     out = attention_metrics([cam, cam], [(0, 0, 5, 4), (6, 6, 10, 10)], hits=hits)
     assert out == {"pointing_game": 0.5, "cam_iou": 0.5}
     assert hits == [True, False]
+
+
+# -- edge cases (each one a wrong number or message that no test above would notice) ----------
+
+
+@pytest.mark.parametrize(
+    ("t", "p"),
+    [
+        ([0, 1, 4, 4, 1, 0], [1, 1, 4, 0, 0, 0]),  # classes 2 and 3 absent: QWK keeps distances
+        ([0, 1, 1, 2], [0, 0, 0, 0]),  # true classes never predicted: precision 0, not 1
+        ([2, 2, 2], [2, 2, 1]),  # one true class, not perfect agreement: QWK 0, not 1
+    ],
+)
+def test_classification_metrics_edge_cases_match_numpy_reference(t, p) -> None:
+    got = classification_metrics(t, p, 5, ordinal=True)
+    want = _reference(np.array(t), np.array(p), 5)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value), key
+
+
+def test_labels_may_be_a_matrix_or_whole_floats() -> None:
+    flat = classification_metrics([0, 1, 2, 0], [0, 2, 2, 1], 3, ordinal=True)
+    assert classification_metrics([[0, 1], [2, 0]], [[0, 2], [2, 1]], 3, ordinal=True) == flat
+    assert classification_metrics([0.0, 1.0, 2.0, 0.0], [0, 2, 2, 1], 3, ordinal=True) == flat
+    assert classification_metrics([0, 0], [0, 0], 1, ordinal=False)["accuracy"] == 1.0
+
+
+def test_bad_labels_full_messages() -> None:
+    def fails(message, *args):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            classification_metrics(*args, ordinal=False)
+
+    fails("y_true holds class indices outside 0..4", [0, 5], [0, 1], 5)
+    fails("y_pred holds class indices outside 0..4", [0, 1], [-1, 1], 5)
+    fails("y_true must hold integer class indices", ["a"], [0], 5)
+    fails("y_pred must hold integer class indices", [0], [float("nan")], 5)
+    fails("num_classes must be at least 1", [0], [0], 0)
+    fails("no samples to score", [], [], 5)
+
+
+def test_summarise_skips_a_metric_without_values_and_keeps_the_next() -> None:
+    s = summarise([{"student": {"qwk": None, "accuracy": 0.5}}, {"student": {"qwk": math.nan}}])
+    assert s == {"student": {"accuracy": {"mean": 0.5, "std": 0.0}}}
+
+
+def test_box_mask_shapes_scale_and_polygons_by_hand() -> None:
+    m = box_mask((6, 8), (2, 1, 5, 3))
+    assert m.shape == (6, 8) and m.dtype == bool
+    # A 40×80 (H×W) image onto a 4×8 map: 10 pixels per cell on both axes.
+    scaled = box_mask((4, 8), (20, 10, 50, 30), image_shape=(40, 80))
+    assert (scaled == box_mask((4, 8), (2, 1, 5, 3))).all()
+    # Right triangle (0,0), (4,0), (0,4): the centres with x + y ≤ 4, i.e. c + r ≤ 3.
+    tri = box_mask((5, 5), [(0, 0), (4, 0), (0, 4)])
+    assert (tri == (np.add.outer(np.arange(5), np.arange(5)) <= 3)).all()
+    # Edges are included, whichever way the polygon turns: centres 0.5..2.5 on both axes.
+    square = [(0.5, 0.5), (2.5, 0.5), (2.5, 2.5), (0.5, 2.5)]
+    want = np.zeros((4, 4), dtype=bool)
+    want[:3, :3] = True
+    assert (box_mask((4, 4), square) == want).all()
+    assert (box_mask((4, 4), square[::-1]) == want).all()
+    assert (box_mask((4, 4), (0.5, 0.5, 2.5, 2.5)) == want).all()
+
+
+def test_box_mask_of_a_degenerate_polygon_is_empty() -> None:
+    for poly in ([(0, 0), (2, 2), (6, 6)], [(0, 0), (2, 1), (6, 3)], (1, 1, 1, 5)):
+        m = box_mask((8, 8), poly)
+        assert m.shape == (8, 8) and m.dtype == bool and not m.any()
+
+
+@pytest.mark.parametrize("box", [np.zeros(6), np.zeros((4, 3)), np.zeros((2, 2))])
+def test_box_mask_rejects_other_shapes_by_name(box) -> None:
+    message = f"box must be x0, y0, x1, y1 or an N×2 polygon, got shape {box.shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        box_mask((4, 4), box)
+
+
+def test_cam_nan_pixels_never_win() -> None:
+    cam = -np.ones((6, 6))
+    cam[0, 0] = np.nan
+    cam[4, 4] = -0.5
+    assert pointing_game(cam, (4, 4, 5, 5)) and not pointing_game(cam, (0, 0, 1, 1))
+    with pytest.raises(ValueError, match=r"^cam must be an h×w map, got shape \(2, 3, 4\)$"):
+        pointing_game(np.zeros((2, 3, 4)), (0, 0, 1, 1))
+
+
+def test_cam_box_iou_top_bounds_and_scaling() -> None:
+    graded = np.arange(100, dtype=float).reshape(10, 10)
+    assert cam_box_iou(graded, (9, 9, 10, 10), top=0.01) == 1.0  # k = 1: the maximum alone
+    assert cam_box_iou(graded, (0, 0, 10, 10), top=1.0) == pytest.approx(99 / 100)  # not the min
+    for top in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=r"^top must be in \(0, 1\]$"):
+            cam_box_iou(graded, (0, 0, 1, 1), top=top)
+    # A 100×100 image box onto the 10×10 map: the top row of cells.
+    assert cam_box_iou(graded, (0, 80, 100, 100), image_shape=(100, 100)) == pytest.approx(1.0)
+    assert cam_box_iou(np.ones((4, 4)), (1, 1, 1, 3)) == 0.0  # nothing selected, empty box
+
+
+def test_attention_metrics_scale_boxes_and_check_pairs() -> None:
+    cam = np.zeros((10, 10))
+    cam[0:4, 0:5] = 1.0
+    out = attention_metrics([cam], [(0, 0, 50, 40)], image_shape=(100, 100))
+    assert out == {"pointing_game": 1.0, "cam_iou": 1.0}
+    with pytest.raises(ValueError):
+        attention_metrics([cam, cam], [(0, 0, 5, 4)])
+    with pytest.raises(ValueError, match="^no CAMs to score$"):
+        attention_metrics([], [])
+    with pytest.raises(ValueError, match="^no boxes to score$"):
+        pointing_ceiling([], (4, 4), (64, 64))
