@@ -108,3 +108,124 @@ def test_validation_split_with_classes_smaller_than_the_splits():
     train, val = split_validation(np.arange(15), labels, None, fraction=0.15, seed=0)
     assert len(val) > 0 and len(train) > 0
     assert set(train).isdisjoint(val) and set(train) | set(val) == set(range(15))
+
+
+# -- against sklearn's splitters, boundaries and full messages -------------------------------
+
+
+def _reference_folds(splitter, labels, groups=None) -> np.ndarray:
+    folds = np.full(len(labels), -1)
+    for fold, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+        folds[test] = fold
+    return folds
+
+
+def _codes(groups) -> np.ndarray:
+    """Integer group ids in order of first appearance."""
+    seen: dict[str, int] = {}
+    return np.array([seen.setdefault(g, len(seen)) for g in groups])
+
+
+def test_folds_are_sklearns_seeded_splits_with_the_documented_defaults() -> None:
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    want = _reference_folds(StratifiedKFold(n_splits=5, shuffle=True, random_state=0), LABELS)
+    got = assign_folds(LABELS)
+    assert got.dtype == np.int64 and (got == want).all()
+    assert (assign_folds(LABELS[:, None]) == want).all()  # a column of labels is flattened
+    three = StratifiedGroupKFold(n_splits=3, shuffle=True, random_state=7)
+    codes = _codes(GROUPS)
+    want = _reference_folds(three, LABELS, codes)
+    assert (assign_folds(LABELS, GROUPS, k=3, seed=7) == want).all()
+
+
+def test_fold_counts_at_their_limits_are_accepted() -> None:
+    # k = 2; n = k samples; each class with exactly k members in exactly k groups; k groups.
+    assert sorted(assign_folds([0, 1, 0, 1], k=2)) == [0, 0, 1, 1]
+    grouped = assign_folds([0, 0, 1, 1], ["a", "b", "a", "b"], k=2)
+    assert grouped[0] == grouped[2] and grouped[1] == grouped[3] and grouped[0] != grouped[1]
+    # Samples without a group are groups of their own: class 0 lies in a, s2, s4 (3 groups).
+    labels, groups = [0, 1, 0, 1, 0, 1], ["a", "a", None, None, None, None]
+    folds = assign_folds(labels, groups, k=3)
+    assert set(folds) == {0, 1, 2} and folds[0] == folds[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": [0, 1, 0, 1], "k": 1}, "k = 1 folds — cross-validation needs k >= 2"),
+        ({"labels": [0, 1], "k": 3}, "2 samples cannot fill k = 3 folds — add samples or lower k"),
+        (
+            {"labels": [0, 0, 1, 1, 2, 2], "k": 3, "classes": ["x", "y"]},
+            "cannot stratify 3 folds: class 'x' has 2 samples; class 'y' has 2 samples; class 2 "
+            "has 2 samples, fewer than k = 3 — add samples of those classes or lower k",
+        ),
+        (
+            {"labels": [0, 0, 0, 1, 1, 1], "groups": list("aabccc"), "k": 3, "classes": ["x"]},
+            "cannot stratify 3 folds: class 'x' is in only 2 groups; class 1 is in only 1 groups,"
+            " fewer than k = 3 — add samples of those classes or lower k",
+        ),
+        (
+            {"labels": [0, 0], "predefined": [0, None], "k": 2},
+            "predefined folds: 1 of 2 samples have no fold — give every sample a fold or none",
+        ),
+        (
+            {"labels": [0, 0, 0], "predefined": [0, 2, 2], "k": 3},
+            "predefined folds are [0, 2] but k = 3 — number the folds 0..2 or set k to 2 with "
+            "folds 0..1",
+        ),
+        (
+            {"labels": [0, 0, 0, 0], "groups": list("aabb"), "predefined": [0, 1, 0, 1], "k": 2},
+            "predefined folds split group 'a' over folds [0, 1] — put each group's samples in one "
+            "fold",
+        ),
+    ],
+)
+def test_fold_errors_name_the_problem_in_full(kwargs, message) -> None:
+    with pytest.raises(KdError) as err:
+        assign_folds(**kwargs)
+    assert str(err.value) == message
+
+
+def test_fold_inputs_of_the_wrong_length_are_named() -> None:
+    with pytest.raises(ValueError, match=r"^groups has 1 entries for 2 labels$"):
+        assign_folds([0, 1], ["a"], k=2)
+    with pytest.raises(ValueError, match=r"^predefined has 1 entries for 2 labels$"):
+        assign_folds([0, 1], None, [0], k=2)
+    folds = assign_folds([0, 1], None, np.array([1, 0], dtype=np.int32), k=2)
+    assert folds.dtype == np.int64 and folds.tolist() == [1, 0]
+
+
+def test_validation_split_is_sklearns_first_fold() -> None:
+    from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+
+    idx = np.arange(0, 120, 2)
+    codes = _codes([GROUPS[i] for i in idx])
+    for fraction, splits, seed in ((0.1, 10, 0), (0.5, 2, 3), (0.3, 3, 1)):
+        ref = StratifiedGroupKFold(n_splits=splits, shuffle=True, random_state=seed)
+        _, val = next(ref.split(np.zeros(len(idx)), LABELS[idx], codes))
+        kwargs = {} if fraction == 0.1 and seed == 0 else {"fraction": fraction, "seed": seed}
+        train, got = split_validation(idx[:, None], LABELS, GROUPS, **kwargs)
+        assert (got == np.sort(idx[val])).all()
+        assert sorted([*train, *got]) == idx.tolist()
+    # Every class smaller than the splits: the group-only split of GroupKFold.
+    labels = np.array([0, 1, 2, 3, 4] * 3)
+    ref = GroupKFold(n_splits=6, shuffle=True, random_state=5)
+    _, val = next(ref.split(np.zeros(15), labels, np.arange(15)))
+    assert (split_validation(np.arange(15), labels, None, 0.15, seed=5)[1] == np.sort(val)).all()
+    # Two groups are enough; an empty validation set is int64.
+    train, val = split_validation([0, 1], [0, 1], ["a", "b"], fraction=0.5)
+    assert sorted([*train, *val]) == [0, 1] and len(val) == 1
+    assert split_validation([3, 1], [0, 0, 0, 0], fraction=0.0)[1].dtype == np.int64
+
+
+def test_validation_split_errors_in_full() -> None:
+    with pytest.raises(KdError) as err:
+        split_validation([4], [0] * 5)
+    assert str(err.value) == (
+        "cannot carve a validation set from 1 group — add samples or set the validation "
+        "fraction to 0"
+    )
+    with pytest.raises(KdError) as err:
+        split_validation([0, 1], [0, 1], fraction=1.0)
+    assert str(err.value) == "validation fraction must be in [0, 1), got 1.0"
