@@ -69,3 +69,65 @@ def test_masks_and_boxes_clip_each_roi_to_the_input() -> None:
     assert (masks[1] == 1).all()
     want = roi_mask((0.5, 0.5, 2.5, 2.5), (6, 8), "gaussian")
     np.testing.assert_array_equal(masks[2, 0].numpy(), want)  # the kind asked for
+
+
+# -- warp matrices and the antialiased reduction ------------------------------------------------
+
+
+def test_resize_and_letterbox_matrices_by_hand() -> None:
+    from kdtoolkit.data.warp import letterbox_matrix, resize_matrix
+
+    np.testing.assert_array_equal(resize_matrix((10, 20), (5, 40)), np.diag([2.0, 0.5, 1.0]))
+    # A 20×10 (H×W) image into 30×30: scale min(30/20, 30/10) = 1.5, width 15 padded by 7.5.
+    matrix, scale, pad = letterbox_matrix((20, 10), (30, 30))
+    assert scale == 1.5 and pad == (7.5, 0.0)
+    np.testing.assert_array_equal(matrix, [[1.5, 0, 7.5], [0, 1.5, 0], [0, 0, 1]])
+
+
+def test_warp_errors_in_full() -> None:
+    from kdtoolkit.data.warp import as3x3, roi_matrix
+
+    with pytest.raises(ValueError, match=r"^affine matrix must be 2×3 or 3×3, got \(2, 2\)$"):
+        as3x3(np.eye(2))
+    with pytest.raises(KdError) as err:
+        roi_matrix(_square(1, 1, 1, 3), (4, 4))
+    assert str(err.value) == (
+        "ROI with corners [[1.0, 1.0], [1.0, 1.0], [1.0, 3.0], [1.0, 3.0]] has no area — check "
+        "the box"
+    )
+
+
+@pytest.mark.parametrize(
+    ("size", "antialias"),
+    [((16, 16), True), ((64, 16), True), ((16, 64), True), ((1, 2), True), ((52, 52), False)],
+)
+def test_shrinking_warp_is_torchs_antialiased_resize(size, antialias) -> None:
+    """A stretch to ``size`` shrinking by more than 1.25 on an axis equals F.interpolate with
+    antialias; by 1.25 exactly (64 → 51.2 ≈ 52 here: 1.23), the plain bilinear resize."""
+    import torch.nn.functional as F
+
+    from kdtoolkit.data.warp import resize_matrix, warp_tensor
+
+    src = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(0))
+    got = warp_tensor(src, resize_matrix((64, 64), size), size)
+    want = F.interpolate(src[None], size=size, mode="bilinear", antialias=antialias)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_warp_stack_warps_every_row_through_its_own_path() -> None:
+    """Rows 1 (direct, shifted by one pixel) and 0 (shrunk by 4 and letterboxed) of a stack."""
+    import torch.nn.functional as F
+
+    from kdtoolkit.data.warp import letterbox_matrix, warp_stack
+
+    stack = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    shift = np.array([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])
+    box, _, _ = letterbox_matrix((32, 16), (8, 8))  # scale 1/4, padded by 2 on x
+    out = warp_stack(stack, [1, 0], [(32, 32), (32, 16)], [shift, box], (8, 8))
+    torch.testing.assert_close(out[0, 0, :, 1:], stack[1, 0, :8, :7])
+    assert (out[0, 0, :, 0] == 0).all()
+    small = F.interpolate(stack[:1, :, :, :16], size=(8, 4), mode="bilinear", antialias=True)
+    torch.testing.assert_close(out[1, :, :, 2:6], small[0], atol=1e-5, rtol=0)
+    assert (out[1, :, :, :2] == 0).all() and (out[1, :, :, 6:] == 0).all()
+    with pytest.raises(ValueError):
+        warp_stack(stack, [0, 1], [(32, 32)], [shift, shift], (8, 8))
