@@ -131,3 +131,16 @@ def test_warp_stack_warps_every_row_through_its_own_path() -> None:
     assert (out[1, :, :, :2] == 0).all() and (out[1, :, :, 6:] == 0).all()
     with pytest.raises(ValueError):
         warp_stack(stack, [0, 1], [(32, 32)], [shift, shift], (8, 8))
+
+
+def test_enclosing_box_of_rotated_rois_by_hand() -> None:
+    from kdtoolkit.data.geometry import enclosing_box, roi_corners
+
+    np.testing.assert_array_equal(roi_corners((0, 0, 4, 2)), _square(0, 0, 4, 2))  # angle 0
+    np.testing.assert_array_equal(enclosing_box((0, 0, 4, 2)), [0, 0, 4, 2])
+    # A 4×2 box about (2, 1) turned by 90°: 2 wide, 4 high.
+    np.testing.assert_allclose(enclosing_box((0, 0, 4, 2), 90.0), [1, -1, 3, 3], atol=1e-12)
+    # 30°: half-extents 2, 1 project to 2·cos + 1·sin and 2·sin + 1·cos.
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    want = [2 - (2 * c + s), 1 - (2 * s + c), 2 + (2 * c + s), 1 + (2 * s + c)]
+    np.testing.assert_allclose(enclosing_box((0, 0, 4, 2), 30.0), want, atol=1e-12)
