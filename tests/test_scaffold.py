@@ -31,6 +31,20 @@ FILES = {
 }
 
 
+def run_generated_tests(root: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The generated plugin's own tests, run in its folder; they must pass."""
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    return tests
+
+
 def test_template_is_package_data_and_not_collected():
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     for folder in (TEMPLATE, ORIENTED):
@@ -104,15 +118,7 @@ def test_oriented_plugin_passes_its_own_tests(tmp_path):
     root = new_plugin("knee", tmp_path, oriented=True)
     path = [str(root), os.environ.get("PYTHONPATH", "")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
-    tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    tests = run_generated_tests(root, env)
     assert "5 passed" in tests.stdout
 
 
@@ -154,15 +160,7 @@ def test_generated_plugin_is_listed_passes_its_tests_and_runs(tmp_path):
         assert name in listed.stdout
     helped = kd_cli("molars", "stages", env=env)
     assert helped.returncode == 0 and "stage_3" in helped.stdout, helped.stderr
-    tests = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-2000:]
+    run_generated_tests(root, env)
     tiny = ["--set", "task.n=12", "--set", "teacher.epochs=1", "--set", "student.epochs=1"]
     ran = kd_cli("run", "recipes/molars-quick.toml", "--quiet", *tiny, env=env, cwd=root)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
