@@ -36,7 +36,8 @@ def trials_table(result: TuneResult, limit: int = 20) -> Table:
             f"{v:.4g}" if isinstance(v := r["params"].get(k, ""), float) else str(v) for k in params
         ]
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
-        table.add_row(str(r["number"]), r["state"], value, *cells, seconds)
+        number = f"{r['number']} (recipe)" if r.get("recipe") else str(r["number"])
+        table.add_row(number, r["state"], value, *cells, seconds)
     if len(rows) > limit:
         table.caption = f"{len(rows) - limit} more in trials.csv"
     return table
@@ -47,7 +48,11 @@ def tune_command(
     trials: Annotated[
         int, typer.Option(min=1, help="Finished trials in total (a rerun adds the missing).")
     ],
-    workers: Annotated[int, typer.Option(min=1, help="Processes sharing the study.")] = 1,
+    workers: Annotated[int, typer.Option(min=1, help="Workers sharing the study.")] = 1,
+    executor: Annotated[
+        str | None,
+        typer.Option(help="Workers: inline (processes here), or jobs: local, slurm (\\[launch])."),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a recipe value: --set student.epochs=5."),
@@ -66,6 +71,8 @@ def tune_command(
     sets = list(set_ or [])
     if device is not None:
         sets.append(f"experiment.device={json.dumps(device)}")
+    if executor is not None:
+        sets.append(f"launch.executor={json.dumps(executor)}")
     result = tune(recipe, trials, sets, workers, output, force, quiet)
     out = Console(width=None if sys.stdout.isatty() else 140)
     out.print(trials_table(result))

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from kdtoolkit.config.recipe import load_recipe
+from kdtoolkit.config.tune import recipe_values
 from kdtoolkit.engine import tune as tune_mod
+from kdtoolkit.engine.folder import STAMP
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.errors import KdError
 from kdtoolkit.testing import kd_cli
@@ -205,6 +207,81 @@ def test_interrupted_trials_are_tried_again(tune_recipe: Path, tmp_path: Path) -
     assert tune_mod.finished(study) == 0
 
 
+def test_recipe_values_are_read_by_key_and_checked_against_the_space() -> None:
+    """The recipe's value of each key, by hand: list indices, a choice written 3.0 for 3,
+    and None when a key is unset or a value lies outside its range or choices."""
+    recipe = {"loss": [{"weight": 0.2}, {"weight": 0.8, "temperature": 3.0}], "student": {}}
+    space = {
+        "loss.0.weight": {"low": 0.05, "high": 1.0, "log": True},
+        "loss.1.temperature": {"choices": [1, 2, 3]},
+    }
+    values = recipe_values(recipe, space)
+    assert values == {"loss.0.weight": 0.2, "loss.1.temperature": 3}
+    assert isinstance(values["loss.1.temperature"], int)  # the choice itself, as Optuna has it
+    assert recipe_values(recipe, {"loss.0.weight": {"low": 0.3, "high": 1.0}}) is None
+    assert recipe_values(recipe, {"loss.1.weight": {"low": 0.1, "high": 0.79}}) is None
+    assert recipe_values(recipe, {"loss.1.temperature": {"choices": [1, 2, 4]}}) is None
+    assert recipe_values(recipe, {"loss.2.weight": {"low": 0.1, "high": 1.0}}) is None
+    assert recipe_values(recipe, {"student.lr": {"low": 0.1, "high": 1.0}}) is None
+
+
+def test_the_first_trial_is_the_recipe_as_written(tune_recipe: Path, tmp_path: Path) -> None:
+    """A new study tries the recipe's own values first (its row says so), so the table shows
+    what the search gains over them; a rerun does not queue them again."""
+    out = tmp_path / "study"
+    sets = [*FAST, "tune.loss.1.temperature={choices=[1,3]}", "loss.0.weight=0.3"]
+    sets.append('experiment.loggers=["csv"]')
+    result = tune_mod.tune(tune_recipe, 1, sets, output=out, quiet=True)
+    rows = read_trials(out / "trials.csv")
+    assert [(r["number"], r["recipe"]) for r in rows] == [("0", "true")]
+    assert float(rows[0]["loss.0.weight"]) == 0.3 and rows[0]["loss.1.temperature"] == "3"
+    assert result.best["recipe"] and result.best["number"] == 0
+    log = (out / "tune.log").read_text()
+    assert "trial 0: the recipe's own values {'loss.0.weight': 0.3, 'loss.1.temperature': 3}" in log
+    assert re.search(r"the recipe's own values, trial 0: 0\.\d{4}", log)
+    with open(out / "metrics.csv", newline="") as f:  # the loggers see every trial
+        logged = list(csv.DictReader(f))
+    epochs = {(r["stage"], r["fold"], r["epoch"]) for r in logged if r["name"] == "val_accuracy"}
+    assert epochs == {("teacher", "0", "1"), ("student_t0", "0", "1"), ("student_t0", "0", "2")}
+    results = {r["name"]: float(r["value"]) for r in logged if r["stage"] == "results"}
+    value = float(rows[0]["value"])
+    assert results == {
+        "trial_0/val_accuracy": value,
+        "recipe/val_accuracy": value,
+        "best/val_accuracy": value,
+        "best/trial": 0.0,
+        "best/loss.0.weight": 0.3,
+        "best/loss.1.temperature": 3.0,
+    }
+    tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
+    assert [r["recipe"] for r in read_trials(out / "trials.csv")] == ["true", "false"]
+
+
+def test_a_tune_that_stops_before_its_study_leaves_no_stamp(
+    tune_recipe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The folder is stamped only once every check passed, and the stamp of a new folder is
+    taken back when the tune stops (here: the shared stages fail), as in ``kd run``; a
+    study of another space is refused before anything is written."""
+
+    def broken(*args: object) -> None:
+        raise KdError("the shared stages failed")
+
+    out = tmp_path / "study"
+    monkeypatch.setattr(tune_mod, "train_shared", broken)
+    with pytest.raises(KdError, match="the shared stages failed"):
+        tune_mod.tune(tune_recipe, 1, FAST, output=out, quiet=True)
+    assert not (out / STAMP).exists()
+    assert "stopped: the shared stages failed" in (out / "tune.log").read_text()
+    monkeypatch.undo()
+    tune_mod.tune(tune_recipe, 1, FAST, output=out, quiet=True)
+    before = {p: p.read_bytes() for p in (out / STAMP, out / tune_mod.STUDY_FILE)}
+    other = [*FAST, "tune.loss.2.weight={low=0.001,high=0.1}"]
+    with pytest.raises(KdError, match=r"the study was made for another \[tune\]"):
+        tune_mod.tune(tune_recipe, 2, other, output=out, quiet=True)
+    assert {p: p.read_bytes() for p in before} == before
+
+
 def read_trials(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -236,3 +313,26 @@ def test_cli_two_workers_then_resume(tune_recipe: Path, tmp_path: Path) -> None:
     assert (out / "figures" / "tune_importance.png").stat().st_size > 0
     checked = kd_cli("validate", str(out / "best.toml"))
     assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.slow
+def test_workers_as_local_jobs_share_the_study(tune_recipe: Path, tmp_path: Path) -> None:
+    """``launch.executor = "local"``: the workers are submitit jobs that run at once and
+    together finish the trials asked for; a worker started once the study holds them runs
+    none (as a job that SLURM requeues)."""
+    out = tmp_path / "study"
+    sets = [*FAST, 'launch.executor="local"']
+    result = tune_mod.tune(tune_recipe, 3, sets, workers=2, output=out, quiet=True)
+    assert sorted(r["number"] for r in result.trials) == [0, 1, 2]
+    assert {r["state"] for r in result.trials} == {"complete"}
+    log = (out / "tune.log").read_text()
+    assert "workers 0, 1 as local jobs, 2 at a time" in log
+    assert "worker 0: job" in log and "worker 1: job" in log and log.count(" done\n") >= 2
+    assert list((out / "jobs").glob("*_log.err"))  # submitit's own files
+    trials = {r["number"]: r["seconds"] for r in result.trials}
+    from kdtoolkit.engine.tune_workers import worker_main
+
+    recipe = load_recipe(tune_recipe, [*sets, f"experiment.output={json.dumps(str(out))}"])
+    worker_main(tune_mod.optimize, recipe, [0], 2, 5, total=3)
+    again = tune_mod.tune(tune_recipe, 3, sets, output=out, quiet=True)
+    assert again.ran == 0 and {r["number"]: r["seconds"] for r in again.trials} == trials

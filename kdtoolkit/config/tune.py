@@ -43,6 +43,11 @@ class TuneConfig:
         return {"pruner": self.pruner, "folds": list(self.folds), **self.space}
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def is_spec(value: Any) -> bool:
     """Whether a table is a range or a choice list (rather than a table of dotted keys): it
     has one of their keys."""
@@ -143,6 +148,29 @@ def is_integer_range(spec: dict[str, Any]) -> bool:
 def endpoints(spec: dict[str, Any]) -> list[Any]:
     """The values that bound a search-space entry: its choices, or low and high."""
     return list(spec["choices"]) if "choices" in spec else [spec["low"], spec["high"]]
+
+
+def recipe_values(recipe: dict[str, Any], space: dict[str, Any]) -> dict[str, Any] | None:
+    """The recipe's own value (``recipe``: ``Recipe.to_dict()``) of every ``space`` key, or
+    None when one is unset or outside its range or choices."""
+    values: dict[str, Any] = {}
+    for key, spec in space.items():
+        node: Any = recipe
+        for part in key.split("."):
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                return None
+        if "choices" in spec:
+            if node not in spec["choices"]:
+                return None
+            node = spec["choices"][spec["choices"].index(node)]
+        elif not is_number(node) or not spec["low"] <= node <= spec["high"]:
+            return None
+        values[key] = node
+    return values
 
 
 def folds_problems(config: TuneConfig, folds: int) -> list[str]:

@@ -169,6 +169,7 @@ def wait_for_folds(
     log: Callable[[str], None],
     show: Callable[[Counter[str]], None] = lambda counts: None,
     poll_s: float = 1.0,
+    label: str = "fold",
 ) -> dict[int, FoldStatus]:
     """Submit a job per fold (``submit(fold, slot)`` → a submitit job), at most ``slots`` at
     once, and follow them until each is done or failed; a job that ended without a result is
@@ -182,12 +183,11 @@ def wait_for_folds(
                 if s.state == "queued" and free:
                     s.slot = free.pop(0)
                     s.job, s.tries, s.state = submit(s.fold, s.slot), s.tries + 1, "waiting"
-                    log(
-                        f"fold {s.fold}: job {s.job.job_id} submitted ({s.job.paths.stderr.parent})"
-                    )
+                    where = s.job.paths.stderr.parent
+                    log(f"{label} {s.fold}: job {s.job.job_id} submitted ({where})")
             for s in status.values():
                 if s.state in ("waiting", "running"):
-                    follow(s, retries, log)
+                    follow(s, retries, log, label)
                     if s.state not in ("waiting", "running"):
                         free.append(s.slot)
             counts = Counter(s.state for s in status.values())
@@ -199,28 +199,28 @@ def wait_for_folds(
         for s in status.values():
             if s.state in ("waiting", "running"):
                 s.job.cancel(check=False)
-                log(f"fold {s.fold}: job {s.job.job_id} cancelled")
+                log(f"{label} {s.fold}: job {s.job.job_id} cancelled")
 
 
-def follow(s: FoldStatus, retries: int, log: Callable[[str], None]) -> None:
+def follow(s: FoldStatus, retries: int, log: Callable[[str], None], label: str = "fold") -> None:
     """Update ``s`` from its job: running, done, failed, or queued again (resubmission)."""
     job = s.job
     if not job.done():
         state = str(job.state).upper()
         if s.state == "waiting" and state in RUNNING_STATES:
-            log(f"fold {s.fold}: job {job.job_id} running")
+            log(f"{label} {s.fold}: job {job.job_id} running")
         s.state = "running" if state in RUNNING_STATES else s.state
         return
     problem = job.exception()
     if problem is None:
         s.state = "done"
-        log(f"fold {s.fold}: job {job.job_id} done")
+        log(f"{label} {s.fold}: job {job.job_id} done")
     elif lost(problem) and s.tries <= retries:
         s.state = "queued"
-        log(f"fold {s.fold}: job {job.job_id}: {error_line(problem)}; resubmitting it")
+        log(f"{label} {s.fold}: job {job.job_id}: {error_line(problem)}; resubmitting it")
     else:
         s.state, s.error, s.log = "failed", error_line(problem), str(job.paths.stderr)
-        log(f"fold {s.fold}: job {job.job_id} failed: {s.error}; log {s.log}")
+        log(f"{label} {s.fold}: job {job.job_id} failed: {s.error}; log {s.log}")
 
 
 def launch_folds(
@@ -231,9 +231,11 @@ def launch_folds(
     progress: RunProgress,
     name: str = "kd",
     poll_s: float | None = None,
+    label: str = "fold",
 ) -> dict[int, FoldStatus]:
     """Run ``job_of(k)`` for each of ``folds`` as ``launch.executor`` jobs with files in
-    ``root/jobs/``, showing their states in ``progress``; returns each fold's final status."""
+    ``root/jobs/``, showing their states in ``progress``; returns each fold's final status.
+    ``label`` names what a job runs in the log ("fold", or "worker" for ``kd tune``)."""
     executor = make_executor(launch, jobs_folder(root))
     if launch.executor == "local":
         slots = local_slots(launch, visible_gpus())
@@ -245,10 +247,10 @@ def launch_folds(
             gpus = slots[slot]
             executor.update_parameters(gpus_per_node=len(gpus), visible_gpus=gpus)
         else:
-            executor.update_parameters(name=f"{name}-fold{k}")
+            executor.update_parameters(name=f"{name}-{label}{k}")
         return executor.submit(job_of(k))
 
-    view = progress.progress.add_task("fold jobs", total=len(folds), info="")
+    view = progress.progress.add_task(f"{label} jobs", total=len(folds), info="")
 
     def show(counts: Counter[str]) -> None:
         states = ("done", "running", "waiting", "failed")
@@ -257,9 +259,10 @@ def launch_folds(
 
     wait = poll_s if poll_s is not None else (1.0 if launch.executor == "local" else 15.0)
     how = f"{launch.executor} jobs, {len(slots)} at a time"
-    which = f"fold{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}"
+    which = f"{label}{'s' if len(folds) > 1 else ''} {', '.join(map(str, folds))}"
     progress.log(f"{which} as {how}; files in {jobs_folder(root)}")
-    return wait_for_folds(folds, submit, len(slots), launch.retries, progress.log, show, wait)
+    retries = launch.retries
+    return wait_for_folds(folds, submit, len(slots), retries, progress.log, show, wait, label)
 
 
 def folds_failed(failed: list[FoldStatus], reported: list[int]) -> FoldsFailed:

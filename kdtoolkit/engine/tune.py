@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import shutil
 import statistics
 import sys
@@ -26,11 +25,13 @@ from typing import Any
 import torch
 
 from kdtoolkit.config.recipe import Recipe, load_recipe
+from kdtoolkit.config.tune import recipe_values
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.folder import check_run_folder, stamp_run_folder
+from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
+from kdtoolkit.engine.loggers import run_loggers
 from kdtoolkit.engine.loss import build_loss
-from kdtoolkit.engine.plan import roi_spec, student_spec, teacher_spec
+from kdtoolkit.engine.plan import fold_plan, roi_spec, student_spec, teacher_spec
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import interrupted
 from kdtoolkit.engine.stage import mask_rois_of, provide_rois, train_model
@@ -187,7 +188,6 @@ def open_study(recipe: Recipe, storage: Any) -> Any:
     """The study in ``storage`` (made when new) with the ``tune.pruner``; a study made for
     another search space, metric or folds is refused."""
     optuna = import_optuna()
-    metric, direction = metric_of(recipe)
     pruner = {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
         "halving": optuna.pruners.SuccessiveHalvingPruner,
@@ -196,20 +196,42 @@ def open_study(recipe: Recipe, storage: Any) -> Any:
     study = optuna.create_study(
         storage=storage,
         study_name=STUDY_NAME,
-        direction=direction,
+        direction=metric_of(recipe)[1],
         pruner=pruner,
         load_if_exists=True,
     )
-    stamp = {"space": recipe.tune.space, "metric": metric, "folds": recipe.tune.folds}
+    if check_stamp(study, recipe):
+        study.set_user_attr("stamp", study_stamp(recipe))
+    return study
+
+
+def study_stamp(recipe: Recipe) -> dict[str, Any]:
+    """What a study belongs to: the space, the metric and the folds."""
+    return {"space": recipe.tune.space, "metric": metric_of(recipe)[0], "folds": recipe.tune.folds}
+
+
+def check_stamp(study: Any, recipe: Recipe) -> bool:
+    """Refuse a study made for another space, metric or folds; True when it has no stamp."""
     saved = study.user_attrs.get("stamp")
-    if saved is None:
-        study.set_user_attr("stamp", stamp)
-    elif saved != stamp:
+    if saved is not None and saved != study_stamp(recipe):
         raise KdError(
             f"{recipe.output_dir / STUDY_FILE}: the study was made for another [tune] space, "
             "metric or folds; choose another --output, or pass --force to start a new study"
         )
-    return study
+    return saved is None
+
+
+def enqueue_recipe(study: Any, recipe: Recipe, log: Callable[[str], None]) -> None:
+    """A new study's first trial is the recipe's own values (user attribute ``recipe``), so
+    the table shows what the search gains over them on the same validation splits."""
+    if study.trials:
+        return
+    values = recipe_values(recipe.to_dict(), recipe.tune.space)
+    if values is None:
+        log("the recipe's own values lie outside the [tune] space: not tried as a trial")
+        return
+    study.enqueue_trial(values, user_attrs={"recipe": True})
+    log(f"trial 0: the recipe's own values {values}")
 
 
 def finished(study: Any) -> int:
@@ -230,57 +252,22 @@ def requeue_interrupted(study: Any, storage: Any, log: Callable[[str], None]) ->
         log(f"trial {t.number}: interrupted before; its values are tried again")
 
 
-def optimize(ctx: RunContext, folds: list[int], n_trials: int, worker: int = 0) -> None:
-    """``n_trials`` trials of the study in this process (``worker``: its index). The sampler's
-    seed is ``experiment.seed`` moved on by the trials so far and the worker, so neither a
-    rerun nor another worker draws the values drawn before."""
+def optimize(
+    ctx: RunContext, folds: list[int], n_trials: int, worker: int = 0, total: int = 0
+) -> None:
+    """``n_trials`` trials of the study in this process (``worker``: its index), fewer when
+    the study reaches ``total`` finished trials first. The sampler's seed is
+    ``experiment.seed`` moved on by the trials so far and the worker, so neither a rerun nor
+    another worker draws the values drawn before."""
+    optuna = import_optuna()
     study = open_study(ctx.recipe, open_storage(ctx.paths.root))
+    if total and finished(study) >= total:
+        return
     seed = ctx.recipe.experiment.seed + len(study.trials) + 7919 * worker
-    study.sampler = import_optuna().samplers.TPESampler(seed=seed)
-    study.optimize(Objective(ctx, folds), n_trials=n_trials, gc_after_trial=True)
-
-
-def worker_main(recipe: Recipe, folds: list[int], n_trials: int, index: int) -> None:
-    """A worker process (``--workers``): its own data context, its share of the trials;
-    logs to ``workers/worker_<index>.log``; a ``KdError`` exits 2 after one logged line."""
-    torch.set_num_threads(1)
-    log = recipe.output_dir / "workers" / f"worker_{index}.log"
-    with RunProgress(log, quiet=True) as progress:
-        try:
-            optimize(RunContext.open(recipe, progress), folds, n_trials, index)
-        except KdError as e:
-            progress.log(f"error: {e}")
-            sys.exit(2)
-        except BaseException as e:
-            progress.log(f"failed: {type(e).__name__}: {e}")
-            raise
-
-
-def run_workers(recipe: Recipe, folds: list[int], missing: int, workers: int) -> None:
-    """``missing`` trials split over ``workers`` spawned processes sharing the study."""
-    shares = [missing // workers + (i < missing % workers) for i in range(workers)]
-    spawn = multiprocessing.get_context("spawn")
-    procs = [
-        spawn.Process(target=worker_main, args=(recipe, folds, n, i))
-        for i, n in enumerate(shares)
-        if n
-    ]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-                p.join()
-    failed = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode]
-    if failed:
-        logs = ", ".join(
-            f"{recipe.output_dir / 'workers' / f'worker_{i}.log'} (exit {c})" for i, c in failed
-        )
-        raise KdError(f"kd tune: {len(failed)} worker(s) failed; see {logs}")
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    stop = [optuna.study.MaxTrialsCallback(total, states=states)] if total else []
+    study.optimize(Objective(ctx, folds), n_trials=n_trials, callbacks=stop, gc_after_trial=True)
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
@@ -295,6 +282,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
                 "value": t.value,
                 "params": dict(t.params),
                 "folds": {k: v for k, v in t.user_attrs.items() if k.startswith("fold_")},
+                "recipe": bool(t.user_attrs.get("recipe")),
                 "seconds": seconds,
             }
         )
@@ -313,8 +301,6 @@ def tune(
     """Run the study of ``recipe_path``'s ``[tune]`` space until ``trials`` trials are
     finished (complete or pruned; a rerun adds only the missing ones), then write the trials
     table, the plots and ``best.toml`` into the output folder (default: ``tune_output``)."""
-    from kdtoolkit.engine.tune_outputs import write_outputs
-
     import_optuna()
     sets = list(sets or [])
     forced = ["evaluate.cam_examples=0"]
@@ -330,31 +316,58 @@ def tune(
     try:
         with RunLock(output) as lock:
             check_run_folder(base, force)
-            stamp_run_folder(base)
-            if force:  # a new study
-                (output / STUDY_FILE).unlink(missing_ok=True)
-            with RunProgress(output / "tune.log", quiet=quiet) as progress:
+            with RunProgress(output / "tune.log", quiet=quiet, held=True) as progress:
                 if lock.recovered:
                     progress.log(lock.recovered)
                 ctx = RunContext.open(base, progress, force)
-                ctx.write_folds()
                 folds = tuned_folds(ctx)
-                progress.log(f"tune {recipe_path} -> {output}: folds {folds}, {trials} trials")
-                train_shared(ctx, folds)
-                storage = open_storage(output)
-                study = open_study(base, storage)
-                requeue_interrupted(study, storage, progress.log)
-                missing = max(0, trials - finished(study))
-                progress.log(f"{finished(study)} trials finished before; running {missing}")
-                if missing and workers == 1:
-                    optimize(ctx, folds, missing)
-                elif missing:
-                    with contextlib.redirect_stdout(sys.stderr):
-                        run_workers(base, folds, missing, workers)
-                study = open_study(base, open_storage(output))
-                metric, direction = metric_of(base)
-                result = TuneResult(output, metric, direction, trial_rows(study), missing)
-                write_outputs(result, study, recipe_path, sets, progress.log)
-                return result
+                if not force and (output / STUDY_FILE).exists():  # read only
+                    saved = import_optuna().load_study(
+                        study_name=STUDY_NAME, storage=open_storage(output)
+                    )
+                    check_stamp(saved, base)
+                with stamped(ctx, fold_plan(base), folds):
+                    if force:  # a new study, now that nothing refused it
+                        (output / STUDY_FILE).unlink(missing_ok=True)
+                    return run_study(ctx, folds, trials, workers, recipe_path, sets)
     except KeyboardInterrupt:
         raise interrupted(output) from None
+
+
+def run_study(
+    ctx: RunContext,
+    folds: list[int],
+    trials: int,
+    workers: int,
+    recipe_path: Path,
+    sets: list[str],
+) -> TuneResult:
+    """The body of ``tune`` in its stamped folder: the shared stages, the missing trials (in
+    this process or ``workers`` processes), then the outputs."""
+
+    from kdtoolkit.engine.tune_outputs import logged_results, write_outputs
+    from kdtoolkit.engine.tune_workers import run_workers
+
+    base, output, log = ctx.recipe, ctx.paths.root, ctx.progress.log
+    log(f"tune {recipe_path} -> {output}: folds {folds}, {trials} trials")
+    with run_loggers(ctx) as loggers:
+        train_shared(ctx, folds)
+        storage = open_storage(output)
+        study = open_study(base, storage)
+        requeue_interrupted(study, storage, log)
+        enqueue_recipe(study, base, log)
+        missing = max(0, trials - finished(study))
+        log(f"{finished(study)} trials finished before; running {missing}")
+        if missing and workers == 1:
+            optimize(ctx, folds, missing)
+        elif missing:
+            with contextlib.redirect_stdout(sys.stderr):
+                total = finished(study) + missing
+                run_workers(optimize, base, folds, missing, total, workers, ctx.progress)
+        study = open_study(base, open_storage(output))
+        metric, direction = metric_of(base)
+        result = TuneResult(output, metric, direction, trial_rows(study), missing)
+        write_outputs(result, study, recipe_path, sets, log)
+        loggers.call("log_results", *logged_results(result))
+        loggers.call("log_artifacts", list(result.files))
+    return result

@@ -18,12 +18,13 @@ from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text
 
 
 def trials_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """One line per trial: number, state, value, seconds, each parameter, each fold's score."""
+    """One line per trial: number, state, value, seconds, whether it is the recipe's own values,
+    each parameter, each fold's score."""
     params = sorted({k for r in rows for k in r["params"]})
     folds = sorted({k for r in rows for k in r["folds"]})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["number", "state", "value", "seconds", *params, *folds])
+    writer.writerow(["number", "state", "value", "seconds", "recipe", *params, *folds])
     for r in rows:
         writer.writerow(
             [
@@ -31,6 +32,7 @@ def trials_csv(rows: Sequence[dict[str, Any]]) -> str:
                 r["state"],
                 "" if r["value"] is None else r["value"],
                 "" if r["seconds"] is None else round(r["seconds"], 1),
+                str(r.get("recipe", False)).lower(),
                 *(r["params"].get(k, "") for k in params),
                 *(r["folds"].get(k, "") for k in folds),
             ]
@@ -109,6 +111,26 @@ def write_best(
     return path
 
 
+def logged_results(result: Any) -> tuple[dict[str, float], dict[str, Any]]:
+    """What the run loggers get at the end of a study: ``trial_<n>/<metric>`` of each complete
+    trial, ``best/<metric>``, ``best/trial``, the best numeric values (``best/loss.0.weight``)
+    and ``recipe/<metric>`` (the recipe's own values), and the trials as a document."""
+    metrics: dict[str, float] = {}
+    for r in result.trials:
+        if r["state"] == "complete":
+            metrics[f"trial_{r['number']}/{result.metric}"] = float(r["value"])
+            if r.get("recipe"):
+                metrics[f"recipe/{result.metric}"] = float(r["value"])
+    if result.best is not None:
+        metrics[f"best/{result.metric}"] = float(result.best["value"])
+        metrics["best/trial"] = float(result.best["number"])
+        for key, value in result.best["params"].items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[f"best/{key}"] = float(value)
+    doc = {"metric": result.metric, "direction": result.direction, "trials": result.trials}
+    return metrics, doc
+
+
 def write_outputs(
     result: Any, study: Any, recipe_path: Path, sets: Sequence[str], log: Callable[[str], None]
 ) -> None:
@@ -126,3 +148,5 @@ def write_outputs(
     result.best_toml = write_best(recipe_path, sets, result.best["params"], folder)
     result.files.append(result.best_toml)
     log(f"best trial {result.best['number']}: {result.metric} {result.best['value']:.4f}")
+    if own := [r for r in complete if r.get("recipe")]:
+        log(f"the recipe's own values, trial {own[0]['number']}: {own[0]['value']:.4f}")
