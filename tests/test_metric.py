@@ -325,6 +325,12 @@ def test_attention_metrics_scale_boxes_and_check_pairs() -> None:
     cam[0:4, 0:5] = 1.0
     out = attention_metrics([cam], [(0, 0, 50, 40)], image_shape=(100, 100))
     assert out == {"pointing_game": 1.0, "cam_iou": 1.0}
+    far = np.zeros((10, 10))
+    far[7, 7] = 1.0  # a box away from the origin: read unscaled, it misses the 10×10 map
+    assert attention_metrics([far], [(60, 60, 100, 100)], image_shape=(100, 100)) == {
+        "pointing_game": 1.0,
+        "cam_iou": pytest.approx(1 / 16),  # top 20% = the one peak; the box covers 4×4 cells
+    }
     with pytest.raises(ValueError):
         attention_metrics([cam, cam], [(0, 0, 5, 4)])
     with pytest.raises(ValueError, match="^no CAMs to score$"):
