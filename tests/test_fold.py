@@ -142,6 +142,9 @@ def test_folds_are_sklearns_seeded_splits_with_the_documented_defaults() -> None
 def test_fold_counts_at_their_limits_are_accepted() -> None:
     # k = 2; n = k samples; each class with exactly k members in exactly k groups; k groups.
     assert sorted(assign_folds([0, 1, 0, 1], k=2)) == [0, 0, 1, 1]
+    assert sorted(assign_folds([0, 0, 0], k=3)) == [0, 1, 2]  # n = k: a sample a fold
+    row = np.array([[0, 1, 0, 1, 0, 1]])  # labels in a row are flattened too
+    assert (assign_folds(row, k=3, seed=4) == assign_folds([0, 1] * 3, k=3, seed=4)).all()
     grouped = assign_folds([0, 0, 1, 1], ["a", "b", "a", "b"], k=2)
     assert grouped[0] == grouped[2] and grouped[1] == grouped[3] and grouped[0] != grouped[1]
     # Samples without a group are groups of their own: class 0 lies in a, s2, s4 (3 groups).
