@@ -144,3 +144,19 @@ def test_enclosing_box_of_rotated_rois_by_hand() -> None:
     c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
     want = [2 - (2 * c + s), 1 - (2 * s + c), 2 + (2 * c + s), 1 + (2 * s + c)]
     np.testing.assert_allclose(enclosing_box((0, 0, 4, 2), 30.0), want, atol=1e-12)
+
+
+def test_roi_masks_of_float32_corners_are_computed_in_float64() -> None:
+    """A box whose edges fall near pixel centres (x 6.5-7.2, y 6.5-9.2): float32 arithmetic
+    puts some of those centres on the other side; the documented float64 path does not."""
+    corners = torch.tensor([[[6.5, 6.5], [7.2, 6.5], [7.2, 9.2], [6.5, 9.2]]])
+    assert corners.dtype == torch.float32
+    want = roi_masks(corners.to(torch.float64), (24, 24))
+    assert torch.equal(roi_masks(corners, (24, 24)), want)
+    f32 = corners  # the same sums in float32 differ: this input tells the two apart
+    frame = torch.stack([(f32[:, 1] - f32[:, 0]) / 2, (f32[:, 3] - f32[:, 0]) / 2], dim=2)
+    inv, centre = torch.linalg.inv(frame), f32.mean(dim=1)
+    d = torch.arange(24, dtype=torch.float64) + 0.5
+    u = inv[:, 0, 0, None, None] * (d[None, None, :] - centre[:, 0, None, None])
+    v = inv[:, 1, 1, None, None] * (d[None, :, None] - centre[:, 1, None, None])
+    assert not torch.equal((torch.maximum(u.abs(), v.abs()) <= 1.0).float(), want)
