@@ -696,3 +696,7 @@ def test_engine_build_loss_builds_the_recipe_terms_from_the_registry():
     loss = build_loss(terms, "fold 1 student")
     assert loss.names == ["ce", "kl"] and loss.weights == [0.5, 2.0]
     assert loss.where == "fold 1 student" and all(loss.plugins)
+    from kdtoolkit.engine.loss import cross_entropy
+
+    # without a place, errors name none: every default ``where`` is empty
+    assert build_loss(terms).where == build_loss([]).where == cross_entropy().where == ""
