@@ -99,7 +99,16 @@ def test_warp_errors_in_full() -> None:
 
 @pytest.mark.parametrize(
     ("size", "antialias"),
-    [((16, 16), True), ((64, 16), True), ((16, 64), True), ((1, 2), True), ((52, 52), False)],
+    [
+        ((16, 16), True),
+        ((64, 16), True),
+        ((16, 64), True),
+        ((64, 32), True),  # by 2 along x only
+        ((32, 64), True),  # by 2 along y only
+        ((1, 2), True),
+        ((2, 1), True),  # down to one column
+        ((52, 52), False),
+    ],
 )
 def test_shrinking_warp_is_torchs_antialiased_resize(size, antialias) -> None:
     """A stretch to ``size`` shrinking by more than 1.25 on an axis equals F.interpolate with
@@ -112,6 +121,28 @@ def test_shrinking_warp_is_torchs_antialiased_resize(size, antialias) -> None:
     got = warp_tensor(src, resize_matrix((64, 64), size), size)
     want = F.interpolate(src[None], size=size, mode="bilinear", antialias=antialias)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("linear", "want"),
+    [
+        ([[3.0, 0.0], [0.0, 0.5]], (3.0, 1.0)),  # axis-aligned: per axis, 0.5 needs none
+        ([[1.25, 0.0], [0.0, 1.26]], (1.0, 1.26)),  # 1.25 exactly needs none
+        ([[1.26, 0.0], [0.0, 1.25]], (1.26, 1.0)),
+        ([[3.0, 0.5], [0.0, 2.0]], (np.hypot(0.5, 2.0),) * 2),  # sheared: the finer column
+        ([[3.0, 0.0], [0.5, 2.0]], (2.0, 2.0)),  # sheared the other way
+        ([[1.5, 0.5], [0.0, 3.0]], (1.5, 1.5)),  # the first column the finer
+    ],
+)
+def test_reduction_factors_by_hand(linear, want) -> None:
+    """Source pixels per output pixel of an inverse warp: per axis when axis-aligned, else
+    the smaller column norm on both axes; 1 at or below the antialiasing step (1.25)."""
+    from kdtoolkit.data.warp import _reduction
+
+    inv = np.eye(3)
+    inv[:2, :2] = linear
+    inv[:2, 2] = [7.0, -3.0]  # the translation plays no part
+    assert _reduction(inv) == pytest.approx(want)
 
 
 def test_warp_stack_warps_every_row_through_its_own_path() -> None:
