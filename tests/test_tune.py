@@ -71,6 +71,8 @@ def test_tune_section_is_validated_and_outside_the_digest(tune_recipe: Path) -> 
         "tune.folds=[7]": "tune.folds: folds [7] do not exist (0..1)",
         "tune.pruner='hyperband'": "tune.pruner: must be one of 'median', 'halving', 'none'",
         "tune.trials=3": "tune.trials: unknown key",
+        "tune.warmup=-1": "tune.warmup: must be >= 0 (epochs), got -1",
+        "tune.warmup=1.5": "tune.warmup: ",
     }
     for override, message in cases.items():
         text = problems(tune_recipe, override)
@@ -105,6 +107,26 @@ def test_space_becomes_optuna_distributions(tune_recipe: Path) -> None:
         "a.w": FloatDistribution(0.0, 1.0, step=0.25),
     }
     assert values["a.z"] in (2, 6, 10) and values["a.w"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_the_median_pruner_waits_warmup_epochs(tune_recipe: Path, tmp_path: Path, warmup) -> None:
+    """After three trials scoring 0.9 at every epoch, a trial scoring 0.1 is stopped at its
+    first epoch, or only once it has trained ``tune.warmup`` epochs."""
+    sets = ["tune.pruner='median'", f"tune.warmup={warmup}", f"experiment.output='{tmp_path}'"]
+    recipe = load_recipe(tune_recipe, sets)
+    study = tune_mod.open_study(recipe, tune_mod.open_storage(tmp_path))
+    for _ in range(3):
+        trial = study.ask()
+        for step in range(1, 6):
+            trial.report(0.9, step)
+        study.tell(trial, 0.9)
+    trial = study.ask()
+    stopped = []
+    for step in range(1, 6):
+        trial.report(0.1, step)
+        stopped.append(trial.should_prune())
+    assert stopped.index(True) + 1 == max(warmup, 1)
 
 
 def test_missing_optuna_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,6 +6,7 @@ Dotted keys are the search space, each a ``--set`` key of a student setting (``l
 
     [tune]
     pruner = "median"                                      # "median", "halving" or "none"
+    warmup = 4                                             # epochs before it may stop a trial
     folds = [0]                                            # default: every fold of the run
     "loss.0.weight" = {low = 0.05, high = 1.0, log = true}
     "loss.1.temperature" = {choices = [1, 2, 3, 4, 6]}
@@ -31,16 +32,19 @@ Pruner = Literal["median", "halving", "none"]
 @dataclass
 class TuneConfig:
     """``[tune]``: ``pruner`` (stops trials whose per-epoch validation score falls behind),
-    ``folds`` (whose training parts the objective uses; empty: the run's folds) and
-    ``space`` (``{"loss.0.weight": {"low": 0.05, "high": 1.0, "log": True}, ...}``)."""
+    ``warmup`` (epochs, counted over the tuned folds in turn, before it may stop one),
+    ``folds`` (whose training parts the objective uses; empty: the run's folds) and ``space``
+    (``{"loss.0.weight": {"low": 0.05, "high": 1.0, "log": True}, ...}``)."""
 
     pruner: Pruner = "median"
+    warmup: int = 0
     folds: list[int] = field(default_factory=list)
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """As written in TOML: the settings, then the space's dotted keys."""
-        return {"pruner": self.pruner, "folds": list(self.folds), **self.space}
+        head = {"pruner": self.pruner, "warmup": self.warmup, "folds": list(self.folds)}
+        return {**head, **self.space}
 
 
 def is_number(value: Any) -> bool:
@@ -73,20 +77,21 @@ def build_tune(raw: Any, problems: list[str]) -> TuneConfig:
         problems.append(f"tune: expected a table, got {raw!r}")
         return TuneConfig()
     config = TuneConfig()
-    for key in ("pruner", "folds"):
+    annotations = {"pruner": Pruner, "warmup": int, "folds": list[int]}
+    for key, annotation in annotations.items():
         if key in raw:
-            hint = TuneConfig.__annotations__[key]
-            annotation = Pruner if hint == "Pruner" else list[int]
             if problem := check_value(raw[key], annotation):
                 problems.append(f"tune.{key}: {problem}")
+            elif key == "warmup" and raw[key] < 0:
+                problems.append(f"tune.warmup: must be >= 0 (epochs), got {raw[key]}")
             else:
                 setattr(config, key, raw[key])
-    space = flat_space({k: v for k, v in raw.items() if k not in ("pruner", "folds")})
+    space = flat_space({k: v for k, v in raw.items() if k not in annotations})
     for key, spec in space.items():
         if "." not in key:
             problems.append(
-                f"tune.{key}: unknown key; tune takes pruner, folds and dotted setting keys "
-                'with a range or choices, e.g. "loss.0.weight" = {low = 0.05, high = 1.0}'
+                f"tune.{key}: unknown key; tune takes pruner, warmup, folds and dotted setting "
+                'keys with a range or choices, e.g. "loss.0.weight" = {low = 0.05, high = 1.0}'
             )
         elif problem := spec_problem(key, spec):
             problems.append(f"tune.{key}: {problem}")

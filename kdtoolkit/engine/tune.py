@@ -188,9 +188,10 @@ def open_study(recipe: Recipe, storage: Any) -> Any:
     """The study in ``storage`` (made when new) with the ``tune.pruner``; a study made for
     another search space, metric or folds is refused."""
     optuna = import_optuna()
+    warmup = recipe.tune.warmup
     pruner = {
-        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3),
-        "halving": optuna.pruners.SuccessiveHalvingPruner,
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=warmup),
+        "halving": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup or "auto"),
         "none": optuna.pruners.NopPruner,
     }[recipe.tune.pruner]()
     study = optuna.create_study(
