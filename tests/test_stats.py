@@ -401,3 +401,55 @@ def test_one_repeat_writes_folds_json_as_before(tmp_path: Path) -> None:
     ).all()
     with pytest.raises(KdError, match="made for cv.repeats = 2, not 1"):
         assign_run_folds(tmp_path / "two.json", manifest, recipe)
+
+
+# -- edge cases found by mutation testing (docs/testing.md) ----------------------------------
+
+
+def test_macro_f1_counts_an_absent_class_as_zero_like_sklearn() -> None:
+    """Class 2 has no label and no prediction: its F1 is 0 and still divides the mean."""
+    from kdtoolkit.report.stats import macro_f1_of
+
+    labels, predicted = [0, 0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 1, 0]
+    conf = np.zeros((3, 3))
+    for t, p in zip(labels, predicted, strict=True):
+        conf[t, p] += 1
+    want = f1_score(labels, predicted, labels=[0, 1, 2], average="macro", zero_division=0)
+    assert macro_f1_of(conf[None])[0] == pytest.approx(want)
+    assert want == pytest.approx((0.75 + 2 / 3 + 0.0) / 3)
+
+
+def test_resamples_draw_every_unit_the_first_included() -> None:
+    from kdtoolkit.report.stats import resample_units
+
+    draws = resample_units(3, 200, seed=0)
+    assert draws.shape == (200, 3) and set(np.unique(draws)) == {0, 1, 2}
+    assert resample_units(1, 5, seed=0).tolist() == [[0]] * 5  # one unit: always it
+
+
+def test_paired_uses_only_the_entries_both_rows_have() -> None:
+    """Row b has no outcome (NaN) for entries 1 and 4: the difference, its interval and the
+    discordant pairs are those of the four other entries, by hand."""
+    from kdtoolkit.report.stats import Pooled, paired, resample_units, unit_counts
+
+    nan = float("nan")
+    a = np.array([1.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    b = np.array([0.0, nan, 0.0, 1.0, nan, 0.0])
+    units = np.arange(6)
+    pooled = Pooled(
+        labels=np.zeros(6, dtype=int),
+        units=units,
+        n_units=6,
+        unit="sample",
+        predicted={},
+        outcomes={"accuracy": {"a": a, "b": b}},
+    )
+    weights = unit_counts(resample_units(6, 300, seed=1), 6)
+    got = paired(pooled, weights, "a", "b", "accuracy")
+    keep = np.isfinite(b)
+    assert got["n"] == 4 and got["diff"] == pytest.approx((a - b)[keep].mean())  # 2 / 4
+    assert got["discordant"] == [2, 0]
+    d = np.where(keep, a - np.nan_to_num(b), 0.0)
+    by_hand = [(w @ d) / (w @ keep) for w in weights]
+    finite = np.array(by_hand)[np.isfinite(by_hand)]
+    assert got["ci95"] == pytest.approx(list(np.quantile(finite, [0.025, 0.975])))
