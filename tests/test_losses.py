@@ -677,6 +677,7 @@ def test_engine_cross_entropy_matches_hand_computation_with_and_without_class_we
         class_weights=torch.tensor(weight, dtype=torch.float64),  # cast to float32 too
     )
     rows16 = logits.float().tolist()
+    assert cross_entropy().where == ""  # no place given: errors name none
     for loss in (cross_entropy("fold 0 teacher"), build_loss([], "fold 0 teacher")):
         assert CE == "ce" and loss.names == ["ce"] and loss.weights == [1.0]
         assert loss.plugins == ["kdtoolkit"] and loss.where == "fold 0 teacher"
