@@ -453,3 +453,16 @@ def test_paired_uses_only_the_entries_both_rows_have() -> None:
     by_hand = [(w @ d) / (w @ keep) for w in weights]
     finite = np.array(by_hand)[np.isfinite(by_hand)]
     assert got["ci95"] == pytest.approx(list(np.quantile(finite, [0.025, 0.975])))
+
+
+def test_too_few_classes_given_are_raised_to_what_the_labels_hold() -> None:
+    """``num_classes`` below the labels' (1 for labels 0..2) gives the statistics of 3 classes;
+    resamples below 1 are refused with a message saying so."""
+    folds = [fold_predictions(0), fold_predictions(1)]
+    want = compute(folds, 3, ordinal=True, resamples=50, seed=3)
+    for given in (0, 1, 2):
+        got = compute(folds, given, ordinal=True, resamples=50, seed=3)
+        assert got.pooled == want.pooled, given
+    with pytest.raises(KdError, match="^bootstrap resamples must be at least 1, got 0$"):
+        compute(folds, 3, resamples=0)
+    assert compute(folds, 3, resamples=1).bootstrap["resamples"] == 1
