@@ -129,7 +129,7 @@ def spec_problem(key: str, spec: Any) -> str | None:
         return "a range needs low and high (or give choices = […])"
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
     numbers = [v for v in (low, high, step) if v is not None]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in numbers):
+    if not all(is_number(v) for v in numbers):
         return f"low, high and step must be numbers, got {spec!r}"
     if not all(math.isfinite(v) for v in numbers):
         return f"low, high and step must be finite, got {spec!r}"

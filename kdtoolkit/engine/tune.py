@@ -345,7 +345,6 @@ def run_study(
 ) -> TuneResult:
     """The body of ``tune`` in its stamped folder: the shared stages, the missing trials (in
     this process or ``workers`` processes), then the outputs."""
-
     from kdtoolkit.engine.tune_outputs import logged_results, write_outputs
     from kdtoolkit.engine.tune_workers import run_workers
 

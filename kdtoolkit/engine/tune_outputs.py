@@ -15,6 +15,7 @@ from kdtoolkit.config.override import apply_overrides
 from kdtoolkit.config.recipe import load_recipe, read_toml, with_default_losses
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_bytes, atomic_write_text
+from kdtoolkit.plugins.logger import scalars_of
 
 
 def trials_csv(rows: Sequence[dict[str, Any]]) -> str:
@@ -124,9 +125,7 @@ def logged_results(result: Any) -> tuple[dict[str, float], dict[str, Any]]:
     if result.best is not None:
         metrics[f"best/{result.metric}"] = float(result.best["value"])
         metrics["best/trial"] = float(result.best["number"])
-        for key, value in result.best["params"].items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                metrics[f"best/{key}"] = float(value)
+        metrics.update(scalars_of({f"best/{k}": v for k, v in result.best["params"].items()}))
     doc = {"metric": result.metric, "direction": result.direction, "trials": result.trials}
     return metrics, doc
 
