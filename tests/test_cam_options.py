@@ -189,17 +189,20 @@ def _staged_ctx(model, x, labels):
 @pytest.mark.parametrize("nhwc", [False, True])
 def test_cam_layer_of_a_channels_last_stage_by_hand(nhwc):
     """A stage whose output is B×h×w×C (C = 4, h×w = 2×3) is permuted back before its CAM:
-    attention_mse against an empty mask is mean(CAM²), CAM = ReLU(Σ_c W_yc A^c) / max. With
+    attention_mse against an empty mask is mean(CAM²), CAM = ReLU(Σ_c W_yc A^c) / max
+    (``cam = "gradcam"``) or Σ_c W_yc A^c / max|·| (the default, ``"signed"``). With
     ``create_graph`` the loss reaches the head's weight, without it only the features."""
     torch.manual_seed(0)
     weight = torch.randn(3, 4)
     x = torch.randn(2, 4, 2, 3)
     labels = torch.tensor([1, 2])
-    cam = F.relu(torch.einsum("bc,bchw->bhw", weight[labels], x))
-    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
-    for create_graph in (True, False):
+    raw = torch.einsum("bc,bchw->bhw", weight[labels], x)
+    assert (raw < 0).any()
+    relu = F.relu(raw) / F.relu(raw).amax(dim=(1, 2), keepdim=True)
+    signed = raw / raw.abs().amax(dim=(1, 2), keepdim=True)
+    for create_graph, cam_kind, cam in ((True, "gradcam", relu), (False, "signed", signed)):
         model = _Staged(weight, nhwc)
-        term = AttentionMSELoss(cam_layer=0, create_graph=create_graph)
+        term = AttentionMSELoss(cam_layer=0, create_graph=create_graph, cam=cam_kind)
         term.bind(model)
         xs = x.clone().requires_grad_(True)
         value = term(_staged_ctx(model, xs, labels))
@@ -290,11 +293,11 @@ def test_mask_norm_max_by_hand():
         boxes=None,
         masks=masks,
     )
-    assert AttentionMSELoss(mask_norm="max")(ctx) == 0
-    area = AttentionMSELoss(mask_norm="area")(ctx)
+    assert AttentionMSELoss(mask_norm="max", cam="gradcam")(ctx) == 0
+    area = AttentionMSELoss(mask_norm="area", cam="gradcam")(ctx)
     torch.testing.assert_close(area, (target - pooled).pow(2).mean())
     assert area > 0
-    assert torch.equal(area, AttentionMSELoss()(ctx))  # "area" is the default
+    assert AttentionMSELoss()(ctx) == 0  # "max" is the default
 
 
 class _Square(nn.Module):

@@ -162,10 +162,70 @@ def _grad_cam_case():
 def test_attention_mse_by_hand():
     ctx, cam, mask = _grad_cam_case()
     assert mask.sum() > 0 and mask.max() == 1 and 0 < mask[1, 0, 0] < 1
-    value = AttentionMSELoss()(ctx)
+    value = AttentionMSELoss(cam="gradcam", mask_norm="area")(ctx)
     torch.testing.assert_close(value, (cam - mask).pow(2).mean())
     value.backward()
     assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
+
+
+def test_attention_mse_defaults_signed_cam_and_max_mask_by_hand():
+    """The defaults: the Grad-CAM weights W_y/(hw) for GAP → linear, ``Σ_c w_c A^c`` without
+    ReLU divided by its largest absolute value, against the mask divided by its maximum."""
+    ctx, _, mask = _grad_cam_case()
+    weight = ctx.student.fc.weight.detach()
+    features = ctx.features.detach()
+    h, w = features.shape[-2:]
+    raw = torch.einsum("bc,bchw->bhw", weight[ctx.labels] / (h * w), features)
+    assert (raw < 0).any() and (raw > 0).any()
+    cam = raw / raw.abs().amax(dim=(1, 2), keepdim=True)
+    target = mask / mask.amax(dim=(1, 2), keepdim=True)
+    assert target.amax(dim=(1, 2)).tolist() == [1.0, 1.0]
+    term = AttentionMSELoss()
+    assert (term.cam, term.mask_norm) == ("signed", "max")
+    value = term(ctx)
+    torch.testing.assert_close(value, (cam - target).pow(2).mean())
+    value.backward()
+    assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
+
+
+def test_attention_mse_defaults_have_no_degenerate_minimum():
+    """At the defaults the mask itself scores 0, while an all-zero or a constant map scores at
+    least mean(M²); with the old defaults (ReLU Grad-CAM, area mask) the all-zero map beat a
+    CAM equal to the (max-scaled) mask, and its gradient vanished."""
+    head = _LinearHead(torch.eye(2))
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[..., 0, 0] = 1  # a quarter of one cell of the 2×2 grid
+    labels = torch.tensor([0])
+
+    def value(features, **options):
+        features = features.clone().requires_grad_(True)
+        ctx = _ctx(
+            student=head,
+            images=torch.zeros(1, 1, 4, 4),
+            features=features,
+            labels=labels,
+            masks=masks,
+        )
+        out = AttentionMSELoss(**options)(ctx)
+        out.backward()
+        return float(out.detach()), features.grad
+
+    target = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # the max-scaled mask on the 2×2 grid
+    on_mask = torch.zeros(1, 2, 2, 2)
+    on_mask[0, 0] = target  # class 0's map: positive on the ROI's cell, 0 elsewhere
+    dead = torch.zeros(1, 2, 2, 2)
+    dead[0, 0] = -1.0  # class 0's score negative everywhere: ReLU Grad-CAM all zero
+    constant = torch.ones(1, 2, 2, 2)
+    zero_value = float(target.pow(2).mean())
+    assert value(on_mask)[0] == pytest.approx(0.0, abs=1e-12)
+    assert value(dead)[0] > zero_value
+    assert value(constant)[0] >= zero_value
+    _, grad = value(dead)
+    assert grad.abs().sum() > 0  # the signed map still has a gradient there
+    # the old defaults: the all-zero map scores below the mask-shaped map, with no gradient
+    old = {"cam": "gradcam", "mask_norm": "area"}
+    assert value(dead, **old)[0] < value(on_mask, **old)[0]
+    assert value(dead, **old)[1].abs().sum() == 0
 
 
 def test_attention_mse_paper_cam_by_hand():
@@ -183,13 +243,13 @@ def test_attention_mse_paper_cam_by_hand():
     low, high = raw.amin(dim=(1, 2), keepdim=True), raw.amax(dim=(1, 2), keepdim=True)
     cam = (raw - low) / (high - low)
     assert (raw < 0).any() and cam.min() == 0 and cam.max() == 1
-    value = AttentionMSELoss(cam="paper")(ctx)
+    value = AttentionMSELoss(cam="paper", mask_norm="area")(ctx)
     torch.testing.assert_close(value, (cam - mask).pow(2).mean())
     value.backward()
     assert torch.isfinite(ctx.features.grad).all() and ctx.features.grad.abs().sum() > 0
     assert check_options(AttentionMSELoss, {"cam": "paper"}, "loss[2]") == []
     assert (
-        "must be one of 'gradcam', 'paper'"
+        "must be one of 'gradcam', 'paper', 'signed'"
         in check_options(AttentionMSELoss, {"cam": "x"}, "loss[2]")[0]
     )
     with pytest.raises(KdError, match="cam must be"):
@@ -403,7 +463,8 @@ def test_paper_loss_on_convnext_attn_student():
     """L = 0.01·attention_mse + 0.8·kl + 0.2·ce on a convnext_attn student, each term against
     its formula computed here: CE from log-softmax, T²·KL from the two softmaxes, and the
     attention term from a Grad-CAM taken by hand through the attention head (weights the mean
-    of ∂s_y/∂A, ReLU, divided by the maximum) against the mask averaged over each cell."""
+    of ∂s_y/∂A, no ReLU, divided by the largest absolute value) against the mask averaged over
+    each cell and divided by its maximum (the term's defaults)."""
     torch.manual_seed(0)
     student = convnext_attn(3, 1, variant="convnext_atto")
     loss = CompositeLoss(
@@ -434,10 +495,11 @@ def test_paper_loss_on_convnext_attn_student():
     a = features.detach().requires_grad_(True)
     score = student.forward_head(a).gather(1, labels[:, None]).sum()
     (grad,) = torch.autograd.grad(score, a)
-    cam = (grad.mean(dim=(2, 3), keepdim=True) * a).sum(1).clamp_min(0).detach()
-    cam = cam / cam.amax(dim=(1, 2), keepdim=True)
+    cam = (grad.mean(dim=(2, 3), keepdim=True) * a).sum(1).detach()
+    cam = cam / cam.abs().amax(dim=(1, 2), keepdim=True)
     h, w = cam.shape[-2:]
     cells = masks[:, 0].reshape(2, h, 64 // h, w, 64 // w).mean(dim=(2, 4))
+    cells = cells / cells.amax(dim=(1, 2), keepdim=True)
     attention = (cam - cells).pow(2).mean()
     assert parts["ce"] == pytest.approx(float(ce), rel=1e-5)
     assert parts["kl"] == pytest.approx(float(kl), rel=1e-5)

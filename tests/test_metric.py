@@ -16,6 +16,7 @@ from kdtoolkit.report.metrics import (
     classification_metrics,
     confusion,
     gap_closure,
+    is_dead,
     pointing_ceiling,
     pointing_game,
     summarise,
@@ -221,8 +222,20 @@ def test_attention_metrics() -> None:
     cam[0:4, 0:5] = 1.0
     hits: list[bool] = []
     out = attention_metrics([cam, cam], [(0, 0, 5, 4), (6, 6, 10, 10)], hits=hits)
-    assert out == {"pointing_game": 0.5, "cam_iou": 0.5}
+    assert out == {"pointing_game": 0.5, "cam_iou": 0.5, "dead_cam": 0.0}
     assert hits == [True, False]
+
+
+def test_dead_cams_are_constant_or_not_finite() -> None:
+    live = np.zeros((4, 4))
+    live[1, 2] = 0.3
+    dead = [np.zeros((4, 4)), np.full((4, 4), 0.7), np.full((4, 4), np.nan)]
+    assert not is_dead(live)
+    assert [is_dead(c) for c in dead] == [True, True, True]
+    box = (0, 0, 4, 4)
+    out = attention_metrics([live, *dead], [box] * 4)
+    assert out["dead_cam"] == 0.75
+    assert out["pointing_game"] == 0.25  # a dead CAM points nowhere
 
 
 # -- edge cases (each one a wrong number or message that no test above would notice) ----------
@@ -324,12 +337,13 @@ def test_attention_metrics_scale_boxes_and_check_pairs() -> None:
     cam = np.zeros((10, 10))
     cam[0:4, 0:5] = 1.0
     out = attention_metrics([cam], [(0, 0, 50, 40)], image_shape=(100, 100))
-    assert out == {"pointing_game": 1.0, "cam_iou": 1.0}
+    assert out == {"pointing_game": 1.0, "cam_iou": 1.0, "dead_cam": 0.0}
     far = np.zeros((10, 10))
     far[7, 7] = 1.0  # a box away from the origin: read unscaled, it misses the 10×10 map
     assert attention_metrics([far], [(60, 60, 100, 100)], image_shape=(100, 100)) == {
         "pointing_game": 1.0,
         "cam_iou": pytest.approx(1 / 16),  # top 20% = the one peak; the box covers 4×4 cells
+        "dead_cam": 0.0,
     }
     with pytest.raises(ValueError):
         attention_metrics([cam, cam], [(0, 0, 5, 4)])

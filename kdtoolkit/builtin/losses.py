@@ -17,7 +17,7 @@ from torch import nn
 
 from kdtoolkit.config.option import Range
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.gradcam import EPS, cam_of, gradcam, paper_cam, unwrap
+from kdtoolkit.models.gradcam import EPS, cam_of, gradcam, paper_cam, signed_cam, unwrap
 from kdtoolkit.models.timm import TimmBackbone
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
@@ -51,10 +51,12 @@ def _spatial_kl(mask: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     return (torch.xlogy(p, p) - p * q.log()).sum(dim=1).mean()
 
 
-def _student_cam(
-    ctx: LossContext, create_graph: bool, cam: Literal["gradcam", "paper"] = "gradcam"
-) -> torch.Tensor:
-    make = paper_cam if cam == "paper" else gradcam
+CamKind = Literal["gradcam", "paper", "signed"]
+CAMS = ("gradcam", "paper", "signed")
+
+
+def _student_cam(ctx: LossContext, create_graph: bool, cam: CamKind = "gradcam") -> torch.Tensor:
+    make = {"paper": paper_cam, "signed": signed_cam}.get(cam, gradcam)
     head = unwrap(ctx.student).forward_head
     return make(head, ctx.features, ctx.labels, create_graph=create_graph)
 
@@ -62,7 +64,7 @@ def _student_cam(
 CamLayer = int | Literal["last"]
 
 
-def _several_processes() -> bool:
+def several_processes() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -80,8 +82,10 @@ class CamTerm(LossTerm):
     key: ClassVar[str] = ""
 
     def _cam_options(self, cam: str, cam_layer: CamLayer, create_graph: bool) -> None:
-        if cam not in ("gradcam", "paper"):
-            raise KdError(f"loss '{self.key}': cam must be 'gradcam' or 'paper', not {cam!r}")
+        if cam not in CAMS:
+            raise KdError(
+                f"loss '{self.key}': cam must be 'gradcam', 'paper' or 'signed', not {cam!r}"
+            )
         if cam_layer != "last" and (isinstance(cam_layer, bool) or not isinstance(cam_layer, int)):
             raise KdError(
                 f"loss '{self.key}': cam_layer must be 'last' or a stage index (an int, "
@@ -118,7 +122,7 @@ class CamTerm(LossTerm):
                 f"cam_layer = {self.cam_layer} needs an eager trunk; set "
                 "experiment.compile = false or cam_layer = 'last'"
             )
-        if _several_processes():
+        if several_processes():
             raise KdError(
                 f"cam_layer = {self.cam_layer} needs one process (a double backward through "
                 "the trunk); run one process or set cam_layer = 'last'"
@@ -132,7 +136,7 @@ class CamTerm(LossTerm):
             self._captured = output
 
     def student_cam(self, ctx: LossContext) -> torch.Tensor:
-        """Â, B×h×w in [0, 1], for the true classes."""
+        """Â, B×h×w in [0, 1] ([−1, 1] for ``cam = "signed"``), for the true classes."""
         if self.cam_layer == "last":
             return _student_cam(ctx, self.create_graph, self.cam)
         features, self._captured = self._captured, None
@@ -183,23 +187,29 @@ class KLLoss(LossTerm):
 
 class AttentionMSELoss(CamTerm):
     """The paper's Grad-CAM term: ``mean((Â − M)²)`` over batch and h×w, with Â the student's
-    Grad-CAM for the true class y. ``cam``: ``"gradcam"`` (standard Grad-CAM: class-score
-    gradient, ReLU, max-normalised) or ``"paper"`` (the paper's Eqs. 7–8: descent direction of
-    the cross-entropy, no ReLU, min–max normalised; ``kdtoolkit.models.gradcam.paper_cam``).
-    ``cam_layer``: ``"last"`` (the head's input, through the head only) or a feature-stage
-    index (``CamTerm``). ``mask_norm``: ``"area"`` (M area-averaged to Â's grid) or ``"max"``
-    (that divided by its per-sample maximum, so a CAM exactly on the ROI scores 0).
-    ``create_graph``: keep the Grad-CAM weights differentiable (second order); False detaches
-    them."""
+    class-activation map for the true class y and M the ROI mask at Â's grid.
+
+    ``cam``: ``"signed"`` (default: Grad-CAM before its ReLU, divided by its largest absolute
+    value, in [−1, 1]), ``"gradcam"`` (standard Grad-CAM: ReLU, max-normalised) or ``"paper"``
+    (the paper's Eqs. 7–8: descent direction of the cross-entropy, no ReLU, min–max normalised;
+    ``kdtoolkit.models.gradcam.paper_cam``). ``mask_norm``: ``"max"`` (default: M area-averaged
+    to Â's grid, then divided by its per-sample maximum, so the ROI's cells are 1 like a CAM's
+    peak) or ``"area"`` (area-averaged only; peaks below 1 when the ROI is smaller than a
+    cell). With the defaults the only zero of the term is ``Â = M`` (a map positive on the ROI,
+    0 elsewhere), an all-zero or constant map costs ``mean(M²)`` or more, and the gradient never
+    vanishes; with ``"gradcam"`` an all-zero map (ReLU everywhere off) is a flat minimum nearer
+    than the mask. ``cam_layer``: ``"last"`` (the head's input, through the head only) or a
+    feature-stage index (``CamTerm``). ``create_graph``: keep the Grad-CAM weights
+    differentiable (second order); False detaches them."""
 
     key = "attention_mse"
 
     def __init__(
         self,
         create_graph: bool = True,
-        cam: Literal["gradcam", "paper"] = "gradcam",
+        cam: CamKind = "signed",
         cam_layer: CamLayer = "last",
-        mask_norm: Literal["area", "max"] = "area",
+        mask_norm: Literal["area", "max"] = "max",
     ) -> None:
         super().__init__()
         self._cam_options(cam, cam_layer, create_graph)
@@ -226,12 +236,17 @@ class AttentionKLLoss(CamTerm):
         self,
         mode: Literal["kl", "bce"] = "kl",
         create_graph: bool = True,
-        cam: Literal["gradcam", "paper"] = "gradcam",
+        cam: CamKind = "gradcam",
         cam_layer: CamLayer = "last",
     ) -> None:
         super().__init__()
         if mode not in ("kl", "bce"):
             raise KdError(f"loss 'attention_kl': mode must be 'kl' or 'bce', not {mode!r}")
+        if cam == "signed":
+            raise KdError(
+                "loss 'attention_kl': cam = 'signed' has negative values, which are no "
+                "distribution; use 'gradcam' or 'paper'"
+            )
         self.mode = mode
         self._cam_options(cam, cam_layer, create_graph)
 

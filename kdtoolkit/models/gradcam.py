@@ -5,6 +5,11 @@ For a feature map A (B×C×h×w, the input of the head) and target classes y::
     w_c = mean_ij ∂s_y/∂A^c_ij        s = head(A), the logits
     CAM = ReLU(Σ_c w_c A^c)            optionally divided by its per-sample maximum
 
+``cam="signed"`` (the attention loss's default) keeps the sign: ``Σ_c w_c A^c`` divided by its
+largest absolute value, a map in [−1, 1] without ReLU. Its ReLU is the Grad-CAM's shape, but its
+gradient never vanishes where the Grad-CAM is 0, and an all-zero or constant map is never the
+best fit of a mask (see ``kdtoolkit.builtin.losses.AttentionMSELoss``).
+
 ``paper_cam`` is the variant of Halimi Milani et al. (CVPR-W 2025, Eqs. 7–8): the weights come
 from the cross-entropy loss instead of the class score, no ReLU, and each map is min–max
 normalised::
@@ -60,8 +65,12 @@ def _objective(logits: torch.Tensor, target: torch.Tensor, cam: str) -> torch.Te
 def _weighted_map(
     features: torch.Tensor, grads: torch.Tensor, cam: str, normalize: bool
 ) -> torch.Tensor:
-    """``Σ_c mean_ij(g^c) A^c``, then ReLU and max (``"gradcam"``) or min–max (``"paper"``)."""
+    """``Σ_c mean_ij(g^c) A^c``, then ReLU and max (``"gradcam"``), min–max (``"paper"``) or
+    division by the largest absolute value (``"signed"``)."""
     weights = grads.float().mean(dim=(2, 3), keepdim=True)
+    if cam == "signed":
+        m = (weights * features.float()).sum(dim=1)
+        return m / m.abs().amax(dim=(1, 2), keepdim=True).clamp_min(EPS)
     if cam == "paper":
         m = (weights * features.float()).sum(dim=1)
         low = m.amin(dim=(1, 2), keepdim=True)
@@ -82,7 +91,7 @@ def _head_cam(
     normalize: bool,
 ) -> torch.Tensor:
     if features.ndim != 4:
-        name = "paper_cam" if cam == "paper" else "gradcam"
+        name = {"paper": "paper_cam", "signed": "signed_cam"}.get(cam, "gradcam")
         raise ValueError(f"{name} needs B×C×h×w features, got shape {tuple(features.shape)}")
     inference = not features.requires_grad
     if inference:
@@ -124,6 +133,19 @@ def paper_cam(
     docstring), ``Σ_c w_c A^c`` without ReLU, then ``(m − min) / (max − min)`` per sample (a
     constant map gives 0). Taken through ``head`` only, like :func:`gradcam`."""
     return _head_cam(head, features, target, "paper", create_graph, True)
+
+
+def signed_cam(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    features: torch.Tensor,
+    target: torch.Tensor,
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """Grad-CAM before its ReLU, B×h×w float32 in [−1, 1]: ``m = Σ_c w_c A^c`` with the
+    class-score weights of :func:`gradcam`, divided per sample by ``max |m|`` (at least eps;
+    an all-zero map stays 0). ``ReLU`` of it is :func:`gradcam`'s map times a positive factor.
+    Taken through ``head`` only."""
+    return _head_cam(head, features, target, "signed", create_graph, True)
 
 
 def cam_of(

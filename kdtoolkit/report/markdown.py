@@ -29,6 +29,7 @@ EXTRA_METRICS = (("macro_f1", "macro F1", True), ("qwk", "QWK", False), ("mae", 
 ATTENTION_METRICS = (
     ("pointing_game", "pointing game", True),
     ("pointing_ceiling", "pointing ceiling", True),
+    ("dead_cam", "dead CAMs", True),
     ("cam_iou", "CAM IoU", False),
 )
 #: ROI-provider metrics with a fixed form: (meaning, form); form is "percent", "count" or

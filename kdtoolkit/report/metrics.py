@@ -258,15 +258,29 @@ def attention_metrics(
     image_shape: tuple[int, int] | None = None,
     hits: list[bool] | None = None,
 ) -> dict[str, float]:
-    """``{"pointing_game": hit rate, "cam_iou": mean IoU}`` over paired CAMs and boxes;
-    ``hits`` (a list) receives each pair's pointing-game hit (True/False) in order."""
+    """``{"pointing_game": hit rate, "cam_iou": mean IoU, "dead_cam": share of dead CAMs}``
+    over paired CAMs and boxes (``dead_cam``: :func:`is_dead`); ``hits`` (a list) receives each
+    pair's pointing-game hit (True/False) in order."""
     found: list[bool] = []
     ious: list[float] = []
+    dead: list[bool] = []
     for cam, box in zip(cams, boxes, strict=True):
         found.append(pointing_game(cam, box, image_shape))
         ious.append(cam_box_iou(cam, box, top, image_shape))
+        dead.append(is_dead(cam))
     if not found:
         raise ValueError("no CAMs to score")
     if hits is not None:
         hits.extend(found)
-    return {"pointing_game": float(np.mean(found)), "cam_iou": float(np.mean(ious))}
+    return {
+        "pointing_game": float(np.mean(found)),
+        "cam_iou": float(np.mean(ious)),
+        "dead_cam": float(np.mean(dead)),
+    }
+
+
+def is_dead(cam: Any) -> bool:
+    """A dead CAM: constant (all zero included) or without a finite value; it points nowhere."""
+    arr = _cam(cam)
+    finite = arr[np.isfinite(arr)]
+    return finite.size == 0 or bool(finite.max() <= finite.min())
