@@ -73,6 +73,8 @@ class LossTerm(nn.Module):
     ``__init__`` and implement ``forward(ctx) -> scalar tensor``.
 
     ``needs_teacher``: the engine computes teacher logits and features for this term.
+    ``needs_input_grad``: in training, the engine marks ``ctx.images`` as requiring grad
+    before the forward, so the term can differentiate with respect to the input.
     ``setup(student_channels, teacher_channels)`` is called once before the optimiser is
     built, so a term can create an adapter sized to the models; its parameters are trained with
     the student and saved in the checkpoint. ``bind(student)`` is called once before training
@@ -83,6 +85,7 @@ class LossTerm(nn.Module):
     """
 
     needs_teacher: ClassVar[bool] = False
+    needs_input_grad: ClassVar[bool] = False
 
     def setup(self, student_channels: int, teacher_channels: int | None) -> None:
         """Create parameters that depend on the models' feature widths (default: none)."""
@@ -149,6 +152,10 @@ class CompositeLoss(nn.Module):
     @property
     def needs_teacher(self) -> bool:
         return any(t.needs_teacher for t in self.terms)
+
+    @property
+    def needs_input_grad(self) -> bool:
+        return any(t.needs_input_grad for t in self.terms)
 
     def setup(self, student_channels: int, teacher_channels: int | None) -> None:
         for term in self.terms:

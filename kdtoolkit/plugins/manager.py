@@ -23,6 +23,7 @@ BUILTIN_PLUGINS = (
     "kdtoolkit.builtin.convnext_attn",
     "kdtoolkit.builtin.roi_zoom",
     "kdtoolkit.builtin.losses",
+    "kdtoolkit.builtin.input_gradient",
     "kdtoolkit.builtin.manual",
     "kdtoolkit.builtin.yolo.provider",
     "kdtoolkit.builtin.yolo.obb",
