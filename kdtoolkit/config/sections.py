@@ -81,7 +81,8 @@ class ModelConfig:
     warmup_epochs: Annotated[int, Range(ge=0, le=100_000)] = 1
     schedule: Literal["cosine", "constant"] = "cosine"
     class_weights: bool = False
-    select_by: Literal["accuracy", "f1", "loss"] = "accuracy"
+    select_by: Literal["last", "accuracy", "f1", "loss"] = "last"
+    ema: Annotated[float, Range(ge=0, lt=1)] = 0.0  # decay of a weight average; 0: off
     init_from_teacher: bool = False
 
 

@@ -113,6 +113,26 @@ def gradient_shares(weighted: dict[str, torch.Tensor], params: list) -> dict[str
     return {f"grad_share_{key}": norm / total for key, norm in norms.items()}
 
 
+def select(select_by: str, val: dict[str, float]) -> list[float]:
+    """An epoch's selection key, compared as a list (higher is better): the ``select_by``
+    metric (``"loss"``: the negated validation loss), ties broken by the lower validation loss
+    (``"last"`` keeps every epoch over the one before, whatever its key)."""
+    if select_by == "last":
+        return [0.0, -val["loss"]]
+    return [-val["loss"] if select_by == "loss" else val[select_by], -val["loss"]]
+
+
+def weight_average(model: nn.Module, decay: float) -> nn.Module | None:
+    """timm's ``ModelEmaV3`` of ``model`` with ``decay``, warmed up (``min(decay, 1 − (1 +
+    t)^(−2/3))`` after optimiser step t, so a short run is not dominated by its initial
+    weights), or None when ``decay`` is 0."""
+    if not decay:
+        return None
+    from timm.utils import ModelEmaV3  # timm takes seconds to import
+
+    return ModelEmaV3(model, decay=decay, use_warmup=True)
+
+
 def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
     """Linear warm-up for ``warmup_epochs`` then cosine decay to 0 (or constant)."""
     total = max(1, config.epochs * steps_per_epoch)
@@ -139,6 +159,8 @@ def make_context(
     the student's ``FeaturesAndLogits`` (DistributedDataParallel-wrapped when launched);
     default the model's own methods."""
     x = channels_last(batch[stage.view].to(device, non_blocking=True), device)
+    if stage.loss.needs_input_grad and torch.is_grad_enabled():
+        x.requires_grad_(True)
     if net is not None:
         features, logits = net(x)
     else:
@@ -234,9 +256,11 @@ def train_stage(
     state is set aside and the stage restarts). A non-finite loss or gradient raises
     ``DivergedError`` before the epoch's state is written.
 
-    Model selection on ``val_loader`` by ``config.select_by``; returns the best weights
-    (model and loss-term parameters, the latter prefixed ``loss.``). The state file is
-    rewritten atomically after every epoch.
+    Model selection on ``val_loader`` by ``config.select_by`` (``select``); returns the
+    selected weights (model and loss-term parameters, the latter prefixed ``loss.``). With
+    ``config.ema`` the model validated, selected and returned is the exponential moving average
+    of the weights (timm's ``ModelEmaV3``, decay warmed up). The state file is rewritten
+    atomically after every epoch.
 
     Launched as several processes, each trains on its part of every batch (``train_loader``
     gives it) under DistributedDataParallel: each part's mean loss, averaged over the ranks,
@@ -260,7 +284,8 @@ def train_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config, max(1, len(train_loader)))
     )
-    start, best_score, best = 0, -math.inf, None
+    ema = weight_average(model, config.ema)
+    start, best_score, best = 0, [-math.inf, -math.inf], None
     loaders = (train_loader, val_loader)
     with main_first():  # rank 0 sets a damaged or foreign state aside before the others look
         state = resume_state(stage, state_path, model, loss, log)
@@ -270,7 +295,9 @@ def train_stage(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_rng(state, loaders)
-        start, best_score, best = state["epoch"], state["best_score"], state["best"]
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start, best_score, best = state["epoch"], list(state["best_score"]), state["best"]
         stage.history[:] = state.get("history", [])
         log(f"{stage.label or stage.name}: resuming after epoch {start} from {state_path}")
     for epoch in range(start, config.epochs):
@@ -300,6 +327,8 @@ def train_stage(
             check_finite(stage, epoch + 1, total, parts, params)
             optimizer.step()
             scheduler.step()
+            if ema is not None:
+                ema.update(model, step=scheduler.last_epoch)
             count += n
             for key, value in {"loss": float(total.detach()), **parts}.items():
                 sums[key] = sums.get(key, 0.0) + value * n
@@ -309,7 +338,8 @@ def train_stage(
             *totals, count = all_sum([*(sums[k] for k in keys), count], device)
             sums = dict(zip(keys, totals, strict=True))
         trained = time.perf_counter() - began
-        val = evaluate(model, val_loader, stage.view, device, num_classes) if is_main() else {}
+        chosen = model if ema is None else ema.module
+        val = evaluate(chosen, val_loader, stage.view, device, num_classes) if is_main() else {}
         val = broadcast(val)
         timing = {  # for the loggers, not the history (a resumed run repeats that exactly)
             "epoch_seconds": time.perf_counter() - began,
@@ -336,10 +366,10 @@ def train_stage(
                 + ", ".join(f"{k.removeprefix('grad_share_')} {v:.1%}" for k, v in shares.items())
             )
         stage.history.append(record)
-        score = -val["loss"] if config.select_by == "loss" else val[config.select_by]
-        if best is None or score > best_score:
+        score = select(config.select_by, val)
+        if config.select_by == "last" or best is None or score > best_score:
             best_score = score
-            best = weights_of(model, loss)
+            best = weights_of(chosen, loss)
         if not is_main():
             on_epoch(epoch + 1, {**record, **timing})
             continue
@@ -354,6 +384,7 @@ def train_stage(
                 "recipe_digest": stage.digest,
                 "epoch": epoch + 1,
                 "best_score": best_score,
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "best": best,
                 "history": stage.history,
             },

@@ -70,8 +70,11 @@ class TuneResult:
 
 
 def metric_of(recipe: Recipe) -> tuple[str, str]:
-    """The validation metric the student is selected by and the study's direction."""
+    """The validation metric the student is selected by and the study's direction
+    (``select_by = "last"``: the last epoch's validation accuracy)."""
     select = recipe.student.select_by
+    if select == "last":
+        return "val_accuracy", "maximize"
     return f"val_{select}", "minimize" if select == "loss" else "maximize"
 
 
@@ -146,7 +149,8 @@ class Objective:
                     ctx, k, spec, loss, (train_idx, val_idx), teacher, mask_rois_of(rois), report
                 )
                 history = read_metadata(ckpt)["history"]
-                scores.append(pick(float(r[metric]) for r in history))
+                last = recipe.student.select_by == "last"
+                scores.append(pick(float(r[metric]) for r in (history[-1:] if last else history)))
                 trial.set_user_attr(f"fold_{k}", scores[-1])
         except DivergedError as e:  # a setting that diverges is a finished, poor trial
             trial.set_user_attr("diverged", str(e))
