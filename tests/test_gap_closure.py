@@ -186,3 +186,50 @@ def test_gap_closure_by_hand(tmp_path: Path, teacher, baseline, student, closure
         x for x in (tmp_path / "gap_closure.md").read_text().splitlines() if "| paper |" in x
     )
     assert row.rstrip().endswith(f"| {cell} |"), row
+
+
+def test_compare_across_student_architectures(tmp_path: Path, tiny_recipe: Path) -> None:
+    """A ``roi_zoom`` variant (and an ``input_gradient`` one) against the shared plain
+    baseline: each row names its architecture, and the table carries Holm-adjusted p over
+    the variants."""
+    sets = ["teacher.epochs=1", "student.epochs=1", "cv.only=[0]", "student.batch_size=4"]
+    zoom = gc.parse_variant(
+        'zoom:student.backbone="roi_zoom",student.init_from_teacher=true,'
+        'student.backbone_options={locator="resnet10t",classifier="resnet10t",'
+        "crop_size=[16,32]},loss.2.name=roi_box,loss.2.weight=1.0"
+    )
+    guided = gc.parse_variant("guided:loss.2.name=input_gradient,loss.2.weight=10.0")
+    out = tmp_path / "gap"
+    comparison = gc.compare(tiny_recipe, [zoom, guided], sets, output=out, quiet=True)
+    data = json.loads((out / "gap_closure.json").read_text())
+    assert data["architectures"] == {
+        "teacher_crop": "resnet10t",
+        "baseline_full": "resnet10t",
+        "zoom": "roi_zoom",
+        "guided": "resnet10t",
+    }
+    meta = json.loads((out / "fold_0" / "student_zoom" / "model.json").read_text())
+    assert meta["recipe"]["student"]["backbone"] == "roi_zoom"
+    family = [
+        c for c in data["comparisons"] if c["b"] == "baseline_full" and c["metric"] == "accuracy"
+    ]
+    assert [c["a"] for c in family] == ["zoom", "guided"]
+    p = sorted(float(c["p"]) for c in family)
+    assert sorted(c["p_holm"] for c in family) == pytest.approx(
+        [min(1, 2 * p[0]), max(min(1, 2 * p[0]), p[1])]
+    )
+    assert set(data["dead_cam"]) == {"baseline_full", "zoom", "guided"}
+    report = (out / "gap_closure.md").read_text()
+    assert "## Variants against the baseline" in report
+    assert "| zoom | roi_zoom |" in report and "| guided | resnet10t |" in report
+    assert "2 variants compared with the baseline" in report
+    assert comparison.architecture("zoom") == "roi_zoom"
+
+
+def test_holm_by_hand() -> None:
+    from kdtoolkit.report.comparison import holm
+
+    # m = 4: sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, max(0.06, 0.06), min(1, 0.5)
+    assert holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    assert holm([0.4, 0.3]) == pytest.approx([0.6, 0.6])  # monotone: max with the one before
+    assert holm([]) == []

@@ -3,10 +3,12 @@
 A variant is ``NAME:OVERRIDES``: a lower snake_case name, then ``--set``-style ``key=value``
 overrides separated by commas (commas inside ``[...]``, ``{...}`` or quotes belong to the
 value); ``NAME:`` (or ``NAME``) is the recipe as it is. ``loss.N.key=value`` with N equal to the
-number of loss terms appends a term. A variant may change only ``loss`` and ``student.*`` (not
-the student's backbone): folds, teacher, ROI provider and baseline are shared, trained once per
-fold; each variant trains its own student (stage ``student_<name>``) from the plain student's
-seed. It is the run's fold plan with one student stage per variant (``compare_plan``).
+number of loss terms appends a term. A variant may change only ``loss`` and ``student.*``, its
+backbone included: folds, teacher, ROI provider and baseline (the recipe's own student
+architecture, cross-entropy) are shared, trained once per fold; each variant trains its own
+student (stage ``student_<name>``) from the plain student's seed, so a variant of the
+baseline's architecture starts from the baseline's initial weights (``experiment.paired``).
+It is the run's fold plan with one student stage per variant (``compare_plan``).
 """
 
 from __future__ import annotations
@@ -138,14 +140,14 @@ def check_shared(base: Recipe, variant: Variant, recipe: Recipe) -> None:
     a, b = flat(base.to_dict()), flat(recipe.to_dict())
 
     def free(key: str) -> bool:
-        return key == "loss" or (key.startswith("student.") and key != "student.backbone")
+        return key == "loss" or key.startswith("student.")
 
     changed = sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k) != b.get(k))
     if changed:
         raise KdError(
             f"variant {variant.name!r} changes {', '.join(changed)}; a variant may change only "
-            "loss.* and student.* settings (its backbone options, not its backbone), since the "
-            "folds, teacher, ROI provider and baseline are shared"
+            "loss.* and student.* settings (its backbone included), since the folds, teacher, "
+            "ROI provider and baseline are shared"
         )
 
 

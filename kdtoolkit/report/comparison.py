@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtoolkit.fileio import atomic_write_text
+from kdtoolkit.report.format import md_table
 from kdtoolkit.report.results import (
     BASELINE_FULL,
     TEACHER_CROP,
@@ -17,7 +18,7 @@ from kdtoolkit.report.results import (
     jsonable,
     variant_row,
 )
-from kdtoolkit.report.verdicts import statistics_lines
+from kdtoolkit.report.verdicts import p_text, points, statistics_lines, with_ci
 
 #: What the gap closure is.
 FORMULA = "(student - baseline_full) / (teacher_crop - baseline_full), mean accuracy"
@@ -68,8 +69,29 @@ class Comparison:
         """``{student_<name>: name}`` of the variants' rows."""
         return {v.role: v.name for v in self.variants}
 
+    def architecture(self, row: str) -> str:
+        """The backbone of a row (the teacher's, the baseline's or a variant's student)."""
+        if row == TEACHER_CROP:
+            return self.teacher_model
+        found = [v.student.get("backbone") for v in self.variants if row in (v.name, v.role)]
+        return str(found[0]) if found and found[0] else self.student_model
+
+    def dead_cam(self, row: str) -> float | None:
+        """The share of dead held-out CAMs of ``row`` over all folds (None: not measured)."""
+        role = {v.name: v.role for v in self.variants}.get(row, row)
+        pairs = [
+            (f.n_test, f.metrics[role]["dead_cam"])
+            for f in self.results.folds
+            if "dead_cam" in f.metrics.get(role, {})
+        ]
+        if not pairs:
+            return None
+        return sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+
     def statistics(self) -> dict[str, Any]:
-        """The bootstrap statistics (``report.stats``) with the variants' rows named, or {}."""
+        """The bootstrap statistics (``report.stats``) with the variants' rows named, or {};
+        each variant's accuracy comparison with the baseline carries ``p_holm``, its McNemar p
+        Holm-adjusted over all the variants compared."""
         stats = self.results.statistics()
         if stats is None:
             return {}
@@ -80,12 +102,24 @@ class Comparison:
             {**c, "a": names.get(c["a"], c["a"]), "b": names.get(c["b"], c["b"])}
             for c in doc["comparisons"]
         ]
+        family = [c for c in doc["comparisons"] if self.against_baseline(c)]
+        for c, p in zip(family, holm([float(c["p"]) for c in family]), strict=True):
+            c["p_holm"] = p
         doc["gap_closures"] = self.named(doc["gap_closures"])
         doc["gap_closure_ci95"] = {
             v.name: doc["gap_closures"].get(v.name, {}).get("ci95") for v in self.variants
         }
         doc.pop("gap_closure_pooled")
         return doc
+
+    def against_baseline(self, comparison: dict[str, Any]) -> bool:
+        """A variant's accuracy against the baseline (rows named), the family Holm adjusts."""
+        names = {v.name for v in self.variants}
+        return (
+            comparison["a"] in names
+            and comparison["b"] == BASELINE_FULL
+            and comparison["metric"] == "accuracy"
+        )
 
     def gap_closure(self) -> dict[str, float | None]:
         return {v.name: self.results.gap_closure(student=v.role) for v in self.variants}
@@ -102,6 +136,8 @@ class Comparison:
                 "folds_run": self.results.fold_ids,
                 "rows": self.rows,
                 "models": {"teacher": self.teacher_model, "student": self.student_model},
+                "architectures": {row: self.architecture(row) for row in self.rows},
+                "dead_cam": {row: self.dead_cam(row) for row in self.rows[1:]},
                 "variants": {
                     v.name: {
                         "overrides": v.overrides,
@@ -121,6 +157,71 @@ class Comparison:
                 **self.statistics(),
             }
         )
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment, in the input order: the i-th smallest p (1-based) becomes
+    ``max_{j ≤ i} min(1, (m − j + 1) · p_(j))`` over the m values."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def variant_table(comparison: Comparison) -> list[str]:
+    """Each variant against the shared baseline: architecture, pooled accuracy, paired
+    difference, McNemar and Holm p, gap closure, pointing game and dead CAMs, with intervals."""
+    doc = comparison.statistics()
+    if not doc:
+        return []
+    pooled, gaps = doc["pooled"], doc["gap_closures"]
+    versus = {c["a"]: c for c in doc["comparisons"] if comparison.against_baseline(c)}
+    header = [
+        "row",
+        "architecture",
+        "accuracy % [95% CI]",
+        "a − baseline, points [95% CI]",
+        "discordant",
+        "McNemar p",
+        "Holm p",
+        "gap closure % [95% CI]",
+        "pointing game %",
+        "dead CAMs %",
+    ]
+    body = []
+    for row in comparison.rows:
+        values, c, gap = pooled.get(row, {}), versus.get(row), gaps.get(row, {})
+        dead = comparison.dead_cam(row) if row != TEACHER_CROP else None
+        ci, gap_ci = (c or {}).get("ci95"), gap.get("ci95")
+        body.append(
+            [
+                row,
+                comparison.architecture(row),
+                with_ci(values.get("accuracy"), values.get("ci95")),
+                f"{points(c['diff'])} [{points(ci[0])}, {points(ci[1])}]" if c and ci else "—",
+                "{} / {}".format(*c["discordant"]) if c else "—",
+                p_text(float(c["p"])) if c else "—",
+                p_text(float(c["p_holm"])) if c else "—",
+                with_ci(gap.get("value"), gap_ci) if gap.get("value") is not None else "—",
+                with_ci(values.get("pointing_game"), values.get("pointing_game_ci95"))
+                if "pointing_game" in values
+                else "—",
+                f"{100 * dead:.1f}" if dead is not None else "—",
+            ]
+        )
+    n = len(comparison.variants)
+    return [
+        "## Variants against the baseline",
+        "",
+        *md_table(header, body),
+        "",
+        f"{n} variant{'s' if n != 1 else ''} compared with the baseline; Holm p adjusts the "
+        f"McNemar p of each over all {n}. Pooled held-out predictions, paired bootstrap "
+        "intervals.",
+        "",
+    ]
 
 
 def mean_std_percent(summary: dict[str, Any], row: str, metric: str) -> str:
@@ -161,7 +262,10 @@ def comparison_markdown(comparison: Comparison) -> str:
     for v in comparison.variants:
         changes = ", ".join(f"`{o}`" for o in v.overrides) or "the recipe as it is"
         terms = " + ".join(f"{t['weight']:g}·{t['name']}" for t in v.loss)
-        lines.append(f"- **{v.name}** (stage `{v.role}`): {changes}; loss {terms}")
+        lines.append(
+            f"- **{v.name}** (stage `{v.role}`, `{comparison.architecture(v.name)}`): "
+            f"{changes}; loss {terms}"
+        )
     lines += [
         "",
         "## Accuracy per fold (%)",
@@ -176,6 +280,7 @@ def comparison_markdown(comparison: Comparison) -> str:
     stats = comparison.results.statistics()
     lines += [
         "",
+        *variant_table(comparison),
         *statistics_lines(stats, names=comparison.names, order=list(comparison.results.rows)),
     ]
     return "\n".join(lines).rstrip() + "\n"
