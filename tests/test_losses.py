@@ -18,6 +18,7 @@ from kdtoolkit.builtin.losses import (
     RoiCELoss,
     RoiFeatureLoss,
 )
+from kdtoolkit.builtin.input_gradient import InputGradientLoss
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 from kdtoolkit.builtin.timm import timm_backbone
 from kdtoolkit.config.option import check_options
@@ -50,6 +51,7 @@ def test_kd_register_losses_registers_every_builtin_term():
         "attention_pool": AttentionPoolLoss,
         "roi_ce": RoiCELoss,
         "roi_box": RoiBoxLoss,
+        "input_gradient": InputGradientLoss,
     }
     for name, cls in expected.items():
         assert losses.get(name) is cls

@@ -92,6 +92,8 @@ def test_kd_plugins_lists_resolvers_and_honours_blocking():
     assert result.returncode == 0, result.stderr
     line = next(x for x in result.stdout.splitlines() if "timm model name" in x)
     assert "backbone" in line and "kdtoolkit" in line
+    line = next(x for x in result.stdout.splitlines() if "input_gradient" in x)
+    assert "loss" in line and "kdtoolkit" in line
     blocked = kd("plugins", env={**os.environ, "KD_DISABLE_PLUGINS": "kdtoolkit.builtin.timm"})
     assert blocked.returncode == 0, blocked.stderr
     assert "timm model name" not in blocked.stdout and "convnext_attn" in blocked.stdout
