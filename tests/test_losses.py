@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdtoolkit.builtin.convnext_attn import convnext_attn
+from kdtoolkit.builtin.input_gradient import InputGradientLoss
 from kdtoolkit.builtin.losses import (
     AttentionKLLoss,
     AttentionMSELoss,
@@ -18,7 +19,6 @@ from kdtoolkit.builtin.losses import (
     RoiCELoss,
     RoiFeatureLoss,
 )
-from kdtoolkit.builtin.input_gradient import InputGradientLoss
 from kdtoolkit.builtin.roi_zoom import RoiBoxLoss
 from kdtoolkit.builtin.timm import timm_backbone
 from kdtoolkit.config.option import check_options
