@@ -60,6 +60,16 @@ def test_cli_run_writes_every_file(tmp_path, tiny_recipe):
     assert len(results["folds"]) == 2
     assert set(results["folds"][0]["student"]) >= METRICS | {"pointing_game", "cam_iou"}
     assert 0 <= results["folds"][0]["student"]["pointing_ceiling"] <= 1
+    # dead CAMs per row: each fold's share, and over the folds weighted by held-out counts
+    n_test = [
+        len(json.loads((run / f"fold_{k}" / "eval.json").read_text())["predictions"]["index"])
+        for k in (0, 1)
+    ]
+    for row in ("student", "baseline_full"):
+        shares = [f[row]["dead_cam"] for f in results["folds"]]
+        assert all(0 <= v <= 1 for v in shares)
+        expected = np.dot(shares, n_test) / sum(n_test)
+        assert results["dead_cam"][row] == pytest.approx(expected)
     evaluation = json.loads((run / "fold_0" / "eval.json").read_text())
     pointing = evaluation["predictions"]["pointing"]
     assert set(pointing) == {"student", "baseline_full"}
@@ -75,7 +85,7 @@ def test_cli_run_writes_every_file(tmp_path, tiny_recipe):
     assert results["summary"]["student"]["accuracy"]["mean"] == pytest.approx(np.mean(acc))
     report = (run / "report.md").read_text()
     assert "crops (teacher, upper bound)" in report and "full image, student" in report
-    assert "gap" in report and "pointing ceiling" in report
+    assert "gap" in report and "pointing ceiling" in report and "dead CAMs (%)" in report
     resolved = json.loads((run / "recipe.resolved.json").read_text())
     assert resolved["recipe"]["loss"][2]["name"] == "attention_mse"
 

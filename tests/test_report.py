@@ -85,6 +85,7 @@ def test_write_results_shape(tmp_path: Path, folds: list[dict]) -> None:
         "folds_run",
         "roi",
         "latency_ms",
+        "dead_cam",
         "recipe_digest",
         "models",
         "calibration",

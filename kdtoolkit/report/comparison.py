@@ -78,15 +78,7 @@ class Comparison:
 
     def dead_cam(self, row: str) -> float | None:
         """The share of dead held-out CAMs of ``row`` over all folds (None: not measured)."""
-        role = {v.name: v.role for v in self.variants}.get(row, row)
-        pairs = [
-            (f.n_test, f.metrics[role]["dead_cam"])
-            for f in self.results.folds
-            if "dead_cam" in f.metrics.get(role, {})
-        ]
-        if not pairs:
-            return None
-        return sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+        return self.results.dead_cam.get({v.name: v.role for v in self.variants}.get(row, row))
 
     def statistics(self) -> dict[str, Any]:
         """The bootstrap statistics (``report.stats``) with the variants' rows named, or {};

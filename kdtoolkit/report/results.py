@@ -229,6 +229,21 @@ class RunResults:
         }
 
     @property
+    def dead_cam(self) -> dict[str, float]:
+        """``{row: share of dead held-out CAMs}`` over the folds that measured it, each fold
+        weighted by its held-out count (``metrics.is_dead``)."""
+        out = {}
+        for row in self.rows:
+            pairs = [
+                (max(f.n_test, 1), f.metrics[row]["dead_cam"])
+                for f in self.folds
+                if "dead_cam" in f.metrics.get(row, {})
+            ]
+            if pairs:
+                out[row] = sum(n * v for n, v in pairs) / sum(n for n, _ in pairs)
+        return out
+
+    @property
     def roi(self) -> dict[str, dict[str, Any]]:
         """``{fold id: ROI provider metrics}``."""
         return {str(f.fold): f.roi for f in self.folds}
@@ -245,7 +260,8 @@ class RunResults:
     def to_json(self) -> dict[str, Any]:
         """The ``results.json`` document: ``summary``, ``folds`` (one ``{row: {metric: x}}`` per
         fold, in the order of ``folds_run``), ``gap_closure``, ``classes``, ``folds_run``,
-        ``roi``, ``latency_ms``, ``recipe_digest``, ``models``, ``calibration`` (per row: pooled
+        ``roi``, ``latency_ms``, ``dead_cam`` (per row: the share of dead held-out CAMs),
+        ``recipe_digest``, ``models``, ``calibration`` (per row: pooled
         ``ece`` and ``ece_calibrated``, ``n``, the folds' ``temperatures``; per fold they are
         in ``folds``) and, with the folds'
         predictions, the statistics (``Statistics.to_json``: ``bootstrap``, ``pooled``,
@@ -260,6 +276,7 @@ class RunResults:
                 "folds_run": self.fold_ids,
                 "roi": self.roi,
                 "latency_ms": self.latency_ms,
+                "dead_cam": self.dead_cam,
                 "recipe_digest": self.recipe_digest,
                 "models": self.models,
                 "calibration": self.calibration(),
