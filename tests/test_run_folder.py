@@ -200,3 +200,16 @@ def test_a_bad_compare_variant_is_named_by_validate_and_compare(tmp_path, tiny_r
         assert result.returncode == 2, result.stderr
         assert "compare.variants.bad: loss[0].weigth: unknown option" in result.stderr
     assert not (tmp_path / "run-gap_closure").exists()
+
+
+def test_validate_refuses_the_variants_compare_refuses(tmp_path, tiny_recipe):
+    tiny_recipe.write_text(
+        tiny_recipe.read_text() + '\n[compare]\nvariants.longer = ["teacher.epochs=5"]\n'
+    )
+    for command in ("validate", "compare"):
+        result = kd(command, str(tiny_recipe), "--quiet" if command == "compare" else "--show")
+        assert result.returncode == 2, result.stderr
+        assert "variant 'longer' changes teacher.epochs; a variant may change only" in (
+            result.stderr
+        )
+    assert not (tmp_path / "run-gap_closure").exists()

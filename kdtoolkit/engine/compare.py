@@ -114,13 +114,17 @@ def load_variant_recipe(path: Path, overrides: list[str], variant: str = "") -> 
 
 
 def variant_problems(path: Path, sets: list[str]) -> list[str]:
-    """Every problem of the recipe's ``[compare]`` variants (``kd validate``)."""
+    """Every problem of the recipe's ``[compare]`` variants (``kd validate``): what loading
+    each finds, and what ``kd compare`` refuses (``check_shared``)."""
     problems = []
+    base = load_recipe(path, sets)
     for v in variants_of(path, [], sets):
         try:
-            load_variant_recipe(path, sets + v.overrides, v.name)
+            check_shared(base, v, load_variant_recipe(path, sets + v.overrides, v.name))
         except RecipeError as e:
             problems += e.problems
+        except KdError as e:
+            problems.append(f"compare.variants.{v.name}: {e}")
     return problems
 
 
