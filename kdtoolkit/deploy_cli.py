@@ -39,6 +39,10 @@ def predict_command(
     cam: Annotated[Path | None, typer.Option(help="Write Grad-CAM overlay PNGs here.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON lines.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    allow_missing_folds: Annotated[
+        bool,
+        typer.Option(help="A run folder missing folds: average the folds it has (else an error)."),
+    ] = False,
 ) -> None:
     """Stage full images with a student alone: no crops, no detector."""
     from kdtoolkit.engine.serve import predict as predict_images
@@ -50,6 +54,7 @@ def predict_command(
         device=device,
         manifest=manifest,
         calibrated=calibrated,
+        allow_missing_folds=allow_missing_folds,
     )
     if as_json:
         for r in report.results:

@@ -4,6 +4,7 @@ fold's validation split only, results.json/report.md, KdModel's temperature, fol
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -191,8 +192,36 @@ def test_kd_predict_run_folder_averages_the_folds(spied_run) -> None:
         assert g["class"] == classes[int(np.argmax(p))]
     # the mean differs from each fold alone (the test can tell an ensemble from one fold)
     assert min(np.abs(m.predict_proba(images) - mean).max() for m in folds) > 1e-4
+    assert all(g["folds"] == [0, 1] for g in got)  # the output says which folds it averaged
     empty = kd_cli("predict", str(tmp / "data"), str(images[0]))
     assert empty.returncode == 2 and "no fold_<k>/student/model.safetensors" in empty.stderr
+
+
+def test_a_fold_ensemble_missing_a_fold_is_an_error_naming_it(spied_run, tmp_path) -> None:
+    result, _, tmp = spied_run
+    image = sorted((tmp / "data").glob("*.png"))[0]
+    run = tmp_path / "run"
+    shutil.copytree(result.output, run)
+    shutil.rmtree(run / "fold_1" / "student")
+    done = kd_cli("predict", str(run), str(image), "--json", "--device", "cpu")
+    assert done.returncode == 2
+    assert f"{run}: fold_1/student/model.safetensors missing (1 of 2 folds found)" in done.stderr
+    assert "--allow-missing-folds" in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+    fewer = kd_cli(
+        "predict", str(run), str(image), "--json", "--device", "cpu", "--allow-missing-folds"
+    )
+    assert fewer.returncode == 0, fewer.stderr
+    (got,) = [json.loads(line) for line in fewer.stdout.splitlines()]
+    alone = KdModel.load(run / "fold_0" / "student" / "model.safetensors", "cpu")
+    assert got["folds"] == [0]
+    np.testing.assert_allclose(
+        list(got["probabilities"].values()), alone.predict_proba([image])[0], atol=1e-6
+    )
+    (run / "fold_0" / "student" / "model.safetensors").write_bytes(b"damaged")
+    damaged = kd_cli("predict", str(run), str(image), "--allow-missing-folds", "--device", "cpu")
+    assert damaged.returncode == 2 and "fold_0/student/model.safetensors" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
 
 
 def test_kd_run_final_trains_a_student_on_all_data(tmp_path) -> None:

@@ -5,6 +5,7 @@ averages the fold students of a run folder."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,17 +41,22 @@ class Prediction:
     index: int
     probabilities: dict[str, float] = field(default_factory=dict)
     row: int | None = None
+    folds: list[int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"image", "class", "index", "probabilities"}`` and ``"row"`` for a manifest row
-        (strict JSON: finite numbers)."""
-        out = {
+        """``{"image", "class", "index", "probabilities"}``, ``"row"`` for a manifest row and
+        ``"folds"`` for a fold ensemble's (the folds averaged) (strict JSON: finite numbers)."""
+        out: dict[str, Any] = {
             "image": self.image,
             "class": self.label,
             "index": self.index,
             "probabilities": self.probabilities,
         }
-        return out if self.row is None else {**out, "row": self.row}
+        if self.row is not None:
+            out["row"] = self.row
+        if self.folds is not None:
+            out["folds"] = self.folds
+        return out
 
 
 @dataclass(frozen=True)
@@ -161,8 +167,11 @@ class FoldEnsemble:
     """The fold students of a run folder as one model: the mean of their (calibrated)
     probabilities; each reads its input with its own preprocessing."""
 
-    def __init__(self, members: Sequence[KdModel], names: Sequence[str]) -> None:
+    def __init__(
+        self, members: Sequence[KdModel], names: Sequence[str], folds: Sequence[int] = ()
+    ) -> None:
         self.members, self.names = list(members), list(names)
+        self.folds = list(folds) or list(range(len(self.members)))
         first = self.members[0]
         self.classes, self.view, self.metadata = first.classes, first.view, first.metadata
         for m, name in zip(self.members, self.names, strict=True):
@@ -171,12 +180,19 @@ class FoldEnsemble:
 
     @classmethod
     def load(
-        cls, run_dir: str | Path, device: str | torch.device = "auto", calibrated: bool = True
+        cls,
+        run_dir: str | Path,
+        device: str | torch.device = "auto",
+        calibrated: bool = True,
+        allow_missing: bool = False,
     ) -> FoldEnsemble:
-        """The ``fold_<k>/student/model.safetensors`` of ``run_dir``, in fold order."""
+        """The ``fold_<k>/student/model.safetensors`` of ``run_dir``, in fold order. Every fold
+        the run was asked for (``recipe.resolved.json``: ``cv.only``, else every fold of every
+        repeat) must be there, unless ``allow_missing``."""
+        run_dir = Path(run_dir)
         found = sorted(
             (int(m.group(1)), f / "student" / "model.safetensors")
-            for f in Path(run_dir).iterdir()
+            for f in run_dir.iterdir()
             if (m := re.fullmatch(r"fold_(\d+)", f.name))
             and (f / "student/model.safetensors").is_file()
         )
@@ -185,8 +201,18 @@ class FoldEnsemble:
                 f"{run_dir}: no fold_<k>/student/model.safetensors; give a run folder of kd run "
                 "or one checkpoint"
             )
+        missing = [k for k in expected_folds(run_dir) if k not in dict(found)]
+        if missing and not allow_missing:
+            names = ", ".join(f"fold_{k}/student/model.safetensors" for k in missing)
+            raise KdError(
+                f"{run_dir}: {names} missing ({len(found)} of {len(found) + len(missing)} folds "
+                "found); finish the run (the same kd run command), or pass "
+                "--allow-missing-folds to average the folds found"
+            )
         return cls(
-            [KdModel.load(p, device, calibrated) for _, p in found], [str(p) for _, p in found]
+            [KdModel.load(p, device, calibrated) for _, p in found],
+            [str(p) for _, p in found],
+            [k for k, _ in found],
         )
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
@@ -204,6 +230,18 @@ class FoldEnsemble:
         return np.mean([m.cam(images, batch_size) for m in self.members], axis=0)
 
 
+def expected_folds(run_dir: Path) -> list[int]:
+    """The folds a run folder's recipe asks for: ``cv.only``, else ``range(folds × repeats)``
+    (``recipe.resolved.json``; none when it is missing or unreadable)."""
+    try:
+        cv = json.loads((run_dir / "recipe.resolved.json").read_text())["recipe"]["cv"]
+        return [
+            int(k) for k in cv.get("only") or range(int(cv["folds"]) * int(cv.get("repeats", 1)))
+        ]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
 def predictions_of(
     model: KdModel | FoldEnsemble, images: Sequence[ImageLike], batch_size: int
 ) -> list[Prediction]:
@@ -219,7 +257,8 @@ def predictions_of(
             k = int(np.argmax(p))
             probabilities = {c: float(v) for c, v in zip(model.classes, p, strict=True)}
             row = getattr(image, "row", None)
-            out.append(Prediction(describe(image), model.classes[k], k, probabilities, row))
+            folds = model.folds if isinstance(model, FoldEnsemble) else None
+            out.append(Prediction(describe(image), model.classes[k], k, probabilities, row, folds))
     return out
 
 

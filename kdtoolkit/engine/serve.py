@@ -66,11 +66,14 @@ class PredictReport:
 
 
 def load_predictor(
-    checkpoint: str | Path, device: str = "auto", calibrated: bool = True
+    checkpoint: str | Path,
+    device: str = "auto",
+    calibrated: bool = True,
+    allow_missing_folds: bool = False,
 ) -> KdModel | FoldEnsemble:
     """A checkpoint's ``KdModel``, or the ``FoldEnsemble`` of a run folder."""
     if Path(checkpoint).is_dir():
-        return FoldEnsemble.load(checkpoint, device, calibrated)
+        return FoldEnsemble.load(checkpoint, device, calibrated, allow_missing_folds)
     return KdModel.load(checkpoint, device, calibrated)
 
 
@@ -93,17 +96,19 @@ def predict(
     batch_size: int = 16,
     manifest: str | Path | None = None,
     calibrated: bool = True,
+    allow_missing_folds: bool = False,
 ) -> PredictReport:
     """Stage every image (and every row of ``manifest``) with a student checkpoint, or with
     the fold students of a run folder (``FoldEnsemble``); ``calibrated``: with the fitted
-    temperatures. Grad-CAM overlays in ``cam_dir`` when given (the folder is made first: one
-    that cannot be is an error before any work). Unreadable files are skipped and listed in
-    ``skipped``."""
+    temperatures; ``allow_missing_folds``: a run folder whose run is missing folds averages the
+    folds it has (else an error naming them). Grad-CAM overlays in ``cam_dir`` when given (the
+    folder is made first: one that cannot be is an error before any work). Unreadable files are
+    skipped and listed in ``skipped``."""
     if cam_dir is not None:
         make_cam_dir(Path(cam_dir))
     if not paths and manifest is None:
         raise KdError("nothing to predict: give images, folders or --manifest")
-    model = load_predictor(checkpoint, device, calibrated)
+    model = load_predictor(checkpoint, device, calibrated, allow_missing_folds)
     if model.view != "image":
         raise KdError(
             f"{checkpoint}: a {model.metadata.get('role')} checkpoint that takes crops; "
