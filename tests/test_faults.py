@@ -376,3 +376,22 @@ def test_checkpoint_metadata_not_matching_weights_is_one_line(tmp_path):
 def test_library_caches_stay_out_of_home():
     home = str(Path.home())
     assert not os.environ["MPLCONFIGDIR"].startswith(home)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["run", "compare"])
+def test_sigterm_during_kd_run_and_compare_is_handled_as_ctrl_c(tmp_path, tiny_recipe, command):
+    """SIGTERM (a scheduler's stop) ends the command as Ctrl-C does: the same one line saying
+    what is kept, exit 143 (128 + 15), and the rerun resumes."""
+    args = [sys.executable, "-m", "kdtoolkit.cli", command, str(tiny_recipe), "--quiet"]
+    out = tmp_path / ("run" if command == "run" else "run-gap_closure")
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    while not (out / "fold_0" / "teacher").exists():
+        assert proc.poll() is None and time.monotonic() - started < 300
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "rerun the same command to resume" in err and str(out) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
