@@ -4,7 +4,7 @@ marker, it falls below the value of an all-zero CAM, leaves no dead CAMs and poi
 import torch
 from torch import nn
 
-from kdtoolkit.builtin.losses import AttentionMSELoss, _mask_at
+from kdtoolkit.builtin.losses import AttentionMSELoss, mask_at
 from kdtoolkit.models.gradcam import cam_for_images
 from kdtoolkit.plugins.loss import LossContext
 from kdtoolkit.report.metrics import attention_metrics, pointing_ceiling
@@ -78,7 +78,7 @@ def test_attention_term_alone_fits_the_roi_without_dead_cams():
 
     grid = model.forward_features(images).shape[-2:]
     held_out = float(value(model, term, images, masks, labels).detach())
-    all_zero = float(_mask_at(masks, grid, "max").pow(2).mean())  # Â = 0 everywhere
+    all_zero = float(mask_at(masks, grid, "max").pow(2).mean())  # Â = 0 everywhere
     assert held_out < 0.5 * all_zero
     cams = cam_for_images(model, images, labels).numpy()
     scores = attention_metrics(list(cams), boxes, image_shape=(SIZE, SIZE))

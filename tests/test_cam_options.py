@@ -200,7 +200,12 @@ def test_cam_layer_of_a_channels_last_stage_by_hand(nhwc):
     assert (raw < 0).any()
     relu = F.relu(raw) / F.relu(raw).amax(dim=(1, 2), keepdim=True)
     signed = raw / raw.abs().amax(dim=(1, 2), keepdim=True)
-    for create_graph, cam_kind, cam in ((True, "gradcam", relu), (False, "signed", signed)):
+    cases = [
+        (g, kind, cam)
+        for g in (True, False)
+        for kind, cam in (("gradcam", relu), ("signed", signed))
+    ]
+    for create_graph, cam_kind, cam in cases:
         model = _Staged(weight, nhwc)
         term = AttentionMSELoss(cam_layer=0, create_graph=create_graph, cam=cam_kind)
         term.bind(model)

@@ -219,6 +219,9 @@ def test_compare_across_student_architectures(tmp_path: Path, tiny_recipe: Path)
         [min(1, 2 * p[0]), max(min(1, 2 * p[0]), p[1])]
     )
     assert set(data["dead_cam"]) == {"baseline_full", "zoom", "guided"}
+    for row, share in data["dead_cam"].items():  # one fold: its own share
+        assert share == data["folds"][0]["metrics"][row]["dead_cam"]
+        assert isinstance(share, float) and 0 <= share <= 1
     report = (out / "gap_closure.md").read_text()
     assert "## Variants against the baseline" in report
     assert "| zoom | roi_zoom |" in report and "| guided | resnet10t |" in report

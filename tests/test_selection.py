@@ -2,18 +2,22 @@
 an exponential moving average of the weights (timm's ``ModelEmaV3``)."""
 
 import json
+import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from timm.utils import ModelEmaV3
 
 import kdtoolkit
 from kdtoolkit.builtin.losses import CELoss
-from kdtoolkit.config.recipe import ModelConfig, load_recipe
-from kdtoolkit.engine import train
+from kdtoolkit.config.recipe import ModelConfig, RecipeError, load_recipe
+from kdtoolkit.engine import selection, train
 from kdtoolkit.engine.train import Stage, train_stage
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.testing import TinyBackbone
+
+ROLES = ("teacher", "student")
 
 
 class Batches(list):
@@ -79,9 +83,9 @@ def test_select_by_last_keeps_the_last_epoch(tmp_path, monkeypatch):
 
 def test_select_key_by_hand():
     val = {"accuracy": 0.5, "f1": 0.4, "loss": 0.7}
-    assert train.select("accuracy", val) == [0.5, -0.7]
-    assert train.select("f1", val) == [0.4, -0.7]
-    assert train.select("loss", val) == [-0.7, -0.7]
+    assert selection.select("accuracy", val) == [0.5, -0.7]
+    assert selection.select("f1", val) == [0.4, -0.7]
+    assert selection.select("loss", val) == [-0.7, -0.7]
 
 
 def test_ema_weights_are_timm_model_ema_v3_of_the_steps(tmp_path, monkeypatch):
@@ -110,12 +114,47 @@ def test_ema_weights_are_timm_model_ema_v3_of_the_steps(tmp_path, monkeypatch):
 
 
 def test_ema_and_last_end_to_end(tmp_path, tiny_recipe):
-    recipe = load_recipe(
-        tiny_recipe, ["teacher.epochs=1", "student.epochs=2", "student.ema=0.5", "cv.only=[0]"]
+    """A run with ``student.ema`` keeps averaged weights: the same run without it (same seeds,
+    same batches) saves other student weights, and the same teacher."""
+    sets = ["teacher.epochs=1", "student.epochs=2", "cv.only=[0]", "evaluate.baseline=false"]
+    saved = {}
+    for ema in (0.0, 0.5):
+        recipe = load_recipe(tiny_recipe, [*sets, f"student.ema={ema}"])
+        assert recipe.student.select_by == "last"  # the default
+        kdtoolkit.run(recipe, quiet=True, force=True)
+        fold = tmp_path / "run" / "fold_0"
+        meta = json.loads((fold / "student" / "model.json").read_text())
+        assert [h["epoch"] for h in meta["history"]] == [1, 2]
+        saved[ema] = {role: load_file(fold / role / "model.safetensors") for role in ROLES}
+    plain, averaged = saved[0.0], saved[0.5]
+    assert all(torch.equal(plain["teacher"][k], averaged["teacher"][k]) for k in plain["teacher"])
+    assert any(
+        not torch.equal(plain["student"][k], averaged["student"][k]) for k in plain["student"]
     )
-    assert recipe.student.select_by == "last"  # the default
-    kdtoolkit.run(recipe, quiet=True)
-    meta = json.loads((tmp_path / "run" / "fold_0" / "student" / "model.json").read_text())
-    assert [h["epoch"] for h in meta["history"]] == [1, 2]
-    with pytest.raises(Exception, match="ema"):
+    with pytest.raises(RecipeError, match="ema"):
         load_recipe(tiny_recipe, ["student.ema=1.0"])
+
+
+def test_a_resume_state_of_an_older_version_or_without_ema(tmp_path):
+    """An older state's single best score resumes (its tie-break the lowest); a state made
+    without the weight average is set aside when ``ema`` is on."""
+    assert selection.best_score_of({"best_score": 0.75}) == [0.75, -math.inf]
+    assert selection.best_score_of({"best_score": [0.5, -0.2]}) == [0.5, -0.2]
+    model = TinyBackbone()
+    loss = CompositeLoss([("ce", 1.0, CELoss())])
+    stage = Stage("student", model, "image", loss, ModelConfig(ema=0.9))
+    path = tmp_path / "last.pt"
+    state = {
+        "model": model.state_dict(),
+        "loss": loss.state_dict(),
+        "optimizer": {},
+        "scheduler": {},
+        "rng": torch.get_rng_state(),
+        "epoch": 1,
+        "best": {},
+        "best_score": 0.5,
+    }
+    torch.save(state, path)
+    logged = []
+    assert train.resume_state(stage, path, model, loss, logged.append) is None
+    assert "made without the weight average (ema)" in " ".join(logged)

@@ -10,7 +10,9 @@ elsewhere (a decoy, a global cue)::
     L = mean_b mean_{c,i,j} ((1 − M_bij) · g_bcij)²   normalize = "mean"
 
 Training it differentiates the model twice (``create_graph``), through the whole trunk: eager
-models in one process only, about three times the cost of a plain step.
+models in one process only, about three times the cost of a plain step. Under BatchNorm in
+training mode the batch statistics couple the samples, so ``g_b`` also holds ``x_b``'s small
+(order 1/B) share in the other samples' scores through those statistics.
 """
 
 from __future__ import annotations
@@ -21,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdtoolkit.builtin.losses import several_processes
+from kdtoolkit.builtin.losses import require_eager_one_process
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.gradcam import unwrap
 from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
 
@@ -44,16 +45,7 @@ class InputGradientLoss(LossTerm):
         self.normalize = normalize
 
     def bind(self, student: nn.Module) -> None:
-        if hasattr(unwrap(student).forward_features, "_torchdynamo_orig_callable"):
-            raise KdError(
-                "name = 'input_gradient' needs an eager model (a double backward through the "
-                "trunk); set experiment.compile = false"
-            )
-        if several_processes():
-            raise KdError(
-                "name = 'input_gradient' needs one process (a double backward through the "
-                "trunk); run one process"
-            )
+        require_eager_one_process(student, "name = 'input_gradient'")
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
         if ctx.masks is None:

@@ -9,7 +9,7 @@ area-resized to Â's grid. Everything is computed in float32.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from kdtoolkit.plugins.hookspec import hookimpl
 from kdtoolkit.plugins.loss import LossContext, LossTerm
 
 
-def _mask_at(
+def mask_at(
     masks: torch.Tensor, size: tuple[int, int], norm: Literal["area", "max"] = "area"
 ) -> torch.Tensor:
     """ROI masks B×1×H×W (or B×H×W) → B×h×w by area averaging (adaptive average pool);
@@ -52,7 +52,7 @@ def _spatial_kl(mask: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
 
 
 CamKind = Literal["gradcam", "paper", "signed"]
-CAMS = ("gradcam", "paper", "signed")
+CAMS = get_args(CamKind)
 
 
 def _student_cam(ctx: LossContext, create_graph: bool, cam: CamKind = "gradcam") -> torch.Tensor:
@@ -67,6 +67,19 @@ CamLayer = int | Literal["last"]
 def several_processes() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def require_eager_one_process(student: nn.Module, what: str, alternative: str = "") -> None:
+    """Refuse a compiled trunk or several processes for a term that differentiates twice
+    through the trunk; ``what`` starts the message (the option at fault), ``alternative`` is
+    appended to its fixes."""
+    if hasattr(unwrap(student).forward_features, "_torchdynamo_orig_callable"):
+        raise KdError(f"{what} needs an eager trunk; set experiment.compile = false{alternative}")
+    if several_processes():
+        raise KdError(
+            f"{what} needs one process (a double backward through the trunk); run one "
+            f"process{alternative.replace(' or ', ' or set ', 1)}"
+        )
 
 
 class CamTerm(LossTerm):
@@ -117,16 +130,7 @@ class CamTerm(LossTerm):
                 f"cam_layer = {self.cam_layer}: this backbone has {n} feature stages; choices: "
                 f"'last' or an index in {-n}..{n - 1}"
             )
-        if hasattr(model.forward_features, "_torchdynamo_orig_callable"):
-            raise KdError(
-                f"cam_layer = {self.cam_layer} needs an eager trunk; set "
-                "experiment.compile = false or cam_layer = 'last'"
-            )
-        if several_processes():
-            raise KdError(
-                f"cam_layer = {self.cam_layer} needs one process (a double backward through "
-                "the trunk); run one process or set cam_layer = 'last'"
-            )
+        require_eager_one_process(model, f"cam_layer = {self.cam_layer}", " or cam_layer = 'last'")
         module = model.model.get_submodule(info[self.cam_layer]["module"])
         self._nhwc = bool(getattr(model, "channels_last_features", False))
         self._hook = module.register_forward_hook(self._capture)
@@ -196,11 +200,12 @@ class AttentionMSELoss(CamTerm):
     to Â's grid, then divided by its per-sample maximum, so the ROI's cells are 1 like a CAM's
     peak) or ``"area"`` (area-averaged only; peaks below 1 when the ROI is smaller than a
     cell). With the defaults the only zero of the term is ``Â = M`` (a map positive on the ROI,
-    0 elsewhere), an all-zero or constant map costs ``mean(M²)`` or more, and the gradient never
-    vanishes; with ``"gradcam"`` an all-zero map (ReLU everywhere off) is a flat minimum nearer
-    than the mask. ``cam_layer``: ``"last"`` (the head's input, through the head only) or a
-    feature-stage index (``CamTerm``). ``create_graph``: keep the Grad-CAM weights
-    differentiable (second order); False detaches them."""
+    0 elsewhere), an all-zero map costs ``mean(M²)``, a constant positive one
+    ``mean((1 − M)²)``, a negative one more, and the gradient never vanishes; with
+    ``"gradcam"`` an all-zero map (ReLU everywhere off) is a flat minimum nearer than the mask.
+    ``cam_layer``: ``"last"`` (the head's input, through the head only) or a feature-stage
+    index (``CamTerm``). ``create_graph``: keep the Grad-CAM weights differentiable (second
+    order); False detaches them."""
 
     key = "attention_mse"
 
@@ -221,7 +226,7 @@ class AttentionMSELoss(CamTerm):
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
         cam = self.student_cam(ctx)
-        return (cam - _mask_at(ctx.masks, cam.shape[-2:], self.mask_norm)).pow(2).mean()
+        return (cam - mask_at(ctx.masks, cam.shape[-2:], self.mask_norm)).pow(2).mean()
 
 
 class AttentionKLLoss(CamTerm):
@@ -236,7 +241,7 @@ class AttentionKLLoss(CamTerm):
         self,
         mode: Literal["kl", "bce"] = "kl",
         create_graph: bool = True,
-        cam: CamKind = "gradcam",
+        cam: Literal["gradcam", "paper"] = "gradcam",
         cam_layer: CamLayer = "last",
     ) -> None:
         super().__init__()
@@ -252,7 +257,7 @@ class AttentionKLLoss(CamTerm):
 
     def forward(self, ctx: LossContext) -> torch.Tensor:
         cam = self.student_cam(ctx)
-        mask = _mask_at(ctx.masks, cam.shape[-2:])
+        mask = mask_at(ctx.masks, cam.shape[-2:])
         if self.mode == "kl":
             return _spatial_kl(mask, cam)
         bce = mask * (cam + EPS).log() + (1 - mask) * (1 - cam + EPS).log()
@@ -353,7 +358,7 @@ class AttentionPoolLoss(LossTerm):
         if attention.shape[0] != ctx.labels.shape[0]:
             raise KdError("loss 'attention_pool': the attention map is not of this batch")
         attention = attention.float()[:, 0] if attention.ndim == 4 else attention.float()
-        return _spatial_kl(_mask_at(ctx.masks, attention.shape[-2:]), attention)
+        return _spatial_kl(mask_at(ctx.masks, attention.shape[-2:]), attention)
 
 
 @hookimpl

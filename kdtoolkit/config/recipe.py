@@ -112,7 +112,8 @@ class Recipe:
         cv = raw["cv"]  # only: runs in parts; one repeat: unset, as before the key existed
         raw["cv"] = {k: v for k, v in cv.items() if k != "only" and (k, v) != ("repeats", 1)}
         for role in ("teacher", "student"):  # unset, as before the key existed
-            raw[role] = {k: v for k, v in raw[role].items() if (k, v) != ("pretrained", False)}
+            unset = (("pretrained", False), ("ema", 0.0))
+            raw[role] = {k: v for k, v in raw[role].items() if (k, v) not in unset}
         augment = raw["augment"]
         if isinstance(augment["roi_shift"], list) and len(set(augment["roi_shift"])) == 1:
             augment["roi_shift"] = augment["roi_shift"][0]  # [s, s] is s

@@ -26,6 +26,7 @@ from kdtoolkit.engine.distributed import (
 )
 from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.resume import read_state, restore_rng, rng_states, set_aside
+from kdtoolkit.engine.selection import best_score_of, select, weight_average
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.checkpoint import save_state, weights_of
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
@@ -111,26 +112,6 @@ def gradient_shares(weighted: dict[str, torch.Tensor], params: list) -> dict[str
     if not total > 0 or not math.isfinite(total):
         return {}
     return {f"grad_share_{key}": norm / total for key, norm in norms.items()}
-
-
-def select(select_by: str, val: dict[str, float]) -> list[float]:
-    """An epoch's selection key, compared as a list (higher is better): the ``select_by``
-    metric (``"loss"``: the negated validation loss), ties broken by the lower validation loss
-    (``"last"`` keeps every epoch over the one before, whatever its key)."""
-    if select_by == "last":
-        return [0.0, -val["loss"]]
-    return [-val["loss"] if select_by == "loss" else val[select_by], -val["loss"]]
-
-
-def weight_average(model: nn.Module, decay: float) -> nn.Module | None:
-    """timm's ``ModelEmaV3`` of ``model`` with ``decay``, warmed up (``min(decay, 1 − (1 +
-    t)^(−2/3))`` after optimiser step t, so a short run is not dominated by its initial
-    weights), or None when ``decay`` is 0."""
-    if not decay:
-        return None
-    from timm.utils import ModelEmaV3  # timm takes seconds to import
-
-    return ModelEmaV3(model, decay=decay, use_warmup=True)
 
 
 def lr_lambda(config: ModelConfig, steps_per_epoch: int) -> Callable[[int], float]:
@@ -237,6 +218,9 @@ def resume_state(
     if state is not None and (misfit := misfit_of(state, model, loss)):
         set_aside(path, f"made for another model: {misfit}", log)
         state = None
+    if state is not None and stage.config.ema and "ema" not in state:
+        set_aside(path, "made without the weight average (ema)", log)
+        state = None
     return state
 
 
@@ -297,7 +281,7 @@ def train_stage(
         restore_rng(state, loaders)
         if ema is not None:
             ema.load_state_dict(state["ema"])
-        start, best_score, best = state["epoch"], list(state["best_score"]), state["best"]
+        start, best_score, best = state["epoch"], best_score_of(state), state["best"]
         stage.history[:] = state.get("history", [])
         log(f"{stage.label or stage.name}: resuming after epoch {start} from {state_path}")
     for epoch in range(start, config.epochs):

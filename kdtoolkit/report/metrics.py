@@ -208,9 +208,9 @@ def pointing_game(cam: Any, box: Box, image_shape: tuple[int, int] | None = None
 
     Ties go to the first maximum in row-major order; a flat CAM (no maximum) is a miss.
     """
-    arr = _cam(cam)
-    if not np.isfinite(arr.max()) or arr.max() <= arr.min():
+    if is_dead(cam):
         return False
+    arr = _cam(cam)
     r, c = np.unravel_index(int(np.argmax(arr)), arr.shape)
     return bool(box_mask(arr.shape, box, image_shape)[r, c])
 
