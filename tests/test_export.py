@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,7 @@ import torch
 
 import kdtoolkit
 from kdtoolkit import export_model, prepare_inputs, read_export_metadata, verify_export
+from kdtoolkit.engine import export as export_module
 from kdtoolkit.engine.export import ServingModule
 from kdtoolkit.engine.parity import held_out_images
 from kdtoolkit.engine.runtimes import private_caches
@@ -297,3 +299,57 @@ def test_run_without_held_out_images_is_named(trained, tmp_path):
     assert held_out(1) == ([images[1], images[3]], "held-out images of fold 1 of repeat 0")
     with pytest.raises(kdtoolkit.KdError, match="final model"):
         held_out(4)
+
+
+def test_options_and_the_output_are_checked_before_any_work(trained, tmp_path, monkeypatch):
+    """Bad --samples, --tolerance, --opset and an unwritable -o: one line each, before the
+    checkpoint is even loaded (the loader is replaced by one that fails the test)."""
+    _, ckpt, _ = trained
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the export started before its options were checked")
+
+    monkeypatch.setattr(export_module, "load_checkpoint_model", no_work)
+    out = tmp_path / "m.onnx"
+    cases = [
+        ({"samples": 0}, "--samples 0: the parity check needs at least 1 image"),
+        ({"samples": -3}, "--samples -3: the parity check needs at least 1 image"),
+        ({"tolerance": -1.0}, "--tolerance -1.0: give a finite difference ≥ 0"),
+        ({"tolerance": float("nan")}, "--tolerance nan: give a finite difference ≥ 0"),
+        ({"tolerance": float("inf")}, "--tolerance inf: give a finite difference ≥ 0"),
+        ({"opset": 3}, "--opset 3: the exporter writes opsets 18 to"),
+    ]
+    for options, message in cases:
+        with pytest.raises(kdtoolkit.KdError) as error:
+            export_model(ckpt, out, "onnx", **options)
+        assert str(error.value).startswith(message), str(error.value)
+        if "opset" not in options:
+            with pytest.raises(kdtoolkit.KdError, match=re.escape(message)):
+                verify_export(ckpt, out, **options)
+    # permissions as a non-root user sees them (root may write anywhere, so os.access is set)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "m.onnx").write_bytes(b"old")
+    denied = {locked, locked / "m.onnx"}
+    monkeypatch.setattr(export_module.os, "access", lambda p, mode: Path(p) not in denied)
+    with pytest.raises(kdtoolkit.KdError, match="m.onnx: the file is read-only"):
+        export_model(ckpt, locked / "m.onnx", "onnx")
+    with pytest.raises(
+        kdtoolkit.KdError, match=r"cannot write into .*locked \(permission denied\)"
+    ):
+        export_model(ckpt, locked / "sub" / "deeper" / "m.onnx", "onnx")
+    assert not out.exists()
+
+
+def test_a_failed_export_names_the_output_not_its_temporary_file(trained, tmp_path, monkeypatch):
+    _, ckpt, _ = trained
+
+    def fail(module, example, path, meta):
+        raise RuntimeError(f"cannot write {path}")
+
+    monkeypatch.setattr(export_module, "write_torchscript", fail)
+    out = tmp_path / "named.pt"
+    with pytest.raises(kdtoolkit.KdError) as error:
+        export_model(ckpt, out, "torchscript")
+    assert f"cannot write {out})" in str(error.value) and ".tmp" not in str(error.value)
+    assert not list(tmp_path.iterdir())

@@ -16,6 +16,8 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
 META_KEY = "kdtoolkit"
 EXTRA_FILE = "kdtoolkit.json"
 SIDECAR = "preprocess.json"
+MIN_OPSET = 18  # the oldest opset torch's dynamo ONNX exporter writes
 #: The keys of the metadata that say how an input is made (``preprocess.json``).
 PREPROCESS_KEYS = ("classes", "inputs", "preprocess", "scan")
 
@@ -255,6 +258,35 @@ class ExportResult:
     parity: Parity
 
 
+def check_options(tolerance: float, samples: int, opset: int | None = None) -> None:
+    """Refuse an option no export can use, before any work: ``samples`` ≥ 1, a finite
+    ``tolerance`` ≥ 0, an ``opset`` the ONNX exporter writes (18 to onnx's newest)."""
+    if samples < 1:
+        raise KdError(f"--samples {samples}: the parity check needs at least 1 image")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise KdError(f"--tolerance {tolerance}: give a finite difference ≥ 0, e.g. 1e-4")
+    if opset is not None:
+        import onnx
+
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= opset <= newest:
+            raise KdError(f"--opset {opset}: the exporter writes opsets {MIN_OPSET} to {newest}")
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output that cannot be written, before any work: a read-only file or a
+    folder (the nearest existing one) that is not writable."""
+    if path.exists() and not os.access(path, os.W_OK):
+        raise KdError(f"-o {path}: the file is read-only; choose another -o or make it writable")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise KdError(
+            f"-o {path}: cannot write into {folder} (permission denied); choose another -o"
+        )
+
+
 def export_model(
     checkpoint: str | Path,
     output: str | Path | None = None,
@@ -281,6 +313,8 @@ def export_model(
         raise KdError(f"-o {path}: a {fmt} export is written as *{FORMATS[fmt]}; rename it")
     if path.is_dir():
         raise KdError(f"-o {path}: is a folder; give a file name ending in {FORMATS[fmt]}")
+    check_options(tolerance, samples, opset if fmt == "onnx" else None)
+    check_writable(path)
     kd = load_checkpoint_model(Path(checkpoint))
     if features and not hasattr(kd.model, "forward_features"):
         raise KdError(f"{checkpoint}: backbone {kd.metadata.get('backbone')} has no feature map")
@@ -302,15 +336,19 @@ def export_model(
                 write_torchscript(module, example, tmp, meta)
             else:
                 write_exported(module, example, tmp, meta)
-        except KdError:
-            raise
+        except KdError as e:
+            raise KdError(str(e).replace(str(tmp), str(path))) from None
         except Exception as e:  # noqa: BLE001 - an exporter's failure becomes one line
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first.replace(str(tmp), str(path))
             raise KdError(
                 f"{checkpoint}: backbone {kd.metadata.get('backbone')!r} could not be exported "
                 f"as {fmt} ({type(e).__name__}: {first}); try another --format"
             ) from None
-        parity = check_parity(kd, tmp, meta, images, kind, tolerance)
+        try:
+            parity = check_parity(kd, tmp, meta, images, kind, tolerance)
+        except KdError as e:  # name the -o path, not the temporary file
+            raise KdError(str(e).replace(str(tmp), str(path))) from None
         parity.raise_if_failed(path)
     atomic_write_text(sidecar, json.dumps(preprocess_part(meta), indent=2) + "\n")
     return ExportResult(path, sidecar, meta, parity)
@@ -327,6 +365,7 @@ def verify_export(
     ``preprocess.json`` beside it says (what a server reads; the file's own metadata when
     there is none). A failure is an error naming the largest difference."""
     path = Path(path)
+    check_options(tolerance, samples)
     meta = read_export_metadata(path)
     kd = load_checkpoint_model(Path(checkpoint))
     sidecar = path.parent / SIDECAR
