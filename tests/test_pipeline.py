@@ -187,13 +187,26 @@ def test_predict_reproduces_evaluation(tmp_path, tiny_recipe, loader):
         str(tmp_path / "cams"),
         "--device",
         "cpu",
-        "--no-calibrated",  # eval.json's student_probabilities: the plain softmax
+        "--no-calibrated",  # eval.json's student_probabilities_raw: the plain softmax
     )
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["index"] for r in lines] == evaluation["predictions"]["student"]
     probs = np.array([[r["probabilities"][c] for c in ("low", "mid", "high")] for r in lines])
-    np.testing.assert_allclose(probs, evaluation["predictions"]["student_probabilities"], atol=1e-4)
+    predictions = evaluation["predictions"]
+    np.testing.assert_allclose(probs, predictions["student_probabilities_raw"], atol=1e-4)
+    # kd predict's default (calibrated) is the other key: softmax(z / T) with the fitted T
+    calibrated = kdtoolkit.KdModel.load(ckpt, "cpu").predict_proba(images)
+    np.testing.assert_allclose(
+        calibrated, predictions["student_probabilities_calibrated"], atol=1e-5
+    )
+    z = np.array(predictions["logits"]["student"]) / predictions["temperature"]["student"]
+    by_hand = np.exp(z - z.max(1, keepdims=True))
+    np.testing.assert_allclose(
+        predictions["student_probabilities_calibrated"],
+        by_hand / by_hand.sum(1, keepdims=True),
+        atol=1e-6,
+    )
     assert len(list((tmp_path / "cams").glob("*_cam.png"))) == len(images)
     same = kdtoolkit.KdModel.load(ckpt, "cpu").predict(images[:2])
     assert [p.label for p in same] == [r["class"] for r in lines[:2]]

@@ -20,6 +20,7 @@ from kdtoolkit.engine.plan import EvaluateSpec
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.models.checkpoint import load_model, read_metadata
 from kdtoolkit.models.gradcam import cam_for_images, unwrap
+from kdtoolkit.models.temperature import probabilities_of
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.calibration import row_calibration
 from kdtoolkit.report.metrics import (
@@ -28,7 +29,14 @@ from kdtoolkit.report.metrics import (
     confusion,
     pointing_ceiling,
 )
-from kdtoolkit.report.results import STUDENT, TEACHER_CROP, TWO_STAGE, FoldResult
+from kdtoolkit.report.results import (
+    CALIBRATED,
+    RAW,
+    STUDENT,
+    TEACHER_CROP,
+    TWO_STAGE,
+    FoldResult,
+)
 
 
 def cams_of(
@@ -149,9 +157,11 @@ def evaluate_fold(
         model = load_model(checkpoints[role], device)[0]
         logits, labels, _ = predict_logits(model, loader, "image", device)
         add(row, labels, logits, role)
-        if row == STUDENT:
-            probabilities = torch.softmax(torch.from_numpy(logits), 1)
-            result.predictions["student_probabilities"] = probabilities.tolist()
+        if row == STUDENT:  # what kd predict gives with --no-calibrated, and by default
+            z = torch.from_numpy(logits)
+            t = result.predictions["temperature"][row]
+            result.predictions[RAW] = probabilities_of(z, 1.0).tolist()
+            result.predictions[CALIBRATED] = probabilities_of(z, t).tolist()
             result.latency_ms[STUDENT] = student_latency_ms(
                 model, ctx.samples, test_idx, ctx.view, device
             )

@@ -31,6 +31,9 @@ TEACHER_CROP = "teacher_crop"
 BASELINE_FULL = "baseline_full"
 TWO_STAGE = "two_stage"
 STUDENT = "student"
+#: eval.json's student probabilities: the plain softmax (``kd predict --no-calibrated``) and
+#: ``softmax(logits / T)`` with the fitted temperature (``kd predict``'s default).
+RAW, CALIBRATED = "student_probabilities_raw", "student_probabilities_calibrated"
 #: Canonical result rows, in report order.
 ROWS = (TEACHER_CROP, BASELINE_FULL, TWO_STAGE, STUDENT)
 
@@ -108,7 +111,8 @@ class FoldResult:
 
     ``metrics``: ``{row: {metric: value}}``; ``confusion``: ``{row: K×K counts}``;
     ``predictions``: ``index``, ``label``, ``group`` (each sample's group, None: none) and per
-    row the predicted classes (plus ``student_probabilities``, ``logits`` and ``temperature``:
+    row the predicted classes (plus the student's held-out probabilities, ``RAW`` the plain
+    softmax and ``CALIBRATED`` ``softmax(z / T)``, and ``logits`` and ``temperature``:
     ``{row: N×K held-out logits}`` and ``{row: T fitted on validation}``, and ``pointing``:
     ``{row: 0/1 per sample}`` when measured); ``latency_ms``: ``{pipeline: ms per image}``;
     ``roi``: the ROI provider's metrics on this fold.

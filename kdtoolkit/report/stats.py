@@ -31,7 +31,15 @@ LEVEL = 0.95
 #: (teacher accuracy ≤ baseline accuracy): the gap itself is then not clearly positive.
 MAX_UNDEFINED = (1 - LEVEL) / 2
 #: Keys of ``FoldResult.predictions`` that are not a row's predicted classes.
-NOT_ROWS = ("index", "label", "group", "pointing", "student_probabilities")
+NOT_ROWS = (
+    "index",
+    "label",
+    "group",
+    "pointing",
+    "student_probabilities",  # eval.json before the raw and calibrated keys
+    "student_probabilities_raw",
+    "student_probabilities_calibrated",
+)
 TEST = "mcnemar-exact"
 
 
