@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ import kdtoolkit
 from kdtoolkit import export_model, prepare_inputs, read_export_metadata, verify_export
 from kdtoolkit.engine import export as export_module
 from kdtoolkit.engine.export import ServingModule
+from kdtoolkit.engine.export_digest import file_sha256
 from kdtoolkit.engine.parity import held_out_images
 from kdtoolkit.engine.runtimes import private_caches
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
@@ -131,6 +133,31 @@ def test_torchscript_and_exported_program_match(trained, tmp_path):
     assert json.loads(extra["kdtoolkit.json"]) == result.metadata
     with torch.no_grad():
         assert np.abs(program.module()(x).numpy() - expected).max() < 1e-4
+    # the digests recorded at export are found again in the saved files, and a changed
+    # weight in either format fails --verify whatever the probabilities do
+    for path, fmt in ((tmp_path / "ts/s.pt", "torchscript"), (result.path, "exported")):
+        assert verify_export(ckpt, path, run=run).ok
+        meta = read_export_metadata(path)
+        assert file_sha256(path, fmt) == meta["graph_sha256"]
+    flip_lowest_bit(tmp_path / "ts/s.pt")  # one weight's last mantissa bit, in the archive
+    with pytest.raises(kdtoolkit.KdError, match="its weights or program changed"):
+        verify_export(ckpt, tmp_path / "ts/s.pt", run=run)
+
+
+def flip_lowest_bit(path: Path) -> None:
+    """Rewrite a TorchScript archive with the first byte of its largest tensor record XORed
+    with 1 (the lowest mantissa bit of a little-endian float32)."""
+    with zipfile.ZipFile(path) as z:
+        items = [(info, z.read(info.filename)) for info in z.infolist()]
+    largest = max(
+        (i for i, (info, _) in enumerate(items) if "/data/" in info.filename),
+        key=lambda i: len(items[i][1]),
+    )
+    info, data = items[largest]
+    items[largest] = (info, bytes([data[0] ^ 1]) + data[1:])
+    with zipfile.ZipFile(path, "w") as z:
+        for info, data in items:
+            z.writestr(info, data)
 
 
 def test_export_applies_the_checkpoints_temperature(trained, tmp_path):
@@ -201,34 +228,52 @@ def test_tampered_model_and_preprocessing_mismatch_fail_with_exit_2(trained, onn
         assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-        assert "parity check failed: largest difference" in lines[0]
         assert all(w in lines[0] for w in words), lines[0]
 
-    # 1. a tampered initializer: the classifier's bias moved
-    proto = onnx.load(str(path))
-    bias = next(t for t in proto.graph.initializer if tuple(t.dims) == (3,))
-    value = onnx.numpy_helper.to_array(bias).copy()
-    value[0] += 3.0
-    bias.CopyFrom(onnx.numpy_helper.from_array(value, bias.name))
-    tampered = folder / "tampered.onnx"
-    onnx.save_model(proto, str(tampered))
-    failed(kd_cli("export", str(ckpt), "-o", str(tampered), "--verify"), "probabilities")
+    def tampered_copy(name: str, change) -> Path:
+        proto = onnx.load(str(path))
+        bias = next(t for t in proto.graph.initializer if tuple(t.dims) == (3,))
+        value = onnx.numpy_helper.to_array(bias).copy()
+        change(value)
+        bias.CopyFrom(onnx.numpy_helper.from_array(value, bias.name))
+        onnx.save_model(proto, str(folder / name))
+        return folder / name
 
-    # 2. preprocess.json edited (a server normalising differently): named, and measured
+    # 1. a tampered initializer: the classifier's bias moved by 3 (parity fails too)
+    moved = tampered_copy("tampered.onnx", lambda v: v.__setitem__(0, v[0] + 3.0))
+    digest = "digest check failed: its weights or program changed since it was exported"
+    failed(kd_cli("export", str(ckpt), "-o", str(moved), "--verify"), digest)
+    # 2. a change far below the parity tolerance: one bias nudged by 1e-6 still fails
+    nudged = tampered_copy("nudged.onnx", lambda v: v.__setitem__(0, v[0] + 1e-6))
+    with pytest.raises(kdtoolkit.KdError, match=re.escape(digest)):
+        verify_export(ckpt, nudged, run=run)
+    # 3. another checkpoint (its weights changed) against the untouched export
+    weights, meta = load_checkpoint(ckpt)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(
+        other, {k: v + 1e-6 if v.is_floating_point() else v for k, v in weights.items()}, meta
+    )
+    with pytest.raises(kdtoolkit.KdError, match="the checkpoint's weights are not those"):
+        verify_export(other, path, run=run)
+
+    # 4. preprocess.json edited (a server normalising differently): named, and measured
     sidecar = json.loads((folder / "preprocess.json").read_text())
     sidecar["preprocess"]["normalisation"]["mean"] = [0.1]
     (folder / "preprocess.json").write_text(json.dumps(sidecar))
-    failed(kd_cli("export", str(ckpt), "-o", str(path), "--verify"), "normalisation.mean")
+    failed(
+        kd_cli("export", str(ckpt), "-o", str(path), "--verify"),
+        "parity check failed: largest difference",
+        "normalisation.mean",
+    )
 
-    # 3. the same mismatch inside the file too: only the numbers show it
+    # 5. the same mismatch inside the file too: its recorded digest names the edit
     proto = onnx.load(str(path))
     inside = json.loads(proto.metadata_props[0].value)
     inside["preprocess"] = sidecar["preprocess"]
     onnx.helper.set_model_props(proto, {"kdtoolkit": json.dumps(inside)})
     onnx.save_model(proto, str(path))
-    with pytest.raises(kdtoolkit.KdError) as error:
+    with pytest.raises(kdtoolkit.KdError, match="its recorded preprocessing was edited"):
         verify_export(ckpt, path)
-    assert "largest difference" in str(error.value) and "differs" not in str(error.value)
 
 
 def test_bad_requests_are_one_line(trained, tmp_path):

@@ -27,6 +27,13 @@ import torch
 from torch import nn
 
 from kdtoolkit.data.warp import ANTIALIAS_STEP
+from kdtoolkit.engine.export_digest import (
+    check_digests,
+    json_sha256,
+    onnx_sha256,
+    program_sha256,
+    tensors_sha256,
+)
 from kdtoolkit.engine.parity import Parity, check_parity, differing_keys, sample_inputs
 from kdtoolkit.engine.predict import KdModel
 from kdtoolkit.engine.runtimes import require
@@ -133,6 +140,7 @@ def export_metadata(
     }
     if "temperature" in meta:
         out["temperature"] = meta["temperature"]
+    out["weights_sha256"] = tensors_sha256(kd.model.state_dict())
     if features:
         with torch.no_grad():
             maps = kd.model.forward_features(example)
@@ -172,6 +180,7 @@ def write_onnx(
         )
     model = program.model_proto
     meta["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    meta["graph_sha256"] = onnx_sha256(model)
     onnx.helper.set_model_props(model, {META_KEY: json.dumps(meta)})
     onnx.save_model(model, str(path))
 
@@ -180,6 +189,7 @@ def write_torchscript(module: ServingModule, example: torch.Tensor, path: Path, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, example, check_trace=False)
+        meta["graph_sha256"] = program_sha256(traced)
         torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
@@ -188,6 +198,7 @@ def write_exported(module: ServingModule, example: torch.Tensor, path: Path, met
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(module, (example,), dynamic_shapes={"image": {0: batch}})
+        meta["graph_sha256"] = program_sha256(program)
         torch.export.save(program, str(path), extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
@@ -327,6 +338,7 @@ def export_model(
         raise KdError(
             f"{sidecar}: another model's preprocessing is there; export into a folder of its own"
         )
+    meta["preprocess_sha256"] = json_sha256(preprocess_part(meta))
     module = ServingModule(kd, features).eval()
     with atomic_path(path) as tmp:
         try:
@@ -368,6 +380,8 @@ def verify_export(
     check_options(tolerance, samples)
     meta = read_export_metadata(path)
     kd = load_checkpoint_model(Path(checkpoint))
+    weights = tensors_sha256(kd.model.state_dict())
+    check_digests(path, meta, weights, json_sha256(preprocess_part(meta)))
     sidecar = path.parent / SIDECAR
     mismatched: list[str] = []
     if sidecar.is_file():
