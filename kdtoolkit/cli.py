@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -16,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from kdtoolkit import __version__
+from kdtoolkit import __version__, interrupts
 from kdtoolkit.data_cli import data_app
 from kdtoolkit.deploy_cli import export_command, predict_command
 from kdtoolkit.errors import KdError
@@ -326,7 +324,7 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     errors exit 2, Ctrl-C 130 with one line, anything else one line and exit 1;
     ``KD_DEBUG=1`` shows tracebacks instead."""
     debug = os.environ.get("KD_DEBUG") == "1"
-    terminate_as_interrupt()
+    interrupts.terminate_as_interrupt()
     try:
         if plugin_commands:
             _add_plugin_commands()
@@ -336,7 +334,7 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
             raise
         defer_other_ranks()
         err_console.print(f"[red]error[/]: {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(TERMINATED if e.exit_code == 130 and _terminated else e.exit_code)
+        sys.exit(interrupts.exit_code(e.exit_code))
     except typer.Exit as e:
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -354,31 +352,9 @@ def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
         _internal_error(e, debug)
     if code == 130:
         err_console.print(INTERRUPTED, highlight=False, soft_wrap=True)
-        code = TERMINATED if _terminated else code
+        code = interrupts.exit_code(code)
     if isinstance(code, int) and code:
         sys.exit(code)
-
-
-#: The exit code after SIGTERM (128 + 15), which is otherwise handled as Ctrl-C.
-TERMINATED = 143
-_terminated = False
-
-
-def terminate_as_interrupt() -> None:
-    """SIGTERM (a scheduler's stop, ``kill``) interrupts the command as Ctrl-C does: what is
-    finished is kept, the same one line is printed, and the exit code is 143. Main thread
-    only; a handler someone else installed is left alone."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        global _terminated
-        _terminated = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def defer_other_ranks() -> None:
