@@ -256,3 +256,28 @@ def test_kd_run_final_trains_a_student_on_all_data(tmp_path) -> None:
     images = sorted((tmp_path / "data").glob("*.png"))[:2]
     served = KdModel.load(final / "student" / "model.safetensors", "cpu").predict(images)
     assert len(served) == 2 and student["temperature"] > 0
+
+
+def test_non_finite_inputs_are_bad_input_and_the_rest_is_predicted(spied_run, tmp_path) -> None:
+    """A float TIFF holding NaN and one holding only inf are skipped as bad input, named on
+    stderr (exit 2), while the good image is predicted; the checkpoint is not blamed and no
+    library warning reaches the terminal."""
+    from PIL import Image
+
+    result, _, tmp = spied_run
+    good = sorted((tmp / "data").glob("*.png"))[0]
+    pixels = np.asarray(Image.open(good), dtype=np.float32)
+    with_nan = pixels.copy()
+    with_nan[2:5, 2:5] = np.nan
+    Image.fromarray(with_nan, mode="F").save(tmp_path / "nan.tif")
+    Image.fromarray(np.full_like(pixels, np.inf), mode="F").save(tmp_path / "inf.tif")
+    ckpt = result.output / "fold_0" / "student" / "model.safetensors"
+    args = [str(good), str(tmp_path / "nan.tif"), str(tmp_path / "inf.tif")]
+    done = kd_cli("predict", str(ckpt), *args, "--json", "--device", "cpu")
+    assert done.returncode == 2, done.stderr
+    (got,) = [json.loads(line) for line in done.stdout.splitlines()]
+    assert got["image"] == str(good)
+    assert f"{tmp_path / 'nan.tif'}: holds NaN or infinite values (9 NaN" in done.stderr
+    assert f"{tmp_path / 'inf.tif'}: holds NaN or infinite values (1024 NaN" in done.stderr
+    assert "2 of 3 images could not be read" in done.stderr
+    assert "diverged" not in done.stderr and "Warning" not in done.stderr

@@ -60,7 +60,13 @@ def read_native(source: Any, read: ReadSpec | None = None) -> np.ndarray:
                     )
                 arr = arr.astype(np.uint16)
             elif mode == "F":
-                arr = np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)
+                arr = np.asarray(im, dtype=np.float32)
+                if bad := int(arr.size - np.isfinite(arr).sum()):
+                    raise KdError(
+                        f"{path}: holds NaN or infinite values ({bad} NaN or infinite pixels "
+                        "of a float image) — fix the image or remove it"
+                    )
+                arr = np.clip(arr, 0.0, 1.0)
             elif mode in ("1", "L", "LA"):
                 arr = np.asarray(im.convert("L"))
             else:

@@ -5,12 +5,14 @@ read them) and manifest rows, with Grad-CAM overlays."""
 from __future__ import annotations
 
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from kdtoolkit.data.volume import NIFTI_SUFFIXES, is_volume_path
 from kdtoolkit.engine.predict import FoldEnsemble, KdModel, batches, describe
@@ -121,7 +123,14 @@ def predict(
     skipped: list[tuple[str, str]] = []
     for source in sources:
         try:
-            model.preprocess([source])
+            with warnings.catch_warnings():  # NaN pixels: named below, not warned about
+                warnings.simplefilter("ignore", RuntimeWarning)
+                x = model.preprocess([source])
+            if not torch.isfinite(x).all():
+                raise KdError(
+                    "holds NaN or infinite values (a damaged file, or one saved with undefined "
+                    "values); fix or remove it"
+                )
         except (KdError, OSError, ValueError) as e:
             skipped.append((describe(source), str(e).splitlines()[0]))
         else:
