@@ -374,8 +374,10 @@ def verify_export(
     samples: int = 8,
 ) -> Parity:
     """The parity check of an existing export against its checkpoint: inputs prepared as
-    ``preprocess.json`` beside it says (what a server reads; the file's own metadata when
-    there is none). A failure is an error naming the largest difference."""
+        ``preprocess.json`` beside it says (what a server reads; the file's own metadata when
+        there is none). The digests the export recorded are checked first (``export_digest``:
+    any changed byte of its weights, another checkpoint, edited recorded preprocessing; an export
+    without digests is refused); then a parity failure is an error naming the largest difference."""
     path = Path(path)
     check_options(tolerance, samples)
     meta = read_export_metadata(path)

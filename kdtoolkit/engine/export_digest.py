@@ -48,14 +48,23 @@ def onnx_sha256(model: Any) -> str:
 
 def program_sha256(program: Any) -> str:
     """sha256 of a TorchScript module's or ``torch.export`` program's weights, buffers and
-    constants, and its code."""
-    if isinstance(program, torch.jit.ScriptModule):
-        return tensors_sha256(dict(program.state_dict()), program.code)
+    constants, and its code (of every TorchScript submodule)."""
+    if isinstance(program, torch.jit.ScriptModule):  # every submodule's code, not the top's
+        code = "".join(f"{name}\n{code_of(m)}" for name, m in program.named_modules())
+        return tensors_sha256(dict(program.state_dict()), code)
     tensors = {
         **program.state_dict,
         **{f"constant.{k}": v for k, v in program.constants.items() if isinstance(v, torch.Tensor)},
     }
     return tensors_sha256(tensors, program.graph_module.code)
+
+
+def code_of(module: Any) -> str:
+    """A TorchScript module's code ('' for one without a method of its own, e.g. a container)."""
+    try:
+        return module.code
+    except (AttributeError, RuntimeError):
+        return ""
 
 
 def file_sha256(path: Path, fmt: str) -> str:

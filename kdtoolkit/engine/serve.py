@@ -132,7 +132,8 @@ def predict(
                     "values); fix or remove it"
                 )
         except (KdError, OSError, ValueError) as e:
-            skipped.append((describe(source), str(e).splitlines()[0]))
+            name, reason = describe(source), str(e).splitlines()[0]
+            skipped.append((name, reason.removeprefix(f"{name}: ")))
         else:
             readable.append(source)
     results = [p.to_dict() for p in model.predict(readable, batch_size)]
