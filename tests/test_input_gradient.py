@@ -54,3 +54,41 @@ def test_input_gradient_refusals_and_registration():
     ctx.images = ctx.images.detach()
     with pytest.raises(KdError, match="require grad"):
         InputGradientLoss()(ctx)
+
+
+def test_input_gradient_moves_a_model_off_a_decoy():
+    """Ross et al.'s decoy case, by hand: the label is written both inside the ROI (a signal)
+    and outside it (a decoy, a cleaner copy). Cross-entropy alone leans on both; with the
+    input-gradient penalty outside the mask, the weight on the decoy falls to near 0 while the
+    signal carries the decision."""
+    generator = torch.Generator().manual_seed(0)
+    n = 256
+    y = torch.randint(0, 2, (n,), generator=generator)
+    sign = 2.0 * y - 1
+    x = torch.zeros(n, 1, 1, 2)
+    x[:, 0, 0, 0] = sign + 0.8 * torch.randn(n, generator=generator)  # the ROI: a noisy signal
+    x[:, 0, 0, 1] = sign + 0.1 * torch.randn(n, generator=generator)  # outside: a clean decoy
+    masks = torch.zeros(n, 1, 1, 2)
+    masks[..., 0] = 1
+
+    def train(weight: float) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 2)
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+        term = InputGradientLoss()
+        for _ in range(300):
+            images = x.clone().requires_grad_(True)
+            logits = model(images.flatten(1))
+            ctx = LossContext(None, images, images, logits, y, None, masks)
+            loss = torch.nn.functional.cross_entropy(logits, y) + weight * term(ctx)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return model.weight.detach()
+
+    plain, guided = train(0.0), train(10.0)
+    decoy = lambda w: float((w[1, 1] - w[0, 1]).abs())  # noqa: E731 - the decoy's margin weight
+    signal = lambda w: float((w[1, 0] - w[0, 0]).abs())  # noqa: E731
+    assert decoy(plain) > signal(plain)  # without guidance the clean decoy dominates
+    assert decoy(guided) < 0.1 * decoy(plain)
+    assert signal(guided) > decoy(guided)
