@@ -69,16 +69,21 @@ class Comparison:
         """``{student_<name>: name}`` of the variants' rows."""
         return {v.role: v.name for v in self.variants}
 
+    def variant(self, row: str) -> VariantInfo | None:
+        """The variant whose row is ``row`` (by name or stage role), or None."""
+        return next((v for v in self.variants if row in (v.name, v.role)), None)
+
     def architecture(self, row: str) -> str:
         """The backbone of a row (the teacher's, the baseline's or a variant's student)."""
         if row == TEACHER_CROP:
             return self.teacher_model
-        found = [v.student.get("backbone") for v in self.variants if row in (v.name, v.role)]
-        return str(found[0]) if found and found[0] else self.student_model
+        v = self.variant(row)
+        return str(v.student.get("backbone") or self.student_model) if v else self.student_model
 
     def dead_cam(self, row: str) -> float | None:
         """The share of dead held-out CAMs of ``row`` over all folds (None: not measured)."""
-        return self.results.dead_cam.get({v.name: v.role for v in self.variants}.get(row, row))
+        v = self.variant(row)
+        return self.results.dead_cam.get(v.role if v else row)
 
     def statistics(self) -> dict[str, Any]:
         """The bootstrap statistics (``report.stats``) with the variants' rows named, or {};
