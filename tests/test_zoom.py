@@ -111,3 +111,16 @@ def test_image_attention_marks_the_predicted_roi():
     assert pointing_game(cam, corners)
     assert cam_box_iou(cam, corners) > 0.8
     assert cam.max() <= 1 and cam.min() == 0
+
+
+def test_affine_grid_equals_torchs_for_any_batch():
+    """The batch-free grid is ``F.affine_grid``'s (align_corners=False), by its own reference."""
+    import torch.nn.functional as F
+
+    from kdtoolkit.builtin.roi_zoom import affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for size in ((7, 11), (16, 32), (1, 1)):
+        expected = F.affine_grid(theta, (5, 1, *size), align_corners=False)
+        assert torch.allclose(affine_grid(theta, size), expected, atol=1e-6)
+        assert affine_grid(theta[:1], size).shape == (1, *size, 2)

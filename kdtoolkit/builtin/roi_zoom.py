@@ -74,7 +74,25 @@ def roi_grid(
         ],
         dim=1,
     )
-    return F.affine_grid(theta, (len(params), 1, *size), align_corners=False)
+    return affine_grid(theta, size)
+
+
+def affine_grid(theta: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, 1, h, w), align_corners=False)`` written with the batch size
+    left free: the base grid (output pixel centres in [-1, 1]) times each ``theta`` (B×2×3), so
+    an exported graph takes any batch size."""
+    h, w = int(size[0]), int(size[1])
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    base = torch.stack(
+        [
+            xs.expand(h, w),
+            ys[:, None].expand(h, w),
+            torch.ones(h, w, device=theta.device, dtype=theta.dtype),
+        ],
+        dim=-1,
+    )  # h×w×3: (x, y, 1) at each output pixel
+    return (base.reshape(1, h * w, 3) @ theta.transpose(1, 2)).reshape(-1, h, w, 2)
 
 
 class RoiZoom(nn.Module):

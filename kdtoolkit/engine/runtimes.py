@@ -76,6 +76,7 @@ def load_runtime(path: Path, fmt: str) -> Runtime:
 
 
 def run_in_batches(runtime: Runtime, x: np.ndarray) -> list[np.ndarray]:
-    """The runtime on a batch of one, then on the rest (the batch axis is dynamic)."""
-    parts = [runtime(x[:1]), runtime(x[1:])]
+    """The runtime on a batch of one, one of three, then the rest (the batch axis is
+    dynamic: a graph that fixed it fails here)."""
+    parts = [runtime(x[a:b]) for a, b in ((0, 1), (1, 4), (4, len(x))) if a < min(b, len(x))]
     return [np.concatenate(outs) for outs in zip(*parts, strict=True)]
