@@ -15,7 +15,7 @@ from kdtoolkit import KdModel
 from kdtoolkit.engine import calibrate as calibrate_module
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
-from kdtoolkit.models.temperature import fit_temperature, nll
+from kdtoolkit.models.temperature import T_MAX, T_MIN, fit_temperature, nll, temperature_fit
 from kdtoolkit.report.calibration import ece, pooled_calibration, softmax
 from kdtoolkit.testing import kd_cli, run_tiny_recipe
 
@@ -52,19 +52,59 @@ def test_temperature_is_the_nll_minimum_and_lowers_nll() -> None:
     labels = rng.integers(0, 3, 300)
     logits = rng.normal(0, 1, (300, 3))
     logits[np.arange(300), labels] += 1.0
-    overconfident = 4.0 * logits  # a model too sure of itself: T > 1 undoes it
+    overconfident = 3.0 * logits  # a model too sure of itself: T > 1 undoes it
     t = fit_temperature(overconfident, labels)
     grid = np.exp(np.linspace(np.log(0.2), np.log(20), 4001))
     brute = grid[np.argmin([nll(overconfident, labels, g) for g in grid])]
     assert t == pytest.approx(brute, rel=2e-3)
     assert t > 2
     assert nll(overconfident, labels, t) < nll(overconfident, labels) - 0.1
-    underconfident = 0.25 * logits
-    assert fit_temperature(underconfident, labels) < 0.5
+    underconfident = 0.4 * logits
+    assert fit_temperature(underconfident, labels) < 0.6
+    # beyond the bounds the fit stops at them: at most a fourfold change of the logits
+    assert fit_temperature(10.0 * logits, labels) == T_MAX == 4.0
+    assert fit_temperature(0.05 * logits, labels) == T_MIN == 0.25
     assert fit_temperature(np.zeros((0, 3)), np.zeros(0, dtype=int)) == 1.0
     right = logits[logits.argmax(1) == labels], labels[logits.argmax(1) == labels]
     assert nll(*right, 0.1) < nll(*right, 1.0)  # no finite minimum: sharper is always better
     assert fit_temperature(*right) == 1.0  # so no temperature is fitted
+
+
+def calibrated_draws(rng: np.random.Generator, n: int, scale: float = 1.0):
+    """Logits of a model calibrated by construction (labels drawn from its softmax), times
+    ``scale`` (> 1: overconfident)."""
+    logits = rng.normal(0, 2, (n, 4))
+    p = softmax(logits)
+    labels = (rng.random((n, 1)) > p.cumsum(1)).sum(1)
+    return scale * logits, labels
+
+
+def test_a_small_validation_split_leaves_a_calibrated_model_alone() -> None:
+    """A calibrated model: 12 validation samples keep T = 1 with its reason, and on 30 to 80
+    the likelihood-ratio test keeps T = 1 in most splits, so the held-out ECE does not rise
+    on average (fitting T freely raised it by 2 to 3 points here); an overconfident model is
+    still fitted on 40 samples and its held-out ECE falls."""
+    rng = np.random.default_rng(0)
+    val = calibrated_draws(rng, 12)
+    t, why = temperature_fit(*val)
+    assert (t, why) == (1.0, "12 validation samples (fewer than 30): no temperature fitted, T = 1")
+    for n in (30, 40, 80):
+        rises, kept = [], 0
+        for seed in range(20):
+            rng = np.random.default_rng(seed)
+            (zv, yv), (zt, yt) = calibrated_draws(rng, n), calibrated_draws(rng, 3000)
+            t, why = temperature_fit(zv, yv)
+            assert T_MIN <= t <= T_MAX
+            kept += t == 1.0 and "likelihood ratio" in why
+            rises.append(ece(softmax(zt, t), yt) - ece(softmax(zt), yt))
+        assert kept >= 16 and np.mean(rises) < 0.01, (n, kept, np.mean(rises))
+    falls = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        (zv, yv), (zt, yt) = calibrated_draws(rng, 40, 2.0), calibrated_draws(rng, 3000, 2.0)
+        t = fit_temperature(zv, yv)
+        falls.append(ece(softmax(zt), yt) - ece(softmax(zt, t), yt))
+    assert np.mean(falls) > 0.05
 
 
 @pytest.fixture(scope="module")

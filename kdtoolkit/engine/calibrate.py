@@ -11,23 +11,23 @@ import torch
 
 from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.train import View, predict_logits
-from kdtoolkit.models.temperature import fit_temperature, nll
+from kdtoolkit.models.temperature import nll, temperature_fit
 
 
 def calibrate(
     model: torch.nn.Module, val_loader: Loader, view: View, device: torch.device
 ) -> dict[str, Any]:
     """The metadata of ``model``'s temperature, fitted on the logits of ``val_loader``:
-    ``{"temperature": T, "calibration": {"fitted_on", "n", "nll", "nll_calibrated"}}``
-    (no validation samples: T = 1)."""
+    ``{"temperature": T, "calibration": {"fitted_on", "n", "nll", "nll_calibrated"}}``, and
+    ``"note"`` (one line) saying why when none is kept (T = 1)."""
     logits, labels, _ = predict_logits(model, val_loader, view, device)
-    t = fit_temperature(logits, labels)
-    return {
-        "temperature": t,
-        "calibration": {
-            "fitted_on": "validation",
-            "n": int(len(labels)),
-            "nll": nll(logits, labels) if len(labels) else None,
-            "nll_calibrated": nll(logits, labels, t) if len(labels) else None,
-        },
+    t, note = temperature_fit(logits, labels)
+    calibration: dict[str, Any] = {
+        "fitted_on": "validation",
+        "n": int(len(labels)),
+        "nll": nll(logits, labels) if len(labels) else None,
+        "nll_calibrated": nll(logits, labels, t) if len(labels) else None,
     }
+    if note:
+        calibration["note"] = note
+    return {"temperature": t, "calibration": calibration}

@@ -23,7 +23,6 @@ from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig
 from kdtoolkit.engine.calibrate import calibrate
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import compile_trunk, seed_everything
 from kdtoolkit.engine.distributed import barrier, check_batch_size, is_main, main_first, world
 from kdtoolkit.engine.plan import RoiSpec, TrainSpec
 from kdtoolkit.engine.train import Stage, train_stage
@@ -31,6 +30,7 @@ from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
 from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.models.checkpoint import model_from_weights, read_metadata, save_checkpoint
+from kdtoolkit.models.device import compile_trunk, seed_everything
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiRequest, RoiResult, run_provider
@@ -303,6 +303,8 @@ def train_model(
             meta.update({"crops": spec.crops, "crop_jitter": spec.jitter})
         selected = model_from_weights(best, meta, ckpt).to(ctx.device)
         meta.update(calibrate(selected, val_loader, view, ctx.device))
+        if note := meta["calibration"].get("note"):
+            ctx.log(f"{description}: calibration: {note}")
         save_checkpoint(ckpt, best, meta)
         state_path.unlink(missing_ok=True)
     barrier()  # the checkpoint is there for every rank
