@@ -41,10 +41,10 @@ from kdtoolkit import KdModel, export_model
 from kdtoolkit.builtin.yolo.session import ultralytics_session
 from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.view import crop_roi, normalise, student_view
-from kdtoolkit.engine.device import resolve_device
-from kdtoolkit.engine.export import ServingModule
-from kdtoolkit.engine.runtimes import load_runtime
+from kdtoolkit.engine.export_module import ServingModule
 from kdtoolkit.fileio import read_json
+from kdtoolkit.models.device import resolve_device
+from kdtoolkit.serving.runtimes import load_runtime
 
 RUNTIMES = ("eager", "compile", "torchscript", "onnxruntime")
 Classifier = Callable[[torch.Tensor], np.ndarray]

@@ -15,12 +15,12 @@ import typer
 
 from kdtoolkit.config.recipe import ModelConfig, load_recipe
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import autocast, channels_last, compile_trunk
 from kdtoolkit.engine.distributed import data_parallel
 from kdtoolkit.engine.loss import build_loss, cross_entropy
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.train import Stage, make_context
 from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.device import autocast, channels_last, compile_trunk
 
 #: The command-line arguments every benchmark takes: the recipe, ``--set`` overrides, ``--device``.
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.")]

@@ -47,7 +47,7 @@ from steps import (
 )
 
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import autocast, channels_last
+from kdtoolkit.models.device import autocast, channels_last
 
 
 def plain_step(ctx: RunContext, steps: int) -> float:

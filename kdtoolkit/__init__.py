@@ -36,13 +36,13 @@ EXPORTS = {
     "tune": "kdtoolkit.engine.tune",
     "TuneResult": "kdtoolkit.engine.tune",
     "load_data": "kdtoolkit.engine.context",
-    "KdModel": "kdtoolkit.engine.predict",
-    "FoldEnsemble": "kdtoolkit.engine.predict",
-    "Prediction": "kdtoolkit.engine.predict",
+    "KdModel": "kdtoolkit.serving.kdmodel",
+    "FoldEnsemble": "kdtoolkit.serving.kdmodel",
+    "Prediction": "kdtoolkit.serving.predictor",
     "export_model": "kdtoolkit.engine.export",
     "read_export_metadata": "kdtoolkit.engine.export",
     "verify_export": "kdtoolkit.engine.export",
-    "prepare_inputs": "kdtoolkit.engine.parity",
+    "prepare_inputs": "kdtoolkit.serving.preprocess",
     "create_backbone": "kdtoolkit.models.backbone",
     "Backbone": "kdtoolkit.models.backbone",
     "list_components": "kdtoolkit.plugins.manager",
@@ -119,8 +119,6 @@ if TYPE_CHECKING:
     from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
     from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.export import export_model, read_export_metadata, verify_export
-    from kdtoolkit.engine.parity import prepare_inputs
-    from kdtoolkit.engine.predict import FoldEnsemble, KdModel, Prediction
     from kdtoolkit.engine.run import RunResult, run
     from kdtoolkit.engine.tune import TuneResult, tune
     from kdtoolkit.errors import KdError
@@ -132,6 +130,9 @@ if TYPE_CHECKING:
     from kdtoolkit.plugins.registry import PluginError, Registry
     from kdtoolkit.plugins.roi import RoiProvider, RoiRequest, RoiResult, run_provider
     from kdtoolkit.plugins.task import Task
+    from kdtoolkit.serving.kdmodel import FoldEnsemble, KdModel
+    from kdtoolkit.serving.predictor import Prediction
+    from kdtoolkit.serving.preprocess import prepare_inputs
 
 
 def __getattr__(name: str) -> Any:

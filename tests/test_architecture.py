@@ -25,8 +25,18 @@ ALLOWED = {
     "kdtoolkit.models": BASE,
     "kdtoolkit.report": MIDDLE,
     "kdtoolkit.builtin": MIDDLE,
-    "kdtoolkit.engine": (*MIDDLE, "kdtoolkit.report"),
+    "kdtoolkit.serving": MIDDLE,
+    "kdtoolkit.engine": (*MIDDLE, "kdtoolkit.report", "kdtoolkit.serving"),
 }
+#: The modules of ``kdtoolkit.serving`` that an install without the training stack runs
+#: (``kd predict model.onnx``): they import neither torch nor a module that does.
+TORCH_FREE = (
+    "kdtoolkit.serving.exported",
+    "kdtoolkit.serving.predict",
+    "kdtoolkit.serving.predictor",
+    "kdtoolkit.serving.preprocess",
+    "kdtoolkit.serving.resample",
+)
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -158,3 +168,38 @@ def test_no_module_over_the_size_limit(folder):
         for p in sorted((ROOT / folder).rglob("*.py"))
     }
     assert not {p: n for p, n in sizes.items() if n > MAX_LINES}
+
+
+def test_the_torch_free_serving_modules_import_no_training_stack():
+    """Module-level imports only (a function may import torch where it needs it): walked
+    through kdtoolkit's own modules, none of them reaches torch, timm, ultralytics, sklearn
+    or scipy."""
+    mods = modules()
+    known = set(mods)
+    heavy = ("torch", "timm", "ultralytics", "sklearn", "scipy", "matplotlib", "safetensors")
+
+    def top_level(name: str) -> tuple[set[str], set[str]]:
+        tree = ast.parse(mods[name].read_text())
+        ours, theirs = set(), set()
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            ours |= {n for n in names if n in known}
+            theirs |= {n.split(".")[0] for n in names}
+        return ours, theirs
+
+    for start in TORCH_FREE:
+        seen, todo = set(), [start]
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            ours, theirs = top_level(name)
+            assert not theirs & set(heavy), (start, name, theirs & set(heavy))
+            parent = name.rsplit(".", 1)[0]
+            todo += [*ours, *([parent] if parent in known and parent != name else [])]

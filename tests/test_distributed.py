@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kdtoolkit.cli import app, run_app, without_nproc
+from kdtoolkit.cli import app, run_app
+from kdtoolkit.cli.experiment import without_nproc
 from kdtoolkit.config.recipe import LossConfig, ModelConfig, load_recipe
 from kdtoolkit.data.bank import BankDataset, BankLoader, ImageBank, rank_slice
 from kdtoolkit.data.manifest import read_manifest

@@ -20,11 +20,11 @@ import torch
 import kdtoolkit
 from kdtoolkit import export_model, prepare_inputs, read_export_metadata, verify_export
 from kdtoolkit.engine import export as export_module
-from kdtoolkit.engine.export import ServingModule
 from kdtoolkit.engine.export_digest import file_sha256
-from kdtoolkit.engine.parity import held_out_images
-from kdtoolkit.engine.runtimes import private_caches
+from kdtoolkit.engine.export_module import ServingModule
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
+from kdtoolkit.serving.parity import held_out_images
+from kdtoolkit.serving.runtimes import private_caches
 from kdtoolkit.testing import kd_cli, run_tiny_recipe
 
 onnx = pytest.importorskip("onnx")
@@ -300,7 +300,7 @@ def test_bad_requests_are_one_line(trained, tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     expected = f"{run} is a run folder; export one checkpoint, e.g. {run}/fold_0/student/"
-    assert expected + "model.safetensors (docs/deploy.md, Folds)" in lines[0], lines[0]
+    assert expected + "model.safetensors, or all its folds as one graph with --ensemble" in lines[0]
     assert not list(run.glob("*.pt")) and not list(run.parent.glob("*.pt"))
 
 

@@ -11,10 +11,10 @@ import torch
 import kdtoolkit
 from kdtoolkit import export_model, prepare_inputs
 from kdtoolkit.engine.export import FORMATS
-from kdtoolkit.engine.parity import synthetic_images
-from kdtoolkit.engine.runtimes import load_runtime
 from kdtoolkit.models.backbone import build_backbone
 from kdtoolkit.models.checkpoint import save_checkpoint
+from kdtoolkit.serving.parity import synthetic_images
+from kdtoolkit.serving.runtimes import load_runtime
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from kdtoolkit.config.recipe import LossConfig, ModelConfig, load_recipe
-from kdtoolkit.engine.device import channels_last, compile_trunk
 from kdtoolkit.engine.loss import build_loss
 from kdtoolkit.engine.train import Stage, make_context
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.backbone import build_backbone
+from kdtoolkit.models.device import channels_last, compile_trunk
 
 CPU = torch.device("cpu")
 

@@ -283,7 +283,7 @@ def test_paired_rows_differ_only_in_their_loss(tmp_path, tiny_recipe):
 
 
 def test_cam_names_never_overwrite_each_other(tmp_path):
-    from kdtoolkit.engine.serve import cam_name
+    from kdtoolkit.serving.predict import cam_name
 
     used: set[str] = set()
     names = [cam_name(tmp_path / d / "slice.png", used) for d in ("a", "b", "b")]

@@ -75,7 +75,7 @@ def test_masks_and_boxes_clip_each_roi_to_the_input() -> None:
 
 
 def test_resize_and_letterbox_matrices_by_hand() -> None:
-    from kdtoolkit.data.warp import letterbox_matrix, resize_matrix
+    from kdtoolkit.data.affine import letterbox_matrix, resize_matrix
 
     np.testing.assert_array_equal(resize_matrix((10, 20), (5, 40)), np.diag([2.0, 0.5, 1.0]))
     # A 20×10 (H×W) image into 30×30: scale min(30/20, 30/10) = 1.5, width 15 padded by 7.5.
@@ -85,7 +85,7 @@ def test_resize_and_letterbox_matrices_by_hand() -> None:
 
 
 def test_warp_errors_in_full() -> None:
-    from kdtoolkit.data.warp import as3x3, roi_matrix
+    from kdtoolkit.data.affine import as3x3, roi_matrix
 
     with pytest.raises(ValueError, match=r"^affine matrix must be 2×3 or 3×3, got \(2, 2\)$"):
         as3x3(np.eye(2))
@@ -115,7 +115,8 @@ def test_shrinking_warp_is_torchs_antialiased_resize(size, antialias) -> None:
     antialias; by 1.25 exactly (64 → 51.2 ≈ 52 here: 1.23), the plain bilinear resize."""
     import torch.nn.functional as F
 
-    from kdtoolkit.data.warp import resize_matrix, warp_tensor
+    from kdtoolkit.data.affine import resize_matrix
+    from kdtoolkit.data.warp import warp_tensor
 
     src = torch.rand(2, 64, 64, generator=torch.Generator().manual_seed(0))
     got = warp_tensor(src, resize_matrix((64, 64), size), size)
@@ -137,7 +138,7 @@ def test_shrinking_warp_is_torchs_antialiased_resize(size, antialias) -> None:
 def test_reduction_factors_by_hand(linear, want) -> None:
     """Source pixels per output pixel of an inverse warp: per axis when axis-aligned, else
     the smaller column norm on both axes; 1 at or below the antialiasing step (1.25)."""
-    from kdtoolkit.data.warp import _reduction
+    from kdtoolkit.data.affine import reduction as _reduction
 
     inv = np.eye(3)
     inv[:2, :2] = linear
@@ -149,7 +150,8 @@ def test_warp_stack_warps_every_row_through_its_own_path() -> None:
     """Rows 1 (direct, shifted by one pixel) and 0 (shrunk by 4 and letterboxed) of a stack."""
     import torch.nn.functional as F
 
-    from kdtoolkit.data.warp import letterbox_matrix, warp_stack
+    from kdtoolkit.data.affine import letterbox_matrix
+    from kdtoolkit.data.warp import warp_stack
 
     stack = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     shift = np.array([[1.0, 0, 1], [0, 1, 0], [0, 0, 1]])

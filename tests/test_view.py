@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from kdtoolkit.data.affine import letterbox_matrix, transform_points
 from kdtoolkit.data.augment import random_affine, transform_roi
 from kdtoolkit.data.dataset import KdDataset
 from kdtoolkit.data.geometry import roi_corners
@@ -18,7 +19,7 @@ from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.mask import roi_mask
 from kdtoolkit.data.view import ViewConfig, crop_roi, normalise, student_view, view_config
-from kdtoolkit.data.warp import letterbox_matrix, transform_points, warp
+from kdtoolkit.data.warp import warp
 from kdtoolkit.errors import KdError
 
 # Plain pixels: no normalisation, so tensors read as [0, 1] intensities.

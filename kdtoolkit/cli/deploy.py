@@ -20,7 +20,8 @@ def predict_command(
     checkpoint: Annotated[
         Path,
         typer.Argument(
-            help="A student checkpoint (.safetensors), or a run folder: its fold students averaged."
+            help="A student checkpoint (.safetensors), a run folder (its fold students "
+            "averaged), or an ONNX export of kd export (served without torch)."
         ),
     ],
     paths: Annotated[
@@ -45,7 +46,7 @@ def predict_command(
     ] = False,
 ) -> None:
     """Stage full images with a student alone: no crops, no detector."""
-    from kdtoolkit.engine.serve import predict as predict_images
+    from kdtoolkit.serving.predict import predict as predict_images
 
     report = predict_images(
         checkpoint,
@@ -77,7 +78,9 @@ def predict_command(
 
 
 def export_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors of kd run.")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A model.safetensors of kd run (a run folder with --ensemble).")
+    ],
     fmt: Annotated[
         str, typer.Option("--format", "-f", help="onnx, torchscript or exported (.pt2).")
     ] = "onnx",
@@ -97,6 +100,12 @@ def export_command(
     ] = 1e-4,
     samples: Annotated[int, typer.Option(help="Images in the parity check.")] = 8,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: the exporter's).")] = None,
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble", help="Export a run folder's fold students as one graph (their mean)."
+        ),
+    ] = False,
     verify: Annotated[
         bool,
         typer.Option("--verify", help="Only check an existing export (-o) against the checkpoint."),
@@ -122,6 +131,7 @@ def export_command(
         tolerance=tolerance,
         samples=samples,
         opset=opset,
+        ensemble=ensemble,
     )
     opset_text = f", opset {result.metadata['opset']}" if "opset" in result.metadata else ""
     outputs = ", ".join(o["name"] for o in result.metadata["outputs"])

@@ -19,7 +19,7 @@ class ExperimentConfig:
     output: str = ""
     seed: int = 0
     device: str = "auto"
-    compile: bool = False  # torch.compile the feature trunk (engine.device.compile_trunk)
+    compile: bool = False  # torch.compile the feature trunk (models.device.compile_trunk)
     paired: bool = True  # full-image rows share initial weights and batch order (stage_seed)
     # run loggers (names, or tables with name and options); not part of the digest
     loggers: list[str | dict[str, Any]] = field(default_factory=lambda: ["csv"])

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kdtoolkit.data.affine import as3x3, transform_points
 from kdtoolkit.data.geometry import Box, roi_axes, roi_corners
-from kdtoolkit.data.warp import as3x3, transform_points
 
 
 def random_affine(

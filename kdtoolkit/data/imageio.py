@@ -12,15 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from kdtoolkit.data.scan import ReadSpec, read_scan
 from kdtoolkit.data.volume import is_volume_path
 from kdtoolkit.errors import KdError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: reading needs numpy alone
+    import torch
 
 #: ITU-R BT.601 luma weights, used to turn RGB into grey.
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -111,6 +113,8 @@ def load_image(source: Any, channels: int) -> np.ndarray:
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """An H×W or H×W×C image as a float32 C×H×W tensor."""
+    import torch
+
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:
         arr = arr[:, :, None]
@@ -123,19 +127,24 @@ def to_array(t: torch.Tensor) -> np.ndarray:
 
 
 def image_tensor(image: Any, channels: int) -> torch.Tensor:
-    """A raw image as a [0, 1] C×H×W tensor (C = 1 or ``channels``): a source, or an array as
-    from :func:`load_image` (float in [0, 1]) or uint8/uint16 (scaled by the dtype's maximum)."""
-    if not isinstance(image, np.ndarray | torch.Tensor):
-        return to_tensor(to_float(read_native(image), channels))
+    """:func:`image_array` as a C×H×W tensor."""
+    return to_tensor(image_array(image, channels))
+
+
+def image_array(image: Any, channels: int) -> np.ndarray:
+    """A raw image as a [0, 1] float32 H×W×C array (C = 1 or ``channels``): a source, or an
+    array as from :func:`load_image` (float in [0, 1]) or uint8/uint16 (scaled by the dtype's
+    maximum)."""
+    if isinstance(image, str | Path) or hasattr(image, "image"):
+        return to_float(read_native(image), channels)
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[2] not in (1, 3):
         raise KdError(f"expected an H×W, H×W×1 or H×W×3 image, got shape {arr.shape}")
     if arr.dtype in (np.uint8, np.uint16):
-        arr = to_float(arr, channels)
-    else:
-        arr = arr.astype(np.float32)
-        if channels == 1 and arr.shape[2] == 3:
-            arr = arr @ LUMA
-    return to_tensor(arr)
+        return to_float(arr, channels)
+    arr = arr.astype(np.float32)
+    if channels == 1 and arr.shape[2] == 3:
+        arr = arr @ LUMA
+    return arr

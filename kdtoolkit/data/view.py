@@ -15,18 +15,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from kdtoolkit.data.augment import Jitter, draw_jitter, jitter_roi, random_affine, transform_roi
-from kdtoolkit.data.geometry import Box, roi_corners
-from kdtoolkit.data.imageio import expand_channels, image_tensor, to_tensor
-from kdtoolkit.data.warp import (
+from kdtoolkit.data.affine import (
     as3x3,
     letterbox_matrix,
     resize_matrix,
     roi_matrix,
     transform_points,
-    warp,
-    warp_tensor,
 )
+from kdtoolkit.data.augment import Jitter, draw_jitter, jitter_roi, random_affine, transform_roi
+from kdtoolkit.data.geometry import Box, roi_corners
+from kdtoolkit.data.imageio import expand_channels, image_tensor, to_tensor
+from kdtoolkit.data.warp import warp, warp_tensor
 from kdtoolkit.errors import KdError
 
 if TYPE_CHECKING:

@@ -19,13 +19,13 @@ from kdtoolkit.data import fold as folds_mod
 from kdtoolkit.data.manifest import Manifest, Sample, read_manifest
 from kdtoolkit.data.scan import read_spec
 from kdtoolkit.data.view import ViewConfig, view_config
-from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.engine.distributed import is_main, main_first, start
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.engine.loggers import RunLoggers
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_write_text, read_json, reading
+from kdtoolkit.models.device import resolve_device
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.task import Task
 

@@ -14,11 +14,11 @@ from kdtoolkit.data.imageio import load_image
 from kdtoolkit.data.manifest import Sample
 from kdtoolkit.data.view import ViewConfig, crop_roi, normalise, student_view
 from kdtoolkit.engine.context import RunContext
-from kdtoolkit.engine.device import autocast
 from kdtoolkit.engine.loaders import Loader
 from kdtoolkit.engine.plan import EvaluateSpec
 from kdtoolkit.engine.train import predict_logits
 from kdtoolkit.models.checkpoint import load_model, read_metadata
+from kdtoolkit.models.device import autocast
 from kdtoolkit.models.gradcam import cam_for_images, unwrap
 from kdtoolkit.models.temperature import probabilities_of
 from kdtoolkit.plugins.roi import RoiResult

@@ -22,7 +22,6 @@ import torch
 
 from kdtoolkit.config.recipe import Recipe
 from kdtoolkit.engine.context import RunContext, RunPaths, fold_count
-from kdtoolkit.engine.device import resolve_device
 from kdtoolkit.engine.distributed import (
     barrier,
     broadcast,
@@ -57,6 +56,7 @@ from kdtoolkit.engine.stage import (
 )
 from kdtoolkit.errors import Interrupted, KdError
 from kdtoolkit.models.checkpoint import load_model, read_metadata
+from kdtoolkit.models.device import resolve_device
 from kdtoolkit.plugins.manager import registries
 from kdtoolkit.plugins.roi import RoiResult
 from kdtoolkit.report.results import FoldResult, RunResults

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from kdtoolkit.config.recipe import ModelConfig
-from kdtoolkit.engine.device import autocast, channels_last
 from kdtoolkit.engine.distributed import (
     all_sum,
     broadcast,
@@ -29,6 +28,7 @@ from kdtoolkit.engine.resume import read_state, restore_rng, rng_states, set_asi
 from kdtoolkit.engine.selection import best_score_of, select, weight_average
 from kdtoolkit.errors import KdError
 from kdtoolkit.models.checkpoint import save_state, weights_of
+from kdtoolkit.models.device import autocast, channels_last
 from kdtoolkit.plugins.loss import CompositeLoss, LossContext
 from kdtoolkit.report.metrics import classification_metrics
 

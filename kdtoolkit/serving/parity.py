@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdtoolkit.data.view import student_view
-from kdtoolkit.engine.predict import ImageLike, KdModel, read_spec_of, source_of, view_config
-from kdtoolkit.engine.runtimes import load_runtime, run_in_batches
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json
+from kdtoolkit.serving.kdmodel import KdModel
+from kdtoolkit.serving.preprocess import ImageLike, prepare_inputs
+from kdtoolkit.serving.runtimes import load_runtime, run_in_batches
 
 
 @dataclass
@@ -65,7 +65,7 @@ def synthetic_images(kd: KdModel, n: int, seed: int = 0) -> list[np.ndarray]:
     """``n`` uint8 images (grey, or RGB for a 3-channel model) of varied sizes and aspect
     ratios around the model's input: smooth shapes plus noise."""
     rng = np.random.default_rng(seed)
-    h, w = kd.config.image_size
+    h, w = kd.spec.image_size
     shapes = [(h, w), (int(h * 1.5), w), (h, int(w * 1.3)), (2 * h, 2 * w), (h // 2 + 1, w)]
     out = []
     for i in range(n):
@@ -74,7 +74,7 @@ def synthetic_images(kd: KdModel, n: int, seed: int = 0) -> list[np.ndarray]:
         cy, cx = rng.uniform(0.2, 0.8, 2)
         blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / rng.uniform(0.01, 0.1))
         image = 200 * blob + rng.uniform(0, 55, (sh, sw))
-        if kd.config.channels == 3:
+        if kd.spec.channels == 3:
             image = np.stack([image * s for s in rng.uniform(0.7, 1.0, 3)], axis=2)
         out.append(image.clip(0, 255).astype(np.uint8))
     return out
@@ -122,16 +122,6 @@ def sample_inputs(kd: KdModel, run: str | Path | None, n: int) -> tuple[list[Ima
     if run is not None:
         return held_out_images(kd, Path(run), n)
     return list(synthetic_images(kd, n)), "synthetic images"
-
-
-def prepare_inputs(images: Sequence[ImageLike], metadata: dict[str, Any]) -> np.ndarray:
-    """The input batch (N×C×H×W float32) of an exported model for ``images`` (paths or
-    arrays), made as its metadata's ``preprocess`` says, scans read as its ``scan`` says
-    (``preprocess.json`` or the metadata inside the file): what ``KdModel.preprocess`` does
-    for the checkpoint."""
-    cfg = view_config(metadata["preprocess"])
-    read = read_spec_of({"read": metadata.get("scan") or {}})
-    return torch.stack([student_view(source_of(image, read), cfg) for image in images]).numpy()
 
 
 def check_parity(

@@ -1,6 +1,6 @@
-"""``kd predict``: a student checkpoint, or a run folder's fold students together, on image
-files, scans (DICOM files and series folders, NIfTI volumes, read as the checkpoint's recipe
-read them) and manifest rows, with Grad-CAM overlays."""
+"""``kd predict``: a student checkpoint, a run folder's fold students together, or an ONNX
+export (torch-free), on image files, scans (DICOM files and series folders, NIfTI volumes, read
+as the model's recipe read them) and manifest rows, with Grad-CAM overlays (checkpoints)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from kdtoolkit.data.volume import NIFTI_SUFFIXES, is_volume_path
-from kdtoolkit.engine.predict import FoldEnsemble, KdModel, batches, describe
 from kdtoolkit.errors import KdError
+from kdtoolkit.serving.exported import ExportedModel
+from kdtoolkit.serving.predictor import Predictor, describe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -68,25 +68,35 @@ class PredictReport:
 
 
 def load_predictor(
-    checkpoint: str | Path,
+    model: str | Path,
     device: str = "auto",
     calibrated: bool = True,
     allow_missing_folds: bool = False,
-) -> KdModel | FoldEnsemble:
-    """A checkpoint's ``KdModel``, or the ``FoldEnsemble`` of a run folder."""
-    if Path(checkpoint).is_dir():
-        return FoldEnsemble.load(checkpoint, device, calibrated, allow_missing_folds)
-    return KdModel.load(checkpoint, device, calibrated)
+) -> Predictor:
+    """The served model at ``model``: an ONNX export's ``ExportedModel`` (no torch), a run
+    folder's ``FoldEnsemble`` or a checkpoint's ``KdModel``."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        if not calibrated:
+            raise KdError(
+                f"{path}: an export applies its temperature inside the graph; predict with the "
+                "checkpoint for --no-calibrated"
+            )
+        return ExportedModel(path)
+    from kdtoolkit.serving.kdmodel import FoldEnsemble, KdModel
+
+    if path.is_dir():
+        return FoldEnsemble.load(path, device, calibrated, allow_missing_folds)
+    return KdModel.load(path, device, calibrated)
 
 
-def manifest_samples(model: KdModel | FoldEnsemble, manifest: str | Path) -> list[Any]:
+def manifest_samples(model: Predictor, manifest: str | Path) -> list[Any]:
     """The rows of ``manifest`` as the model's evaluation read them: its classes, its read
     settings (each row's ``slice`` column included), boxes optional."""
     from kdtoolkit.data.manifest import read_manifest
 
-    first = model.members[0] if isinstance(model, FoldEnsemble) else model
     return list(
-        read_manifest(manifest, model.classes, require_boxes=False, read=first.read).samples
+        read_manifest(manifest, model.classes, require_boxes=False, read=model.read).samples
     )
 
 
@@ -100,12 +110,14 @@ def predict(
     calibrated: bool = True,
     allow_missing_folds: bool = False,
 ) -> PredictReport:
-    """Stage every image (and every row of ``manifest``) with a student checkpoint, or with
-    the fold students of a run folder (``FoldEnsemble``); ``calibrated``: with the fitted
-    temperatures; ``allow_missing_folds``: a run folder whose run is missing folds averages the
-    folds it has (else an error naming them). Grad-CAM overlays in ``cam_dir`` when given (the
-    folder is made first: one that cannot be is an error before any work). Unreadable files are
-    skipped and listed in ``skipped``."""
+    """Stage every image (and every row of ``manifest``) with a student checkpoint, the fold
+    students of a run folder (``FoldEnsemble``) or an ONNX export (``ExportedModel``, no
+    torch); ``calibrated``: with the fitted temperatures; ``allow_missing_folds``: a run folder
+    whose run is missing folds averages the folds it has (else an error naming them). Each
+    input is decoded once, whatever the folds and outputs. Grad-CAM overlays in ``cam_dir``
+    when given (the folder is made first: one that cannot be is an error before any work).
+    Unreadable files, and inputs holding NaN or infinite values, are skipped and listed in
+    ``skipped``."""
     if cam_dir is not None:
         make_cam_dir(Path(cam_dir))
     if not paths and manifest is None:
@@ -113,20 +125,26 @@ def predict(
     model = load_predictor(checkpoint, device, calibrated, allow_missing_folds)
     if model.view != "image":
         raise KdError(
-            f"{checkpoint}: a {model.metadata.get('role')} checkpoint that takes crops; "
+            f"{checkpoint}: a {model.metadata.get('role')} model that takes crops; "
             f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
+        )
+    if cam_dir is not None and not hasattr(model, "cam_of"):
+        raise KdError(
+            f"{checkpoint}: Grad-CAM overlays need the checkpoint (an export has no gradients); "
+            "drop --cam, or predict with the model.safetensors it was exported from"
         )
     sources: list[Any] = list(image_paths(paths)) if paths else []
     if manifest is not None:
         sources += manifest_samples(model, manifest)
     readable: list[Any] = []
+    inputs: list[np.ndarray] = []
     skipped: list[tuple[str, str]] = []
     for source in sources:
         try:
             with warnings.catch_warnings():  # NaN pixels: named below, not warned about
                 warnings.simplefilter("ignore", RuntimeWarning)
-                x = model.preprocess([source])
-            if not torch.isfinite(x).all():
+                x = model.prepare([source])[0]
+            if not np.isfinite(x).all():
                 raise KdError(
                     "holds NaN or infinite values (a damaged file, or one saved with undefined "
                     "values); fix or remove it"
@@ -136,9 +154,11 @@ def predict(
             skipped.append((name, reason.removeprefix(f"{name}: ")))
         else:
             readable.append(source)
-    results = [p.to_dict() for p in model.predict(readable, batch_size)]
+            inputs.append(x)
+    batch = np.stack(inputs) if inputs else np.zeros((0, 1, 1, 1), np.float32)
+    results = [p.to_dict() for p in model.predictions(readable, model.proba_of(batch, batch_size))]
     if cam_dir is not None and readable:
-        write_cams(Path(cam_dir), model, readable, batch_size)
+        write_cams(Path(cam_dir), model, readable, batch, batch_size)
     return PredictReport(results, skipped)
 
 
@@ -172,9 +192,10 @@ def make_cam_dir(cam_dir: Path) -> None:
 
 
 def write_cams(
-    cam_dir: Path, model: KdModel | FoldEnsemble, files: list[Any], batch_size: int
+    cam_dir: Path, model: Any, files: list[Any], inputs: np.ndarray, batch_size: int
 ) -> None:
-    """One overlay PNG per image: the model's input in grey with its Grad-CAM on top."""
+    """One overlay PNG per image: the model's input (``inputs``, prepared) in grey with its
+    Grad-CAM on top."""
     from matplotlib import colormaps
     from PIL import Image
 
@@ -182,14 +203,12 @@ def write_cams(
 
     cam_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for chunk in batches(files, batch_size):
-        cams = model.cam(chunk)
-        inputs = model.preprocess(chunk).numpy()
-        for f, image, cam in zip(chunk, inputs, cams, strict=True):
-            grey = image.mean(0)
-            grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
-            heat = colormaps["jet"](cam)[..., :3]
-            overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
-            pixels = Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8))
-            with atomic_path(cam_dir / cam_name(f, used)) as tmp:
-                pixels.save(tmp, format="PNG")
+    cams = model.cam_of(inputs, batch_size)
+    for f, image, cam in zip(files, inputs, cams, strict=True):
+        grey = image.mean(0)
+        grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))
+        heat = colormaps["jet"](cam)[..., :3]
+        overlay = 0.55 * np.repeat(grey[..., None], 3, axis=2) + 0.45 * heat
+        pixels = Image.fromarray((overlay * 255).clip(0, 255).astype(np.uint8))
+        with atomic_path(cam_dir / cam_name(f, used)) as tmp:
+            pixels.save(tmp, format="PNG")

@@ -3,17 +3,15 @@ optional ONNX packages, imported with one line naming the extra when missing."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.serving.exported import onnx_session, private_caches
 
 INSTALL = 'pip install "kdtoolkit[export]"'
 Runtime = Callable[[np.ndarray], list[np.ndarray]]
@@ -33,32 +31,12 @@ def require(*modules: str) -> None:
             ) from None
 
 
-@contextlib.contextmanager
-def private_caches() -> Iterator[None]:
-    """onnxruntime keeps a device id under ``$XDG_CACHE_HOME``; point it at kdtoolkit's
-    per-user temporary folder while a session is made (unless the user chose a folder)."""
-    saved = os.environ.get("XDG_CACHE_HOME")
-    if saved is None:
-        user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-        os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / f"kdtoolkit-{user}")
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("XDG_CACHE_HOME", None)
-
-
 def load_runtime(path: Path, fmt: str) -> Runtime:
     """A function running the exported file at ``path`` in its own runtime: onnxruntime (CPU),
     ``torch.jit.load`` or ``torch.export.load``; N×C×H×W float32 in, its outputs out."""
     if fmt == "onnx":
         require("onnxruntime")
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch
-        with private_caches():
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, torch.get_num_threads())  # as many threads as torch
         return lambda x: list(session.run(None, {"image": x}))
     if fmt == "torchscript":
         with warnings.catch_warnings():  # TorchScript is deprecated, still what servers run
