@@ -33,8 +33,8 @@ EXPORTS = {
     "Range": "kdtoolkit.config.option",
     "run": "kdtoolkit.engine.run",
     "RunResult": "kdtoolkit.engine.run",
-    "tune": "kdtoolkit.engine.tune",
-    "TuneResult": "kdtoolkit.engine.tune",
+    "tune": "kdtoolkit.tuning.study",
+    "TuneResult": "kdtoolkit.tuning.study",
     "load_data": "kdtoolkit.engine.context",
     "KdModel": "kdtoolkit.serving.kdmodel",
     "FoldEnsemble": "kdtoolkit.serving.kdmodel",
@@ -120,7 +120,6 @@ if TYPE_CHECKING:
     from kdtoolkit.engine.context import load_data
     from kdtoolkit.engine.export import export_model, read_export_metadata, verify_export
     from kdtoolkit.engine.run import RunResult, run
-    from kdtoolkit.engine.tune import TuneResult, tune
     from kdtoolkit.errors import KdError
     from kdtoolkit.models.backbone import Backbone, create_backbone
     from kdtoolkit.plugins.hookspec import hookimpl
@@ -133,6 +132,7 @@ if TYPE_CHECKING:
     from kdtoolkit.serving.kdmodel import FoldEnsemble, KdModel
     from kdtoolkit.serving.predictor import Prediction
     from kdtoolkit.serving.preprocess import prepare_inputs
+    from kdtoolkit.tuning.study import TuneResult, tune
 
 
 def __getattr__(name: str) -> Any:

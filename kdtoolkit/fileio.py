@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,6 +151,36 @@ def check_parent(path: str | os.PathLike[str], what: str) -> Path:
     return target
 
 
+def temporary_prefix(target: Path) -> str:
+    """How the temporary files of ``target`` written on this host begin (the writer's
+    process id follows): ``.<name>.<host>-``."""
+    return f".{target.name}.{socket.gethostname()}-"
+
+
+def remove_stale_temporaries(target: Path) -> None:
+    """Delete the temporary files of ``target`` left by a process of this host that is gone
+    (killed while writing); those of live processes and other hosts stay."""
+    prefix = temporary_prefix(target)
+    with contextlib.suppress(OSError):
+        for leftover in target.parent.glob(
+            f"{glob.escape(prefix)}*.tmp{glob.escape(target.suffix)}"
+        ):
+            pid = leftover.name[len(prefix) :].split(".", 1)[0]
+            if pid.isdigit() and not process_alive(int(pid)):
+                leftover.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], parents: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on normal exit it replaces ``path``.
@@ -169,8 +201,11 @@ def atomic_path(path: str | os.PathLike[str], parents: bool = True) -> Iterator[
             target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        remove_stale_temporaries(target)
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent
+            prefix=f"{temporary_prefix(target)}{os.getpid()}.",
+            suffix=f".tmp{target.suffix}",
+            dir=target.parent,
         )
     except OSError as e:
         raise not_writable(target, e) from None

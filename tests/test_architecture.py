@@ -27,6 +27,7 @@ ALLOWED = {
     "kdtoolkit.builtin": MIDDLE,
     "kdtoolkit.serving": MIDDLE,
     "kdtoolkit.engine": (*MIDDLE, "kdtoolkit.report", "kdtoolkit.serving"),
+    "kdtoolkit.tuning": (*MIDDLE, "kdtoolkit.report", "kdtoolkit.serving", "kdtoolkit.engine"),
 }
 #: The modules of ``kdtoolkit.serving`` that an install without the training stack runs
 #: (``kd predict model.onnx``): they import neither torch nor a module that does.

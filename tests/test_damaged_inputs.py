@@ -392,3 +392,95 @@ def test_every_run_folder_reader_turns_any_damage_into_one_kd_error(finished, tm
             tried += 1
         path.write_bytes(original)
     assert tried > 100 and not escaped, "\n".join(map(str, escaped))
+
+
+# ---- kd predict and kd export: bad pixels, refused exports, folders ---------------------------
+
+
+def test_predict_skips_non_finite_scans_and_blames_the_input(finished, tmp_path):
+    """One good NIfTI, one with a NaN plane, one with inf voxels and a float TIFF of NaN: the
+    good one is predicted, each bad file named as bad input (exit 2); nothing blames the
+    checkpoint and no library warning reaches the terminal."""
+    import nibabel as nib
+    import numpy as np
+
+    ckpt = finished / "run" / "fold_0" / "student" / "model.safetensors"
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    volume = np.random.default_rng(0).uniform(0, 100, (12, 12, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), scans / "good.nii.gz")
+    plane = volume.copy()
+    plane[6] = np.nan
+    nib.save(nib.Nifti1Image(plane, np.eye(4)), scans / "nan_plane.nii.gz")
+    inf = volume.copy()
+    inf[4:8, 4:8, 4:8] = np.inf  # inside the middle sagittal slice, which is read
+    nib.save(nib.Nifti1Image(inf, np.eye(4)), scans / "inf.nii.gz")
+    Image.fromarray(np.full((16, 16), np.nan, np.float32)).save(scans / "nan.tif")
+    result = kd("predict", str(ckpt), str(scans), "--json")
+    assert result.returncode == 2, result.stderr
+    predicted = [json.loads(line)["image"] for line in result.stdout.splitlines()]
+    assert predicted == [str(scans / "good.nii.gz")]
+    lines = result.stderr.strip().splitlines()
+    for name in ("inf.nii.gz", "nan.tif", "nan_plane.nii.gz"):
+        line = next(x for x in lines if name in x)
+        assert "NaN or infinite" in line, line
+    assert (
+        lines[-1]
+        == "error: 3 of 4 images could not be read (listed above); the others were predicted"
+    )
+    text = result.stderr.lower()
+    assert "checkpoint" not in text and "diverged" not in text and "warning" not in text
+
+
+def dead_pid() -> int:
+    """A process id that no process has (a child that has exited and been reaped)."""
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    return int(child.stdout)
+
+
+def test_refused_exports_keep_nothing(finished, tmp_path):
+    """A preprocess.json that is a folder, an -o three folders deep, a --cam three folders
+    deep: refused before any work, nothing written and no folder made; the temporary file a
+    killed export left behind is removed by the next export, one of a live process kept."""
+    import os
+    import socket
+
+    ckpt = finished / "run" / "fold_0" / "student" / "model.safetensors"
+    out = tmp_path / "exp"
+    (out / "preprocess.json").mkdir(parents=True)
+    result = kd("export", str(ckpt), "-f", "torchscript", "-o", str(out / "a.pt"))
+    one_line_naming(result, "preprocess.json")
+    assert sorted(p.name for p in out.iterdir()) == ["preprocess.json"]
+    deep = tmp_path / "deep" / "b" / "c" / "a.pt"
+    one_line_naming(kd("export", str(ckpt), "-f", "torchscript", "-o", str(deep)), str(deep))
+    cams = tmp_path / "camd" / "a" / "b"
+    image = finished / "data" / "img_000.png"
+    one_line_naming(kd("predict", str(ckpt), str(image), "--cam", str(cams)), str(cams))
+    assert not (tmp_path / "deep").exists() and not (tmp_path / "camd").exists()
+    # one missing folder is made; a killed export's temporary file is cleared, a live one kept
+    target = tmp_path / "new" / "a.pt"
+    target.parent.mkdir()
+    host = socket.gethostname()
+    stale = target.parent / f".a.pt.{host}-{dead_pid()}.x1.tmp.pt"
+    live = target.parent / f".a.pt.{host}-{os.getpid()}.x2.tmp.pt"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    result = kd("export", str(ckpt), "-f", "torchscript", "-o", str(target))
+    assert result.returncode == 0, result.stderr
+    assert not stale.exists() and live.exists() and target.is_file()
+    one = tmp_path / "one" / "a.pt"  # one missing folder: made
+    assert kd("export", str(ckpt), "-f", "torchscript", "-o", str(one)).returncode == 0
+
+
+def test_verify_of_a_truncated_export_is_one_line(finished, tmp_path):
+    ckpt = finished / "run" / "fold_0" / "student" / "model.safetensors"
+    for fmt, name in (("exported", "a.pt2"), ("torchscript", "a.pt")):
+        path = tmp_path / fmt / name
+        assert kd("export", str(ckpt), "-f", fmt, "-o", str(path)).returncode == 0
+        truncate(path)
+        one_line_naming(kd("export", str(ckpt), "--verify", "-o", str(path)), name)

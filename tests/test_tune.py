@@ -6,7 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +17,12 @@ import pytest
 
 from kdtoolkit.config.recipe import load_recipe
 from kdtoolkit.config.tune import recipe_values
-from kdtoolkit.engine import tune as tune_mod
 from kdtoolkit.engine.folder import STAMP
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.errors import KdError
 from kdtoolkit.testing import kd_cli
+from kdtoolkit.tuning import objective as objective_mod
+from kdtoolkit.tuning import study as tune_mod
 
 optuna = pytest.importorskip("optuna")
 
@@ -99,7 +103,7 @@ def test_space_becomes_optuna_distributions(tune_recipe: Path) -> None:
     }
     study = optuna.create_study()
     trial = study.ask()
-    values = {k: tune_mod.suggest(trial, k, v) for k, v in space.items()}
+    values = {k: objective_mod.suggest(trial, k, v) for k, v in space.items()}
     assert trial.distributions == {
         "a.x": FloatDistribution(0.05, 1.0, log=True),
         "a.y": CategoricalDistribution([1, 2, 4]),
@@ -132,7 +136,7 @@ def test_the_median_pruner_waits_warmup_epochs(tune_recipe: Path, tmp_path: Path
 def test_missing_optuna_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(KdError, match=re.escape('pip install "kdtoolkit[tune]"')):
-        tune_mod.import_optuna()
+        objective_mod.import_optuna()
 
 
 def held_out_of(output: Path, fold: int) -> set[int]:
@@ -150,7 +154,7 @@ def test_tuning_never_loads_a_held_out_sample(
     validation accuracy (``select_by = "last"``, the default)."""
     calls: list[tuple[int, set[int]]] = []
     current: list[int] = []
-    original_call, original_train = Loaders.__call__, tune_mod.train_model
+    original_call, original_train = Loaders.__call__, objective_mod.train_model
 
     def spy_loader(self, indices, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append((current[-1], {int(i) for i in indices}))
@@ -161,7 +165,7 @@ def test_tuning_never_loads_a_held_out_sample(
         return original_train(ctx, fold, *args, **kwargs)
 
     monkeypatch.setattr(Loaders, "__call__", spy_loader)
-    monkeypatch.setattr(tune_mod, "train_model", spy_train)
+    monkeypatch.setattr(objective_mod, "train_model", spy_train)
     out = tmp_path / "study"
     sets = [*FAST, "tune.folds=[0,1]"]
     result = tune_mod.tune(tune_recipe, 2, sets, output=out, quiet=True)
@@ -217,7 +221,7 @@ def test_interrupted_trials_are_tried_again(tune_recipe: Path, tmp_path: Path) -
     storage = tune_mod.open_storage(tmp_path)
     study = tune_mod.open_study(recipe, storage)
     trial = study.ask()
-    value = tune_mod.suggest(trial, "loss.0.weight", recipe.tune.space["loss.0.weight"])
+    value = objective_mod.suggest(trial, "loss.0.weight", recipe.tune.space["loss.0.weight"])
     lines: list[str] = []
     tune_mod.requeue_interrupted(study, storage, lines.append)
     states = [t.state for t in study.trials]
@@ -352,9 +356,76 @@ def test_workers_as_local_jobs_share_the_study(tune_recipe: Path, tmp_path: Path
     assert "worker 0: job" in log and "worker 1: job" in log and log.count(" done\n") >= 2
     assert list((out / "jobs").glob("*_log.err"))  # submitit's own files
     trials = {r["number"]: r["seconds"] for r in result.trials}
-    from kdtoolkit.engine.tune_workers import worker_main
+    from kdtoolkit.tuning.workers import worker_main
 
     recipe = load_recipe(tune_recipe, [*sets, f"experiment.output={json.dumps(str(out))}"])
     worker_main(tune_mod.optimize, recipe, [0], 2, 5, total=3)
     again = tune_mod.tune(tune_recipe, 3, sets, output=out, quiet=True)
     assert again.ran == 0 and {r["number"]: r["seconds"] for r in again.trials} == trials
+
+
+def interrupt_trial_1(args: list[str], out: Path, sig: int) -> subprocess.CompletedProcess:
+    """``kd ARGS`` stopped with ``sig`` once trial 1 has started (its line in tune.log)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kdtoolkit.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    started, log = time.monotonic(), out / "tune.log"
+    while not (log.exists() and "trial 1: {" in log.read_text()):
+        assert proc.poll() is None and time.monotonic() - started < 300
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, proc.returncode, "", err)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_trial_is_tried_again_with_its_values(tune_recipe, tmp_path, sig):
+    """Ctrl-C (or SIGTERM) during trial 1 of three: one line, no traceback, exit 130 (143);
+    the same command then runs trial 1's values again, completed, and one new trial (three
+    finished, as asked)."""
+    out = tmp_path / "study"
+    args = ["tune", str(tune_recipe), "--output", str(out), "--quiet", "--trials", "3"]
+    args += [item for s in FAST for item in ("--set", s)]
+    stopped = interrupt_trial_1(args, out, sig)
+    assert stopped.returncode == (130 if sig == signal.SIGINT else 143), stopped.stderr
+    assert "Traceback" not in stopped.stderr and len(stopped.stderr.strip().splitlines()) == 1
+    assert "rerun the same command to resume" in stopped.stderr
+    again = kd_cli(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = read_trials(out / "trials.csv")
+    values = [(r["loss.0.weight"], r["loss.1.temperature"]) for r in rows]
+    assert [r["state"] for r in rows] == ["complete", "fail", "complete", "complete"]
+    assert values[2] == values[1] and values.count(values[1]) == 2  # tried again, once
+    assert len(set(values)) == 3
+    assert "trial 1: interrupted before; its values are tried again" in (
+        (out / "tune.log").read_text()
+    )
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: bytes(range(256)) * 4,  # random bytes
+        lambda b: b[: 2 * len(b) // 3],  # cut short
+        lambda b: b"",  # emptied
+    ],
+    ids=["garbage", "truncated", "empty"],
+)
+def test_a_damaged_journal_is_one_line_naming_it(tune_recipe, tmp_path, damage):
+    """A study journal that is not Optuna's: exit 2, one line naming it and --force."""
+    out = tmp_path / "study"
+    recipe = load_recipe(tune_recipe, [f"experiment.output='{out}'"])
+    out.mkdir()
+    study = tune_mod.open_study(recipe, tune_mod.open_storage(out))
+    for _ in range(3):
+        trial = study.ask()
+        study.tell(trial, objective_mod.suggest(trial, "loss.0.weight", {"low": 0.1, "high": 1}))
+    journal = out / tune_mod.STUDY_FILE
+    journal.write_bytes(damage(journal.read_bytes()))
+    args = ["tune", str(tune_recipe), "--output", str(out), "--quiet", "--trials", "1"]
+    result = kd_cli(*args, *(item for s in FAST for item in ("--set", s)))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"{journal}: damaged, not an Optuna journal of kd tune" in lines[0]
+    assert "pass --force to start a new study" in lines[0]

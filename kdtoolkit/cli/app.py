@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import Annotated
 
 import typer
@@ -89,9 +90,11 @@ INTERRUPTED = "interrupted: nothing half-written is kept; rerun the command to r
 def run_app(typer_app: typer.Typer, plugin_commands: bool = False) -> None:
     """Run a typer app the kdtoolkit way (``kd``, benchmark scripts): a ``KdError`` prints one
     line and exits with its code (2; 130 for an interrupted run, saying what is kept), usage
-    errors exit 2, Ctrl-C 130 with one line, anything else one line and exit 1;
-    ``KD_DEBUG=1`` shows tracebacks instead."""
+    errors exit 2, Ctrl-C 130 with one line, anything else one line and exit 1; Python and
+    library warnings are not shown. ``KD_DEBUG=1`` shows tracebacks and warnings instead."""
     debug = os.environ.get("KD_DEBUG") == "1"
+    if not debug:  # what kd has to say, it says in its own lines; KD_DEBUG=1 shows the rest
+        warnings.simplefilter("ignore")
     interrupts.terminate_as_interrupt()
     try:
         if plugin_commands:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from kdtoolkit.engine.tune import TuneResult
+    from kdtoolkit.tuning.study import TuneResult
 
 
 def trials_table(result: TuneResult, limit: int = 20) -> Table:
@@ -66,7 +66,7 @@ def tune_command(
 ) -> None:
     """Tune student settings on the validation splits of the training folds (never the
     held-out folds); write trials.csv, plots and best.toml."""
-    from kdtoolkit.engine.tune import tune
+    from kdtoolkit.tuning.study import tune
 
     sets = list(set_ or [])
     if device is not None:

@@ -41,7 +41,7 @@ from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import atomic_path, atomic_write_text, read_json
 from kdtoolkit.serving.kdmodel import FoldEnsemble, KdModel
 from kdtoolkit.serving.parity import Parity, check_parity, differing_keys, sample_inputs
-from kdtoolkit.serving.runtimes import require
+from kdtoolkit.serving.runtimes import load_program, require
 
 #: ``--format`` → the file suffix it is written with by default.
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt", "exported": ".pt2"}
@@ -98,6 +98,29 @@ def write_exported(module: nn.Module, example: torch.Tensor, path: Path, meta: d
         torch.export.save(program, str(path), extra_files={EXTRA_FILE: json.dumps(meta)})
 
 
+def write_graph(
+    module: nn.Module, example: torch.Tensor, tmp: Path, meta: dict, opset: int | None, what: str
+) -> None:
+    """Write ``module`` to ``tmp`` in ``meta["format"]``; an exporter's failure is one line
+    naming ``what``."""
+    fmt = meta["format"]
+    try:
+        if fmt == "onnx":
+            write_onnx(module, example, tmp, meta, opset)
+        elif fmt == "torchscript":
+            write_torchscript(module, example, tmp, meta)
+        else:
+            write_exported(module, example, tmp, meta)
+    except KdError:
+        raise
+    except Exception as e:  # noqa: BLE001 - an exporter's failure becomes one line
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise KdError(
+            f"{what} could not be exported as {fmt} ({type(e).__name__}: {first}); try another "
+            "--format"
+        ) from None
+
+
 def load_checkpoint_model(checkpoint: Path, ensemble: bool = False) -> KdModel | FoldEnsemble:
     """The ``KdModel`` of one checkpoint on the CPU, or with ``ensemble`` the ``FoldEnsemble``
     of a run folder (every fold the run asked for); a run folder without ``ensemble`` is an
@@ -148,7 +171,7 @@ def read_export_metadata(path: str | Path) -> dict[str, Any]:
                     warnings.simplefilter("ignore", FutureWarning)
                     torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
             else:
-                torch.export.load(str(path), extra_files=extra)
+                load_program(path, extra)
             text = extra[EXTRA_FILE] or None
         if text is None:
             raise ValueError("it holds no kdtoolkit metadata")
@@ -188,10 +211,23 @@ def check_options(tolerance: float, samples: int, opset: int | None = None) -> N
 
 
 def check_writable(path: Path) -> None:
-    """Refuse an output that cannot be written, before any work: a read-only file or a
-    folder (the nearest existing one) that is not writable."""
+    """Refuse an output that cannot be written, before any work: a read-only file, a folder
+    more than one missing level deep (one missing folder is made, no more), a
+    ``preprocess.json`` beside it that is not a file, or a folder (the nearest existing one)
+    that is not writable."""
     if path.exists() and not os.access(path, os.W_OK):
         raise KdError(f"-o {path}: the file is read-only; choose another -o or make it writable")
+    if not path.parent.is_dir() and not path.parent.parent.is_dir():
+        raise KdError(
+            f"-o {path}: {path.parent.parent} does not exist; create it first (kd export makes "
+            "one missing folder, no more)"
+        )
+    sidecar = path.parent / SIDECAR
+    if sidecar.exists() and not sidecar.is_file():
+        raise KdError(
+            f"{sidecar}: is not a file; kd export writes the model's preprocessing there: "
+            "remove it or choose another -o"
+        )
     folder = path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
@@ -249,29 +285,24 @@ def export_model(
         )
     meta["preprocess_sha256"] = json_sha256(preprocess_part(meta))
     module = serving_module(kd, features)
-    with atomic_path(path) as tmp:
-        try:
-            if fmt == "onnx":
-                write_onnx(module, example, tmp, meta, opset)
-            elif fmt == "torchscript":
-                write_torchscript(module, example, tmp, meta)
-            else:
-                write_exported(module, example, tmp, meta)
-        except KdError as e:
-            raise KdError(str(e).replace(str(tmp), str(path))) from None
-        except Exception as e:  # noqa: BLE001 - an exporter's failure becomes one line
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            first = first.replace(str(tmp), str(path))
-            raise KdError(
-                f"{checkpoint}: backbone {kd.metadata.get('backbone')!r} could not be exported "
-                f"as {fmt} ({type(e).__name__}: {first}); try another --format"
-            ) from None
-        try:
-            parity = check_parity(kd, tmp, meta, images, kind, tolerance)
-        except KdError as e:  # name the -o path, not the temporary file
-            raise KdError(str(e).replace(str(tmp), str(path))) from None
-        parity.raise_if_failed(path)
-    atomic_write_text(sidecar, json.dumps(preprocess_part(meta), indent=2) + "\n")
+    made = not path.parent.exists()
+    try:
+        with atomic_path(path) as tmp:
+            what = f"{checkpoint}: backbone {kd.metadata.get('backbone')!r}"
+            try:
+                write_graph(module, example, tmp, meta, opset, what)
+                parity = check_parity(kd, tmp, meta, images, kind, tolerance)
+            except KdError as e:  # name the -o path, not the temporary file
+                raise KdError(str(e).replace(str(tmp), str(path))) from None
+            parity.raise_if_failed(path)
+            # before the model moves into place: a preprocess.json that cannot be written
+            # leaves no model behind
+            atomic_write_text(sidecar, json.dumps(preprocess_part(meta), indent=2) + "\n")
+    except BaseException:
+        if made:  # the one folder this export made, when nothing else is in it
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
+        raise
     return ExportResult(path, sidecar, meta, parity)
 
 

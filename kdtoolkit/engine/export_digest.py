@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.serving.runtimes import load_program
 
 #: The metadata keys of the digests (sha256, hex).
 KEYS = ("graph_sha256", "weights_sha256", "preprocess_sha256")
@@ -77,7 +78,7 @@ def file_sha256(path: Path, fmt: str) -> str:
         warnings.simplefilter("ignore")
         if fmt == "torchscript":
             return program_sha256(torch.jit.load(str(path), map_location="cpu"))
-        return program_sha256(torch.export.load(str(path)))
+        return program_sha256(load_program(path))
 
 
 def check_digests(path: Path, meta: dict[str, Any], weights: str, preprocess: str) -> None:

@@ -9,6 +9,7 @@ resampling and normalisation are exercised, not only the network).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from kdtoolkit.errors import KdError
 from kdtoolkit.fileio import read_json
 from kdtoolkit.serving.kdmodel import KdModel
+from kdtoolkit.serving.predictor import describe
 from kdtoolkit.serving.preprocess import ImageLike, prepare_inputs
 from kdtoolkit.serving.runtimes import load_runtime, run_in_batches
 
@@ -137,12 +139,22 @@ def check_parity(
     compare with ``KdModel.predict`` (and its feature maps when the export outputs them)."""
     try:
         names = [o["name"] for o in meta["outputs"]]
-        x = prepare_inputs(images, meta)
+        with warnings.catch_warnings():  # NaN pixels: named below, not warned about
+            warnings.simplefilter("ignore", RuntimeWarning)
+            x = prepare_inputs(images, meta)
     except (KeyError, TypeError, ValueError) as e:
         raise KdError(
             f"{path}: its preprocessing metadata is incomplete ({type(e).__name__}: {e}); "
             "export the model again"
         ) from None
+    bad = [
+        describe(image) for image, row in zip(images, x, strict=True) if not np.isfinite(row).all()
+    ]
+    if bad:
+        raise KdError(
+            f"{bad[0]}: holds NaN or infinite values ({len(bad)} of the {inputs}); fix or "
+            "remove it, or omit --run (synthetic inputs)"
+        )
     try:
         got = run_in_batches(load_runtime(path, meta["format"]), x)
     except KdError:

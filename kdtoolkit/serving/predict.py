@@ -177,11 +177,17 @@ def cam_name(path: Path, used: set[str]) -> str:
 
 
 def make_cam_dir(cam_dir: Path) -> None:
-    """Make the Grad-CAM folder (and its parents); one line when it cannot be made."""
+    """Make the Grad-CAM folder (one missing folder, no more: a mistyped path does not grow
+    a tree of folders); one line when it cannot be made."""
     if cam_dir.exists() and not cam_dir.is_dir():
         raise KdError(f"{cam_dir}: is a file; give --cam a folder")
+    if not cam_dir.exists() and not cam_dir.parent.is_dir():
+        raise KdError(
+            f"--cam {cam_dir}: {cam_dir.parent} does not exist; create it first (kd predict "
+            "makes one missing folder, no more)"
+        )
     try:
-        cam_dir.mkdir(parents=True, exist_ok=True)
+        cam_dir.mkdir(exist_ok=True)
         probe = tempfile.NamedTemporaryFile(dir=cam_dir)  # noqa: SIM115
         probe.close()
     except OSError as e:
@@ -201,7 +207,6 @@ def write_cams(
 
     from kdtoolkit.fileio import atomic_path
 
-    cam_dir.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
     cams = model.cam_of(inputs, batch_size)
     for f, image, cam in zip(files, inputs, cams, strict=True):

@@ -3,9 +3,11 @@ optional ONNX packages, imported with one line naming the extra when missing."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +33,18 @@ def require(*modules: str) -> None:
             ) from None
 
 
+def load_program(path: Path, extra_files: dict[str, str] | None = None) -> Any:
+    """``torch.export.load`` without the traceback torch logs (as a warning) before it raises
+    on a damaged file: the caller turns the error into one line."""
+    logger = logging.getLogger("torch.export")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return torch.export.load(str(path), extra_files=extra_files)
+    finally:
+        logger.setLevel(level)
+
+
 def load_runtime(path: Path, fmt: str) -> Runtime:
     """A function running the exported file at ``path`` in its own runtime: onnxruntime (CPU),
     ``torch.jit.load`` or ``torch.export.load``; N×C×H×W float32 in, its outputs out."""
@@ -43,7 +57,7 @@ def load_runtime(path: Path, fmt: str) -> Runtime:
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu")
     else:
-        module = torch.export.load(str(path)).module()
+        module = load_program(path).module()
 
     def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():

@@ -96,6 +96,9 @@ def test_tiny_sos_run_writes_report_and_every_figure(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
+    # the quick-start says nothing a newcomer would read as a mistake
+    assert "warning" not in result.stderr.lower()
+    assert "two-stage classifier only" not in (run / "run.log").read_text()
     results = json.loads((run / "results.json").read_text())
     assert {"teacher_crop", "baseline_full", "student"} <= set(results["summary"])
     assert "pointing_game" in results["summary"]["student"]

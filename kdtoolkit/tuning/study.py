@@ -13,16 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shutil
-import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
-
-import torch
 
 from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.config.tune import recipe_values
@@ -30,28 +25,20 @@ from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
 from kdtoolkit.engine.loggers import run_loggers
-from kdtoolkit.engine.loss import build_loss
-from kdtoolkit.engine.plan import fold_plan, roi_spec, student_spec, teacher_spec
+from kdtoolkit.engine.plan import fold_plan
 from kdtoolkit.engine.progress import RunProgress
 from kdtoolkit.engine.run import interrupted
-from kdtoolkit.engine.stage import mask_rois_of, provide_rois, train_model
-from kdtoolkit.engine.train import DivergedError
 from kdtoolkit.errors import KdError
-from kdtoolkit.models.checkpoint import load_model, read_metadata
+from kdtoolkit.tuning.objective import (
+    Objective,
+    import_optuna,
+    metric_of,
+    train_shared,
+    tuned_folds,
+)
 
 STUDY_FILE = "study.journal"
 STUDY_NAME = "kd-tune"
-INSTALL = 'pip install "kdtoolkit[tune]"'
-
-
-def import_optuna() -> ModuleType:
-    """``optuna`` (an optional extra), or a one-line error naming the install."""
-    try:
-        import optuna
-    except ImportError:
-        raise KdError(f"kd tune needs optuna, which is not installed; {INSTALL}") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna
 
 
 @dataclass
@@ -69,114 +56,9 @@ class TuneResult:
     files: list[Path] = field(default_factory=list)
 
 
-def metric_of(recipe: Recipe) -> tuple[str, str]:
-    """The validation metric the student is selected by and the study's direction
-    (``select_by = "last"``: the last epoch's validation accuracy)."""
-    select = recipe.student.select_by
-    if select == "last":
-        return "val_accuracy", "maximize"
-    return f"val_{select}", "minimize" if select == "loss" else "maximize"
-
-
 def tune_output(recipe: Recipe) -> Path:
     """The study's run folder by default: the recipe's run folder + ``-tune``."""
     return Path(f"{recipe.output_dir}-tune")
-
-
-def tuned_folds(ctx: RunContext) -> list[int]:
-    """``tune.folds``, or the run's folds (``cv.only`` or every fold)."""
-    return list(ctx.recipe.tune.folds) or ctx.folds_to_run()
-
-
-def trial_recipe(base: Recipe, params: dict[str, Any]) -> Recipe:
-    """``base`` with a trial's values (dotted keys) applied, validated like ``--set``."""
-    return load_recipe(base.to_dict(), **params)
-
-
-def suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
-    """A trial's value for one ``[tune]`` entry."""
-    if "choices" in spec:
-        return trial.suggest_categorical(key, spec["choices"])
-    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
-    if all(isinstance(v, int) for v in (low, high, step if step is not None else 1)):
-        return trial.suggest_int(key, low, high, step=step or 1, log=log)
-    return trial.suggest_float(key, float(low), float(high), step=step, log=log)
-
-
-def train_shared(ctx: RunContext, folds: list[int]) -> None:
-    """The teacher and the ROI stage of each fold, trained (or reused) once for every trial."""
-    for k in folds:
-        train_idx, val_idx, _ = ctx.fold_indices(k)
-        spec = teacher_spec(ctx.recipe)
-        train_model(ctx, k, spec, build_loss(spec.loss, f"fold {k} teacher"), (train_idx, val_idx))
-        provide_rois(ctx, k, roi_spec(ctx.recipe), train_idx)
-
-
-class Objective:
-    """One trial: a student per tuned fold, scored on that fold's validation split."""
-
-    def __init__(self, ctx: RunContext, folds: list[int]) -> None:
-        self.ctx, self.folds = ctx, folds
-        self.teachers: dict[int, torch.nn.Module] = {}
-        self.optuna = import_optuna()
-
-    def teacher(self, k: int) -> torch.nn.Module:
-        if k not in self.teachers:
-            ckpt = self.ctx.paths.checkpoint(k, teacher_spec(self.ctx.recipe).role)
-            self.teachers[k] = load_model(ckpt, self.ctx.device)[0]
-        return self.teachers[k]
-
-    def __call__(self, trial: Any) -> float:
-        ctx = self.ctx
-        space = ctx.recipe.tune.space
-        params = {key: suggest(trial, key, spec) for key, spec in space.items()}
-        recipe = trial_recipe(ctx.recipe, params)
-        metric, direction = metric_of(recipe)
-        pick = min if direction == "minimize" else max
-        role = f"student_t{trial.number}"  # a student's seed: trials differ only in params
-        epochs = recipe.student.epochs
-        ctx.log(f"trial {trial.number}: {params}")
-        scores = []
-        try:
-            for i, k in enumerate(self.folds):
-                train_idx, val_idx, _ = ctx.fold_indices(k)  # the held-out part stays unread
-                spec = student_spec(recipe, role, stamp=True)
-                loss = build_loss(spec.loss, f"fold {k} {role}")
-                teacher = self.teacher(k) if loss.needs_teacher else None
-                rois, _ = provide_rois(ctx, k, roi_spec(ctx.recipe), train_idx)
-                report = self.reporter(trial, metric, i * epochs, f"fold {k}")
-                ckpt = train_model(
-                    ctx, k, spec, loss, (train_idx, val_idx), teacher, mask_rois_of(rois), report
-                )
-                history = read_metadata(ckpt)["history"]
-                last = recipe.student.select_by == "last"
-                scores.append(pick(float(r[metric]) for r in (history[-1:] if last else history)))
-                trial.set_user_attr(f"fold_{k}", scores[-1])
-        except DivergedError as e:  # a setting that diverges is a finished, poor trial
-            trial.set_user_attr("diverged", str(e))
-            ctx.log(f"trial {trial.number}: {e}")
-            raise self.optuna.TrialPruned(str(e)) from None
-        except self.optuna.TrialPruned:
-            ctx.log(f"trial {trial.number}: pruned")
-            raise
-        finally:
-            for k in self.folds:  # only the score is kept
-                shutil.rmtree(ctx.paths.stage(k, role), ignore_errors=True)
-        value = statistics.fmean(scores)
-        ctx.log(f"trial {trial.number}: {metric} {value:.4f} ({scores})")
-        return value
-
-    def reporter(
-        self, trial: Any, metric: str, offset: int, where: str
-    ) -> Callable[[int, dict[str, Any]], None]:
-        """Each epoch's validation score to the pruner (step: epochs of the folds so far)."""
-
-        def report(epoch: int, record: dict[str, Any]) -> None:
-            trial.report(float(record[metric]), offset + epoch)
-            if trial.should_prune():
-                raise self.optuna.TrialPruned(f"{where} epoch {epoch}")
-
-        return report
 
 
 def open_storage(output: Path) -> Any:
@@ -246,14 +128,26 @@ def finished(study: Any) -> int:
 
 
 def requeue_interrupted(study: Any, storage: Any, log: Callable[[str], None]) -> None:
-    """Trials left running by an interrupted ``kd tune`` (the run lock says none runs now)
-    are marked failed and their values queued again."""
+    """Trials an earlier ``kd tune`` did not finish have their values queued again, once:
+    those left running by a killed process (the run lock says none runs now; marked failed
+    here) and those stopped by Ctrl-C or SIGTERM (failed, with user attribute
+    ``interrupted``). The queued trial records ``retry_of``."""
     states = import_optuna().trial.TrialState
     study_id = storage.get_study_id_from_name(STUDY_NAME)
-    for t in study.get_trials(deepcopy=False, states=(states.RUNNING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        storage.set_trial_state_values(trial_id, states.FAIL)
-        study.enqueue_trial(t.params)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == states.RUNNING:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            storage.set_trial_state_values(trial_id, states.FAIL)
+        elif not (t.state == states.FAIL and t.user_attrs.get("interrupted")):
+            continue
+        if t.number in retried:
+            continue
+        user_attrs = {"retry_of": t.number}
+        if t.user_attrs.get("recipe"):
+            user_attrs["recipe"] = True
+        study.enqueue_trial(t.params, user_attrs=user_attrs)
         log(f"trial {t.number}: interrupted before; its values are tried again")
 
 
@@ -327,16 +221,33 @@ def tune(
                 ctx = RunContext.open(base, progress, force)
                 folds = tuned_folds(ctx)
                 if not force and (output / STUDY_FILE).exists():  # read only
-                    saved = import_optuna().load_study(
-                        study_name=STUDY_NAME, storage=open_storage(output)
-                    )
-                    check_stamp(saved, base)
+                    check_stamp(load_saved_study(output), base)
                 with stamped(ctx, fold_plan(base), folds):
                     if force:  # a new study, now that nothing refused it
                         (output / STUDY_FILE).unlink(missing_ok=True)
                     return run_study(ctx, folds, trials, workers, recipe_path, sets)
     except KeyboardInterrupt:
         raise interrupted(output) from None
+
+
+def load_saved_study(output: Path) -> Any:
+    """The study of ``output/study.journal``; a damaged journal (cut short, emptied, not
+    Optuna's) is one line naming it."""
+    optuna = import_optuna()
+    try:
+        lines = (output / STUDY_FILE).read_bytes().decode().split("\n")
+        if lines[-1]:  # each record ends its line: a last line without one was cut short
+            raise ValueError("its last record is cut short")
+        for line in lines[:-1]:
+            json.loads(line)
+        return optuna.load_study(study_name=STUDY_NAME, storage=open_storage(output))
+    except Exception as e:  # noqa: BLE001 - any reader's error on a damaged file is one line
+        first = (str(e).strip().splitlines() or [""])[0][:120]
+        raise KdError(
+            f"{output / STUDY_FILE}: damaged, not an Optuna journal of kd tune "
+            f"({type(e).__name__}: {first}); restore it, or pass --force to start a new study "
+            "(its trials are lost)"
+        ) from None
 
 
 def run_study(
@@ -349,8 +260,8 @@ def run_study(
 ) -> TuneResult:
     """The body of ``tune`` in its stamped folder: the shared stages, the missing trials (in
     this process or ``workers`` processes), then the outputs."""
-    from kdtoolkit.engine.tune_outputs import logged_results, write_outputs
-    from kdtoolkit.engine.tune_workers import run_workers
+    from kdtoolkit.tuning.outputs import logged_results, write_outputs
+    from kdtoolkit.tuning.workers import run_workers
 
     base, output, log = ctx.recipe, ctx.paths.root, ctx.progress.log
     log(f"tune {recipe_path} -> {output}: folds {folds}, {trials} trials")
