@@ -398,3 +398,17 @@ def test_a_failed_export_names_the_output_not_its_temporary_file(trained, tmp_pa
         export_model(ckpt, out, "torchscript")
     assert f"cannot write {out})" in str(error.value) and ".tmp" not in str(error.value)
     assert not list(tmp_path.iterdir())
+
+
+def test_parity_names_a_non_finite_input_not_the_model(trained, onnx_export):
+    """A parity image holding NaN is bad input, named (the model is not blamed)."""
+    from kdtoolkit.serving.parity import check_parity
+
+    _, ckpt, held_out = trained
+    model = kdtoolkit.KdModel.load(ckpt, device="cpu")
+    bad = np.full((40, 40), np.nan, np.float32)
+    images = [held_out[0], bad]
+    with pytest.raises(kdtoolkit.KdError) as error:
+        check_parity(model, onnx_export.path, onnx_export.metadata, images, "held-out images", 1e-4)
+    assert str(error.value).startswith("array (40, 40): holds NaN or infinite values (1 of the")
+    assert "diverged" not in str(error.value)
