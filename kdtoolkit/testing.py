@@ -100,6 +100,42 @@ def kd_cli(
     )
 
 
+def kd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``kd ARGS`` run in this process, as ``kd`` runs (``main``: plugin commands, one-line
+    errors, exit codes), its output captured as text: what ``kd_cli`` gives without paying a
+    new interpreter's imports. For behaviour that needs a process of its own (signals, a
+    kill, an environment, plugins installed for that process), use ``kd_cli``."""
+    import contextlib
+    import io
+    import signal
+    import warnings
+
+    from kdtoolkit.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM), sys.stdin)
+    try:
+        sys.argv, sys.stdin = ["kd", *args], io.StringIO()
+        if cwd is not None:
+            os.chdir(cwd)
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+        ):
+            try:
+                main()
+            except SystemExit as e:
+                code = e.code
+    finally:
+        sys.argv, sys.stdin = saved[0], saved[3]
+        os.chdir(saved[1])
+        signal.signal(signal.SIGTERM, saved[2])
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    return subprocess.CompletedProcess(["kd", *args], code, out.getvalue(), err.getvalue())
+
+
 @contextlib.contextmanager
 def use_plugins(*plugins: object, installed: bool = True) -> Iterator[Registries]:
     """Within the block, ``kdtoolkit.plugins.manager.registries()`` (what recipes and runs use)

@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 from kdtoolkit import testing
-from kdtoolkit.testing import kd_cli as kd  # noqa: F401  (the tests' ``kd`` helper)
+from kdtoolkit.testing import kd_cli, kd_in_process
+
+
+def kd(*args: str, env=None, cwd: Path | None = None, timeout: int = 900):
+    """The tests' ``kd``: in this process (``kd_in_process``), or in a subprocess when the
+    test gives it an environment of its own."""
+    if env is not None:
+        return kd_cli(*args, env=env, cwd=cwd, timeout=timeout)
+    return kd_in_process(*args, cwd=cwd)
+
 
 CLASSES = ["low", "mid", "high"]
 

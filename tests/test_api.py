@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import kdtoolkit
-from kdtoolkit.testing import install_plugin, kd_cli
+from kdtoolkit.testing import install_plugin, kd_cli, kd_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,7 +144,7 @@ def test_kdmodel_serves_a_checkpoint_and_predict_skips_junk(tmp_path, tiny_recip
     for p in images:
         (folder / p.name).write_bytes(p.read_bytes())
     (folder / "broken.png").write_bytes(b"not a png")
-    out = kd_cli("predict", str(ckpt), str(folder), "--json", "--device", "cpu")
+    out = kd_in_process("predict", str(ckpt), str(folder), "--json", "--device", "cpu")
     assert out.returncode == 2
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 3 and "broken.png" in out.stderr and "Traceback" not in out.stderr

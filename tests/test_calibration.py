@@ -17,7 +17,7 @@ from kdtoolkit.engine.context import RunContext
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from kdtoolkit.models.temperature import T_MAX, T_MIN, fit_temperature, nll, temperature_fit
 from kdtoolkit.report.calibration import ece, pooled_calibration, softmax
-from kdtoolkit.testing import kd_cli, run_tiny_recipe
+from kdtoolkit.testing import kd_in_process, run_tiny_recipe
 
 
 def torchmetrics_ece(p: np.ndarray, labels: np.ndarray) -> float:
@@ -217,7 +217,9 @@ def test_kdmodel_applies_the_temperature_and_old_checkpoints_load(spied_run, tmp
 def test_kd_predict_run_folder_averages_the_folds(spied_run) -> None:
     result, _, tmp = spied_run
     images = sorted((tmp / "data").glob("*.png"))[:5]
-    done = kd_cli("predict", str(result.output), *map(str, images), "--json", "--device", "cpu")
+    done = kd_in_process(
+        "predict", str(result.output), *map(str, images), "--json", "--device", "cpu"
+    )
     assert done.returncode == 0, done.stderr
     got = [json.loads(line) for line in done.stdout.splitlines()]
     folds = [
@@ -233,7 +235,7 @@ def test_kd_predict_run_folder_averages_the_folds(spied_run) -> None:
     # the mean differs from each fold alone (the test can tell an ensemble from one fold)
     assert min(np.abs(m.predict_proba(images) - mean).max() for m in folds) > 1e-4
     assert all(g["folds"] == [0, 1] for g in got)  # the output says which folds it averaged
-    empty = kd_cli("predict", str(tmp / "data"), str(images[0]))
+    empty = kd_in_process("predict", str(tmp / "data"), str(images[0]))
     assert empty.returncode == 2 and "no fold_<k>/student/model.safetensors" in empty.stderr
 
 
@@ -243,12 +245,12 @@ def test_a_fold_ensemble_missing_a_fold_is_an_error_naming_it(spied_run, tmp_pat
     run = tmp_path / "run"
     shutil.copytree(result.output, run)
     shutil.rmtree(run / "fold_1" / "student")
-    done = kd_cli("predict", str(run), str(image), "--json", "--device", "cpu")
+    done = kd_in_process("predict", str(run), str(image), "--json", "--device", "cpu")
     assert done.returncode == 2
     assert f"{run}: fold_1/student/model.safetensors missing (1 of 2 folds found)" in done.stderr
     assert "--allow-missing-folds" in done.stderr and "Traceback" not in done.stderr
     assert done.stdout == ""
-    fewer = kd_cli(
+    fewer = kd_in_process(
         "predict", str(run), str(image), "--json", "--device", "cpu", "--allow-missing-folds"
     )
     assert fewer.returncode == 0, fewer.stderr
@@ -259,7 +261,9 @@ def test_a_fold_ensemble_missing_a_fold_is_an_error_naming_it(spied_run, tmp_pat
         list(got["probabilities"].values()), alone.predict_proba([image])[0], atol=1e-6
     )
     (run / "fold_0" / "student" / "model.safetensors").write_bytes(b"damaged")
-    damaged = kd_cli("predict", str(run), str(image), "--allow-missing-folds", "--device", "cpu")
+    damaged = kd_in_process(
+        "predict", str(run), str(image), "--allow-missing-folds", "--device", "cpu"
+    )
     assert damaged.returncode == 2 and "fold_0/student/model.safetensors" in damaged.stderr
     assert "Traceback" not in damaged.stderr
 
@@ -281,7 +285,7 @@ def test_kd_run_final_trains_a_student_on_all_data(tmp_path) -> None:
         '[[loss]]\nname = "ce"\n[[loss]]\nname = "kl"\n'
         "[evaluate]\nbaseline = false\ncam_examples = 0\n"
     )
-    done = kd_cli("run", str(toml), "--final", "--quiet")
+    done = kd_in_process("run", str(toml), "--final", "--quiet")
     assert done.returncode == 0, done.stderr
     final = tmp_path / "run" / "final"
     assert "final model" in done.stdout
@@ -313,7 +317,7 @@ def test_non_finite_inputs_are_bad_input_and_the_rest_is_predicted(spied_run, tm
     Image.fromarray(np.full_like(pixels, np.inf), mode="F").save(tmp_path / "inf.tif")
     ckpt = result.output / "fold_0" / "student" / "model.safetensors"
     args = [str(good), str(tmp_path / "nan.tif"), str(tmp_path / "inf.tif")]
-    done = kd_cli("predict", str(ckpt), *args, "--json", "--device", "cpu")
+    done = kd_in_process("predict", str(ckpt), *args, "--json", "--device", "cpu")
     assert done.returncode == 2, done.stderr
     (got,) = [json.loads(line) for line in done.stdout.splitlines()]
     assert got["image"] == str(good)

@@ -30,7 +30,7 @@ from kdtoolkit.engine.run import run
 from kdtoolkit.engine.train import Stage, make_context
 from kdtoolkit.plugins.loss import CompositeLoss
 from kdtoolkit.testing import TinyBackbone
-from tests.conftest import kd
+from kdtoolkit.testing import kd_cli as kd  # torchrun: processes of their own
 
 #: One fold, one epoch of three steps (12 training images, batches of 4), a small
 #: BatchNorm-free backbone: gloo has no synchronised batch norm, so with one the processes

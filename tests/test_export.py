@@ -25,7 +25,7 @@ from kdtoolkit.engine.export_module import ServingModule
 from kdtoolkit.models.checkpoint import load_checkpoint, save_checkpoint
 from kdtoolkit.serving.parity import held_out_images
 from kdtoolkit.serving.runtimes import private_caches
-from kdtoolkit.testing import kd_cli, run_tiny_recipe
+from kdtoolkit.testing import kd_cli, kd_in_process, run_tiny_recipe
 
 onnx = pytest.importorskip("onnx")
 with private_caches():  # onnxruntime writes a device id when imported
@@ -120,7 +120,7 @@ def test_torchscript_and_exported_program_match(trained, tmp_path):
     run, ckpt, held_out = trained
     model, expected = reference(ckpt, held_out)
     x = model.preprocess(held_out)
-    ts = kd_cli("export", str(ckpt), "-f", "torchscript", "-o", str(tmp_path / "ts/s.pt"))
+    ts = kd_in_process("export", str(ckpt), "-f", "torchscript", "-o", str(tmp_path / "ts/s.pt"))
     assert ts.returncode == 0, ts.stderr
     assert "parity ok" in ts.stdout and "synthetic images" in ts.stdout
     extra = {"kdtoolkit.json": ""}
@@ -242,7 +242,7 @@ def test_tampered_model_and_preprocessing_mismatch_fail_with_exit_2(trained, onn
     # 1. a tampered initializer: the classifier's bias moved by 3 (parity fails too)
     moved = tampered_copy("tampered.onnx", lambda v: v.__setitem__(0, v[0] + 3.0))
     digest = "digest check failed: its weights or program changed since it was exported"
-    failed(kd_cli("export", str(ckpt), "-o", str(moved), "--verify"), digest)
+    failed(kd_in_process("export", str(ckpt), "-o", str(moved), "--verify"), digest)
     # 2. a change far below the parity tolerance: one bias nudged by 1e-6 still fails
     nudged = tampered_copy("nudged.onnx", lambda v: v.__setitem__(0, v[0] + 1e-6))
     with pytest.raises(kdtoolkit.KdError, match=re.escape(digest)):
@@ -261,7 +261,7 @@ def test_tampered_model_and_preprocessing_mismatch_fail_with_exit_2(trained, onn
     sidecar["preprocess"]["normalisation"]["mean"] = [0.1]
     (folder / "preprocess.json").write_text(json.dumps(sidecar))
     failed(
-        kd_cli("export", str(ckpt), "-o", str(path), "--verify"),
+        kd_in_process("export", str(ckpt), "-o", str(path), "--verify"),
         "parity check failed: largest difference",
         "normalisation.mean",
     )
@@ -296,7 +296,7 @@ def test_bad_requests_are_one_line(trained, tmp_path):
         export_model(ckpt, tmp_path / "m.tflite", "tflite")
     assert not list(tmp_path.glob("m.*"))
     # a run folder instead of a checkpoint: one line naming a checkpoint inside it
-    result = kd_cli("export", str(run), "-f", "torchscript")
+    result = kd_in_process("export", str(run), "-f", "torchscript")
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     expected = f"{run} is a run folder; export one checkpoint, e.g. {run}/fold_0/student/"

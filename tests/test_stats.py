@@ -27,7 +27,7 @@ from kdtoolkit.report.stats import (
     verdict,
 )
 from kdtoolkit.report.verdicts import statistics_lines
-from kdtoolkit.testing import kd_cli, run_tiny_recipe
+from kdtoolkit.testing import kd_in_process, run_tiny_recipe
 
 ROWS = {"teacher_crop": 0.9, "baseline_full": 0.55, "student": 0.75, "two_stage": 0.8}
 
@@ -353,7 +353,7 @@ def test_repeated_cv_runs_every_fold_of_every_repeat(repeated_run: Path) -> None
 
 
 def test_kd_report_prints_the_verdict_table(repeated_run: Path) -> None:
-    result = kd_cli("report", str(repeated_run))
+    result = kd_in_process("report", str(repeated_run))
     assert result.returncode == 0, result.stderr
     assert "Is the student better?" in result.stdout
     comparison = json.loads((repeated_run / "results.json").read_text())["comparisons"][0]

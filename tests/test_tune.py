@@ -20,7 +20,7 @@ from kdtoolkit.config.tune import recipe_values
 from kdtoolkit.engine.folder import STAMP
 from kdtoolkit.engine.loaders import Loaders
 from kdtoolkit.errors import KdError
-from kdtoolkit.testing import kd_cli
+from kdtoolkit.testing import kd_cli, kd_in_process
 from kdtoolkit.tuning import objective as objective_mod
 from kdtoolkit.tuning import study as tune_mod
 
@@ -83,7 +83,9 @@ def test_tune_section_is_validated_and_outside_the_digest(tune_recipe: Path) -> 
         assert "1 problem(s)" in text and message in text, (override, text)
     # a whole-number key takes an integer range
     assert load_recipe(tune_recipe, ["tune.student.epochs={low=1,high=3}"]).tune.space
-    result = kd_cli("validate", str(tune_recipe), "--set", "tune.loss.0.weight={low=2.0,high=1}")
+    result = kd_in_process(
+        "validate", str(tune_recipe), "--set", "tune.loss.0.weight={low=2.0,high=1}"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "tune.loss.0.weight: low must be below high" in result.stderr
 
@@ -337,7 +339,7 @@ def test_cli_two_workers_then_resume(tune_recipe: Path, tmp_path: Path) -> None:
     assert again[:4] == rows and again[4]["state"] == "complete"
     assert (out / "figures" / "tune_history.png").stat().st_size > 0
     assert (out / "figures" / "tune_importance.png").stat().st_size > 0
-    checked = kd_cli("validate", str(out / "best.toml"))
+    checked = kd_in_process("validate", str(out / "best.toml"))
     assert checked.returncode == 0, checked.stderr
 
 
@@ -391,7 +393,7 @@ def test_an_interrupted_trial_is_tried_again_with_its_values(tune_recipe, tmp_pa
     assert stopped.returncode == (130 if sig == signal.SIGINT else 143), stopped.stderr
     assert "Traceback" not in stopped.stderr and len(stopped.stderr.strip().splitlines()) == 1
     assert "rerun the same command to resume" in stopped.stderr
-    again = kd_cli(*args)
+    again = kd_in_process(*args)
     assert again.returncode == 0, again.stderr[-2000:]
     rows = read_trials(out / "trials.csv")
     values = [(r["loss.0.weight"], r["loss.1.temperature"]) for r in rows]
@@ -424,7 +426,7 @@ def test_a_damaged_journal_is_one_line_naming_it(tune_recipe, tmp_path, damage):
     journal = out / tune_mod.STUDY_FILE
     journal.write_bytes(damage(journal.read_bytes()))
     args = ["tune", str(tune_recipe), "--output", str(out), "--quiet", "--trials", "1"]
-    result = kd_cli(*args, *(item for s in FAST for item in ("--set", s)))
+    result = kd_in_process(*args, *(item for s in FAST for item in ("--set", s)))
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"{journal}: damaged, not an Optuna journal of kd tune" in lines[0]

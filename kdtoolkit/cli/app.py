@@ -73,7 +73,12 @@ def _add_plugin_commands() -> None:
             highlight=False,
             soft_wrap=True,
         )
-    plugin_manager().hook.kd_register_commands(app=app)
+    if not PLUGIN_COMMANDS_ADDED:  # once per process (kd run in-process by the tests)
+        plugin_manager().hook.kd_register_commands(app=app)
+        PLUGIN_COMMANDS_ADDED.append(True)
+
+
+PLUGIN_COMMANDS_ADDED: list[bool] = []
 
 
 def _is_usage_error(e: Exception) -> bool:

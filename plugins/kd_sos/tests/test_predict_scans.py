@@ -15,7 +15,7 @@ from kdtoolkit import KdModel, load_recipe, run
 from kdtoolkit.data.manifest import read_manifest
 from kdtoolkit.data.scan import ReadSpec
 from kdtoolkit.report.calibration import softmax
-from kdtoolkit.testing import kd_cli
+from kdtoolkit.testing import kd_in_process
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_kd_predict_gives_the_evaluated_probabilities(fmt, trained):
 
     # one kd predict: the scans by path, and every row of the manifest (read as evaluated,
     # row slices included)
-    done = kd_cli(
+    done = kd_in_process(
         "predict", str(ckpt), *scans, "--manifest", str(manifest), "--json", "--device", "cpu"
     )
     assert done.returncode == 0, done.stderr
@@ -97,7 +97,7 @@ def test_kd_predict_takes_a_folder_of_series(trained, tmp_path):
     images = manifest.parent / "images"
     ckpt = result.output / "fold_0" / "student" / "model.safetensors"
     series = sorted(images.iterdir())
-    done = kd_cli(
+    done = kd_in_process(
         "predict", str(ckpt), str(images), str(series[0]), "--json", "--cam", str(tmp_path / "c")
     )
     assert done.returncode == 0, done.stderr
