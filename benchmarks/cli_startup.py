@@ -10,6 +10,7 @@ imported torch (``-X importtime``).
 
 from __future__ import annotations
 
+import re
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def imports_torch(command: list[str]) -> bool:
     done = subprocess.run(
         [command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True, cwd=ROOT
     )
-    return any(line.rstrip().endswith("| torch") for line in done.stderr.splitlines())
+    return any(re.search(r"\|\s+torch$", line.rstrip()) for line in done.stderr.splitlines())
 
 
 def main(

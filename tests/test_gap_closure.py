@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kdtoolkit.config.variants import check_shared, load_variant_recipe
 from kdtoolkit.engine import compare as gc
 from kdtoolkit.engine.plan import EvaluateSpec, RoiSpec, TrainSpec, compare_plan, fold_plan
 from kdtoolkit.errors import KdError
@@ -35,18 +36,18 @@ def test_variant_syntax_and_appended_loss_terms(tiny_recipe: Path) -> None:
     assert gc.parse_variant("paper:").overrides == gc.parse_variant("paper").overrides == []
     with pytest.raises(KdError, match="snake_case"):
         gc.parse_variant("Bad Name:cv.folds=2")
-    recipe = gc.load_variant_recipe(tiny_recipe, ADD_ROI_FEATURE.split(":", 1)[1].split(","))
+    recipe = load_variant_recipe(tiny_recipe, ADD_ROI_FEATURE.split(":", 1)[1].split(","))
     assert [(t.name, t.weight) for t in recipe.loss][-1] == ("roi_feature", 0.5)
     assert len(recipe.loss) == 4 and recipe.loss[3].options == {"metric": "mse"}
-    base = gc.load_variant_recipe(tiny_recipe, [])
-    gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["student.lr=0.01"]))
+    base = load_variant_recipe(tiny_recipe, [])
+    check_shared(base, v.name, load_variant_recipe(tiny_recipe, ["student.lr=0.01"]))
     with pytest.raises(KdError, match="teacher.epochs"):
-        gc.check_shared(base, v, gc.load_variant_recipe(tiny_recipe, ["teacher.epochs=5"]))
+        check_shared(base, v.name, load_variant_recipe(tiny_recipe, ["teacher.epochs=5"]))
 
 
 def test_compare_is_the_fold_plan_with_student_variants(tiny_recipe: Path) -> None:
-    base = gc.load_variant_recipe(tiny_recipe, [])
-    kl = gc.load_variant_recipe(tiny_recipe, ["loss.0.weight=0"])
+    base = load_variant_recipe(tiny_recipe, [])
+    kl = load_variant_recipe(tiny_recipe, ["loss.0.weight=0"])
     run = fold_plan(base)
     assert [(type(s).__name__, getattr(s, "role", None)) for s in run.stages] == [
         ("TrainSpec", "teacher"),

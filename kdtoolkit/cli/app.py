@@ -57,24 +57,25 @@ def _main(
 
 
 def _add_plugin_commands() -> None:
-    """Plugins' sub-commands; one warning line per installed plugin that is switched off.
-    None on an install without the training stack (plugins build on it)."""
-    try:
-        from kdtoolkit.plugins.manager import broken_message, broken_plugins, plugin_manager
+    """Plugins' sub-commands (the installed plugins alone: no built-in component, so no torch
+    import); one warning line per installed plugin that is switched off. None on an install
+    without the training stack when a plugin needs it at import."""
+    from kdtoolkit.plugins.manager import broken_message, installed_plugins
 
-        broken = broken_plugins()
+    try:
+        pm = installed_plugins()
     except ModuleNotFoundError as e:
         if missing_training_stack(e):
             return
         raise
-    for name, why in broken.items():
+    for name, why in pm.broken.items():
         err_console.print(
             f"[yellow]warning[/]: {escape(broken_message(name, why))}",
             highlight=False,
             soft_wrap=True,
         )
     if not PLUGIN_COMMANDS_ADDED:  # once per process (kd run in-process by the tests)
-        plugin_manager().hook.kd_register_commands(app=app)
+        pm.hook.kd_register_commands(app=app)
         PLUGIN_COMMANDS_ADDED.append(True)
 
 

@@ -205,11 +205,13 @@ def validate(
 ) -> None:
     """Check a recipe without running it: every problem at once, exit 2 if any."""
     from kdtoolkit.config.recipe import RecipeError, load_recipe
-    from kdtoolkit.engine.compare import variant_problems
-    from kdtoolkit.models.device import resolve_device
+    from kdtoolkit.config.variants import variant_problems
 
     resolved = load_recipe(recipe, list(set_ or []))
-    resolve_device(resolved.experiment.device)  # as kd run does: a device this machine lacks
+    if resolved.experiment.device not in ("auto", "cpu"):  # as kd run: a device this lacks
+        from kdtoolkit.models.device import resolve_device
+
+        resolve_device(resolved.experiment.device)
     if problems := variant_problems(recipe, list(set_ or [])):  # as kd compare would
         raise RecipeError(str(recipe), problems)
     if show:

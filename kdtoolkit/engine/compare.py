@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kdtoolkit.config.override import parse_override
-from kdtoolkit.config.recipe import Recipe, RecipeError, load_recipe
+from kdtoolkit.config.recipe import Recipe, load_recipe
 from kdtoolkit.config.sections import VARIANT_NAME
+from kdtoolkit.config.variants import check_shared, load_variant_recipe
 from kdtoolkit.engine.context import RunContext
 from kdtoolkit.engine.folder import check_run_folder, stamped
 from kdtoolkit.engine.lock import RunLock
@@ -99,62 +99,6 @@ def variants_of(path: Path, texts: list[str], overrides: list[str]) -> list[Vari
     return [Variant(name, list(o)) for name, o in listed.items()] or [Variant("recipe", [])]
 
 
-def load_variant_recipe(path: Path, overrides: list[str], variant: str = "") -> Recipe:
-    """The recipe at ``path`` with a variant's ``overrides`` (``load_recipe``; an override
-    ``loss.N.…`` with N the number of terms appends one, as ``--set`` does everywhere); its
-    problems are named as the variant's."""
-    try:
-        return load_recipe(path, overrides)
-    except RecipeError as e:
-        if not variant:
-            raise
-        raise RecipeError(
-            str(path), [f"compare.variants.{variant}: {p}" for p in e.problems]
-        ) from None
-
-
-def variant_problems(path: Path, sets: list[str]) -> list[str]:
-    """Every problem of the recipe's ``[compare]`` variants (``kd validate``): what loading
-    each finds, and what ``kd compare`` refuses (``check_shared``)."""
-    problems = []
-    base = load_recipe(path, sets)
-    for v in variants_of(path, [], sets):
-        try:
-            check_shared(base, v, load_variant_recipe(path, sets + v.overrides, v.name))
-        except RecipeError as e:
-            problems += e.problems
-        except KdError as e:
-            problems.append(f"compare.variants.{v.name}: {e}")
-    return problems
-
-
-def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def check_shared(base: Recipe, variant: Variant, recipe: Recipe) -> None:
-    """Refuse a variant that changes what the teacher, baseline or folds depend on."""
-    a, b = flat(base.to_dict()), flat(recipe.to_dict())
-
-    def free(key: str) -> bool:
-        return key == "loss" or key.startswith("student.")
-
-    changed = sorted(k for k in a.keys() | b.keys() if not free(k) and a.get(k) != b.get(k))
-    if changed:
-        raise KdError(
-            f"variant {variant.name!r} changes {', '.join(changed)}; a variant may change only "
-            "loss.* and student.* settings (its backbone included), since the folds, teacher, "
-            "ROI provider and baseline are shared"
-        )
-
-
 def check_cached_student(out: Path, fold: int, variant: Variant, recipe: Recipe) -> None:
     """Refuse a cached variant student trained for another definition of the variant."""
     meta_path = out / f"fold_{fold}" / variant.role / "model.json"
@@ -227,7 +171,7 @@ def compare(
         load_variant_recipe(recipe_path, sets + v.overrides + forced, v.name) for v in variants
     ]
     for v, recipe in zip(variants, recipes, strict=True):
-        check_shared(base, v, recipe)
+        check_shared(base, v.name, recipe)
 
     check_run_folder(base, force)
     try:

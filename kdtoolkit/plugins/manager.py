@@ -14,7 +14,6 @@ import pluggy
 from kdtoolkit.config.option import OptionInfo
 from kdtoolkit.errors import KdError, close_matches, suggestion
 from kdtoolkit.plugins import hookspec
-from kdtoolkit.plugins.kinds import CHECKS, component_options
 from kdtoolkit.plugins.registry import Registry, UnknownComponent
 
 GROUP = "kdtoolkit"
@@ -167,7 +166,10 @@ def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
 
 def collect_registries(pm: pluggy.PluginManager) -> Registries:
     """Call every ``kd_register_*`` hook, one plugin at a time, so each component knows its
-    plugin; each registry checks the kind of what it is given (``kdtoolkit.plugins.kinds``)."""
+    plugin; each registry checks the kind of what it is given (``kdtoolkit.plugins.kinds``,
+    which imports torch: the component base classes are torch modules)."""
+    from kdtoolkit.plugins.kinds import CHECKS
+
     regs = Registries(
         backbones=Registry("backbone", CHECKS["backbone"]),
         roi_providers=Registry("ROI provider", CHECKS["roi_provider"]),
@@ -187,6 +189,19 @@ def collect_registries(pm: pluggy.PluginManager) -> Registries:
             with registry.owned_by(plugin_label(pm, impl.plugin)):
                 impl.function(registry=registry)
     return regs
+
+
+@cache
+def installed_plugins() -> KdPluginManager:
+    """The installed plugins alone, not the built-ins and with nothing registered yet: what
+    ``kd`` needs to add plugins' commands and warn about broken plugins without importing the
+    training stack (``kd --help``)."""
+    pm = KdPluginManager()
+    pm.add_hookspecs(hookspec)
+    for name in disabled_plugins():
+        pm.set_blocked(name)
+    load_installed(pm)
+    return pm
 
 
 @cache
@@ -242,6 +257,8 @@ class ComponentOptions(NamedTuple):
 def options_of(name: str, regs: Registries | None = None) -> list[ComponentOptions]:
     """The declared options of every component called ``name`` (one per kind that has it),
     the same declarations recipes are validated against; ``UnknownComponent`` when none."""
+    from kdtoolkit.plugins.kinds import component_options
+
     regs = regs if regs is not None else registries()
     out = [
         ComponentOptions(kind, name, registry.owner(name), component_options(registry[name], kind))
