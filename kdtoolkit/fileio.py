@@ -17,6 +17,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,26 +153,46 @@ def check_parent(path: str | os.PathLike[str], what: str) -> Path:
 
 
 def temporary_prefix(target: Path) -> str:
-    """How the temporary files of ``target`` written on this host begin (the writer's
-    process id follows): ``.<name>.<host>-``."""
-    return f".{target.name}.{socket.gethostname()}-"
+    """How the temporary files of ``target`` written by this process begin: ``.<name>.`` then
+    the writer (:func:`writer_tag`) and a dot."""
+    return f".{target.name}.{writer_tag()}."
 
 
-def remove_stale_temporaries(target: Path) -> None:
-    """Delete the temporary files of ``target`` left by a process of this host that is gone
-    (killed while writing); those of live processes and other hosts stay."""
-    prefix = temporary_prefix(target)
+def writer_tag(pid: int | None = None) -> str:
+    """``<host>-<pid namespace>-<pid>``: a writer that this host can tell alive or gone (two
+    containers sharing a host name and a folder have different pid namespaces)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{socket.gethostname()}-{namespace}-{os.getpid() if pid is None else pid}"
+
+
+#: Folders already cleared of dead writers' temporary files by this process.
+CLEARED: set[Path] = set()
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files in ``folder`` left by processes of this host and pid
+    namespace that are gone (killed while writing); those of live processes, other hosts or
+    other namespaces stay. Once per folder per process; not on Windows, where probing a
+    process id would end it."""
+    if folder in CLEARED or sys.platform == "win32":
+        return
+    CLEARED.add(folder)
+    mine = writer_tag(0)[:-1]  # host and namespace, then the pid
     with contextlib.suppress(OSError):
-        for leftover in target.parent.glob(
-            f"{glob.escape(prefix)}*.tmp{glob.escape(target.suffix)}"
-        ):
-            pid = leftover.name[len(prefix) :].split(".", 1)[0]
-            if pid.isdigit() and not process_alive(int(pid)):
+        for leftover in folder.glob(f".*.{glob.escape(mine)}*.tmp*"):
+            pid = leftover.name.split(mine, 1)[1].split(".", 1)[0]
+            if pid.isdigit() and not pid_alive(int(pid)):
                 leftover.unlink(missing_ok=True)
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this host."""
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine; on Windows, where ``os.kill`` would end
+    the process, every process is taken to be alive."""
+    if sys.platform == "win32":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -179,6 +200,12 @@ def process_alive(pid: int) -> bool:
     except OSError:  # exists, owned by someone else
         return True
     return True
+
+
+def private_cache_dir() -> Path:
+    """kdtoolkit's per-user temporary folder, where libraries' caches go (never the home)."""
+    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
+    return Path(tempfile.gettempdir()) / f"kdtoolkit-{user}"
 
 
 @contextlib.contextmanager
@@ -201,9 +228,9 @@ def atomic_path(path: str | os.PathLike[str], parents: bool = True) -> Iterator[
             target.parent.mkdir(parents=True, exist_ok=True)
         if target.is_dir():
             raise IsADirectoryError(errno.EISDIR, "Is a directory")
-        remove_stale_temporaries(target)
+        remove_stale_temporaries(target.parent)
         fd, tmp_name = tempfile.mkstemp(
-            prefix=f"{temporary_prefix(target)}{os.getpid()}.",
+            prefix=temporary_prefix(target),
             suffix=f".tmp{target.suffix}",
             dir=target.parent,
         )
@@ -229,9 +256,7 @@ def atomic_path(path: str | os.PathLike[str], parents: bool = True) -> Iterator[
 def keep_caches_private() -> None:
     """Point the caches libraries would write into the home folder (matplotlib's font cache)
     at a per-user temporary folder, unless the user chose one."""
-    user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-    folder = Path(tempfile.gettempdir()) / f"kdtoolkit-{user}"
-    os.environ.setdefault("MPLCONFIGDIR", str(folder / "matplotlib"))
+    os.environ.setdefault("MPLCONFIGDIR", str(private_cache_dir() / "matplotlib"))
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -28,6 +28,12 @@ def terminate_as_interrupt() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def reset() -> None:
+    """Forget a SIGTERM received before (a command run again in the same process)."""
+    global _terminated
+    _terminated = False
+
+
 def exit_code(code: int) -> int:
     """An interrupted command's exit code: 143 after SIGTERM, else ``code`` (130)."""
     return TERMINATED if code == 130 and _terminated else code

@@ -107,14 +107,21 @@ def kd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedPr
     kill, an environment, plugins installed for that process), use ``kd_cli``."""
     import contextlib
     import io
+    import random
     import signal
     import warnings
 
+    import numpy as np
+
+    from kdtoolkit import interrupts
     from kdtoolkit.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     code: int | str | None = 0
     saved = (sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM), sys.stdin)
+    environ, rng = dict(os.environ), (random.getstate(), np.random.get_state())
+    torch = sys.modules.get("torch")
+    torch_rng = torch.get_rng_state() if torch is not None else None
     try:
         sys.argv, sys.stdin = ["kd", *args], io.StringIO()
         if cwd is not None:
@@ -128,11 +135,21 @@ def kd_in_process(*args: str, cwd: Path | None = None) -> subprocess.CompletedPr
                 main()
             except SystemExit as e:
                 code = e.code
-    finally:
+    finally:  # what the command changed in this process goes back as it was
         sys.argv, sys.stdin = saved[0], saved[3]
         os.chdir(saved[1])
         signal.signal(signal.SIGTERM, saved[2])
-    code = 0 if code is None else code if isinstance(code, int) else 1
+        interrupts.reset()
+        os.environ.clear()
+        os.environ.update(environ)
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        if torch_rng is not None:
+            torch.set_rng_state(torch_rng)
+    if not isinstance(code, int | None):  # sys.exit("message"): printed, exit 1
+        err.write(f"{code}\n")
+        code = 1
+    code = 0 if code is None else code
     return subprocess.CompletedProcess(["kd", *args], code, out.getvalue(), err.getvalue())
 
 

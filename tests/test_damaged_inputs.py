@@ -448,7 +448,8 @@ def test_refused_exports_keep_nothing(finished, tmp_path):
     deep: refused before any work, nothing written and no folder made; the temporary file a
     killed export left behind is removed by the next export, one of a live process kept."""
     import os
-    import socket
+
+    from kdtoolkit.fileio import writer_tag
 
     ckpt = finished / "run" / "fold_0" / "student" / "model.safetensors"
     out = tmp_path / "exp"
@@ -465,14 +466,14 @@ def test_refused_exports_keep_nothing(finished, tmp_path):
     # one missing folder is made; a killed export's temporary file is cleared, a live one kept
     target = tmp_path / "new" / "a.pt"
     target.parent.mkdir()
-    host = socket.gethostname()
-    stale = target.parent / f".a.pt.{host}-{dead_pid()}.x1.tmp.pt"
-    live = target.parent / f".a.pt.{host}-{os.getpid()}.x2.tmp.pt"
-    stale.write_bytes(b"")
-    live.write_bytes(b"")
+    stale = target.parent / f".a.pt.{writer_tag(dead_pid())}.x1.tmp.pt"
+    live = target.parent / f".a.pt.{writer_tag(os.getpid())}.x2.tmp.pt"
+    other_host = target.parent / f".a.pt.elsewhere-{writer_tag(dead_pid())}.x3.tmp.pt"
+    for leftover in (stale, live, other_host):
+        leftover.write_bytes(b"")
     result = kd("export", str(ckpt), "-f", "torchscript", "-o", str(target))
     assert result.returncode == 0, result.stderr
-    assert not stale.exists() and live.exists() and target.is_file()
+    assert not stale.exists() and live.exists() and other_host.exists() and target.is_file()
     one = tmp_path / "one" / "a.pt"  # one missing folder: made
     assert kd("export", str(ckpt), "-f", "torchscript", "-o", str(one)).returncode == 0
 

@@ -147,3 +147,41 @@ def test_predict_decodes_each_input_once(served, tmp_path, monkeypatch):
     report = predict(run, inputs, cam_dir=tmp_path / "cams", device="cpu")
     assert len(report.results) == len(inputs) and len(list((tmp_path / "cams").iterdir())) == 7
     assert sorted(reads) == sorted(inputs)
+
+
+def test_the_serving_input_is_the_evaluation_input():
+    """``prepare`` (numpy, serving) against ``student_view`` (torch, what training evaluates):
+    letterboxed and stretched, enlarged and reduced past the antialiasing step, grey and RGB
+    models, uint8, uint16, float grey and float RGB arrays; no images gives an empty batch."""
+    from kdtoolkit.data.scan import ReadSpec
+    from kdtoolkit.data.view import ViewConfig, student_view
+    from kdtoolkit.serving.preprocess import InputSpec, prepare
+
+    rng = np.random.default_rng(1)
+    images = [
+        (rng.random((90, 50)) * 255).astype(np.uint8),
+        (rng.random((20, 33, 3)) * 65535).astype(np.uint16),
+        rng.random((300, 200)).astype(np.float32),
+        rng.random((41, 41, 3)).astype(np.float32),
+    ]
+    for channels in (1, 3):
+        for letterbox in (True, False):
+            cfg = ViewConfig(image_size=(48, 64), channels=channels, letterbox=letterbox)
+            spec = InputSpec((48, 64), channels, letterbox, cfg.mean, cfg.std)
+            got = prepare(images, spec, ReadSpec())
+            want = np.stack([student_view(image, cfg).numpy() for image in images])
+            assert got.shape == want.shape == (4, channels, 48, 64)
+            assert np.abs(got - want).max() < 5e-5, (channels, letterbox)
+            assert prepare([], spec, ReadSpec()).shape == (0, channels, 48, 64)
+
+
+def test_a_model_predicts_no_images_and_float_rgb_arrays(served):
+    run, _, _, ensemble = served
+    from kdtoolkit.serving.exported import ExportedModel
+
+    for model in (kdtoolkit.KdModel.load(run / "fold_0/student/model.safetensors", "cpu"),
+                  ExportedModel(ensemble.path)):  # fmt: skip
+        assert model.predict([]) == [] and model.predict_proba([]).shape == (0, 3)
+        rgb = np.random.default_rng(0).random((30, 40, 3)).astype(np.float32)
+        (p,) = model.predict([rgb])
+        assert p.image == "array (30, 40, 3)" and abs(sum(p.probabilities.values()) - 1) < 1e-5

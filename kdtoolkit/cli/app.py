@@ -186,4 +186,4 @@ def wants_plugin_commands(args: list[str]) -> bool:
     if args == ["--version"]:
         return False
     words = [a for a in args if not a.startswith("-")]
-    return not (words[:1] == ["predict"] and words[1:2] and words[1].endswith(".onnx"))
+    return not (words[:1] == ["predict"] and any(w.endswith(".onnx") for w in words[1:]))

@@ -25,7 +25,7 @@ class KdDataset(Dataset):
 
     - ``image`` C×H×W: the full image, letterboxed/resized to ``cfg.image_size``, normalised;
     - ``crop`` C×h×w: the teacher view of the same sample, cut with
-      :func:`~kdtoolkit.data.warp.roi_matrix` from the same augmented full-resolution image
+      :func:`~kdtoolkit.data.affine.roi_matrix` from the same augmented full-resolution image
       with the transformed expert ROI (a similarity augmentation thus only shows in the crop
       as a mirror; the crop-box jitter ``cfg.roi_*``, when on, then moves that ROI), or the
       expert ``crop`` file stretched to ``cfg.crop_size`` with only the flip and intensity

@@ -146,5 +146,5 @@ def image_array(image: Any, channels: int) -> np.ndarray:
         return to_float(arr, channels)
     arr = arr.astype(np.float32)
     if channels == 1 and arr.shape[2] == 3:
-        arr = arr @ LUMA
+        arr = (arr @ LUMA)[:, :, None]
     return arr

@@ -285,7 +285,7 @@ def export_model(
         )
     meta["preprocess_sha256"] = json_sha256(preprocess_part(meta))
     module = serving_module(kd, features)
-    made = not path.parent.exists()
+    made, had_sidecar = not path.parent.exists(), sidecar.exists()
     try:
         with atomic_path(path) as tmp:
             what = f"{checkpoint}: backbone {kd.metadata.get('backbone')!r}"
@@ -299,8 +299,10 @@ def export_model(
             # leaves no model behind
             atomic_write_text(sidecar, json.dumps(preprocess_part(meta), indent=2) + "\n")
     except BaseException:
-        if made:  # the one folder this export made, when nothing else is in it
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            if not had_sidecar:  # the model did not move into place: neither does this
+                sidecar.unlink(missing_ok=True)
+            if made:  # the one folder this export made, when nothing else is in it
                 path.parent.rmdir()
         raise
     return ExportResult(path, sidecar, meta, parity)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import pid_alive
 
 try:
     import fcntl
@@ -24,17 +25,6 @@ except ImportError:  # Windows: the holder's process id is checked instead
     fcntl = None  # type: ignore[assignment]
 
 LOCK_NAME = "run.lock"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
 
 
 #: What a lock file of kd holds: ``process <pid> on <host>, since <time>: <command>``.

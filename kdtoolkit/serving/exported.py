@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from kdtoolkit.errors import KdError
+from kdtoolkit.fileio import private_cache_dir
 from kdtoolkit.serving.predictor import Predictor
-from kdtoolkit.serving.preprocess import input_spec, read_spec_of
+from kdtoolkit.serving.preprocess import export_read_spec, input_spec
 
 META_KEY = "kdtoolkit"
 SERVE_INSTALL = 'pip install "kdtoolkit[serve]"'
@@ -49,8 +49,7 @@ def private_caches() -> Iterator[None]:
     per-user temporary folder while a session is made (unless the user chose a folder)."""
     saved = os.environ.get("XDG_CACHE_HOME")
     if saved is None:
-        user = os.getuid() if hasattr(os, "getuid") else os.getlogin()
-        os.environ["XDG_CACHE_HOME"] = str(Path(tempfile.gettempdir()) / f"kdtoolkit-{user}")
+        os.environ["XDG_CACHE_HOME"] = str(private_cache_dir())
     try:
         yield
     finally:
@@ -75,7 +74,7 @@ class ExportedModel(Predictor):
             self.metadata: dict[str, Any] = meta
             self.classes = list(meta["classes"])
             self.spec = input_spec(meta["preprocess"])
-            self.read = read_spec_of({"read": meta.get("scan") or {}})
+            self.read = export_read_spec(meta)
             self.view = meta["preprocess"].get("view", "image")
         except (ValueError, KeyError, TypeError) as e:
             raise KdError(

@@ -25,7 +25,27 @@ from kdtoolkit.serving.predictor import Predictor, batches
 from kdtoolkit.serving.preprocess import ImageLike, input_spec, read_spec_of
 
 
-class KdModel(Predictor):
+class TorchPredictor(Predictor):
+    """What the checkpoint models share: their input as a tensor and Grad-CAMs of images
+    (``cam_of`` of a prepared batch, defined by each)."""
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """The model's input batch (N×C×H×W, normalised) for ``images``, as a tensor."""
+        return torch.from_numpy(self.prepare(images))
+
+    def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
+        """Grad-CAM of the predicted class for every image, N×H×W in [0, 1] at the model's
+        input resolution (letterboxed as the model sees the image); ``batch_size`` at a time."""
+        parts = [
+            self.cam_of(self.prepare(chunk), batch_size) for chunk in batches(images, batch_size)
+        ]
+        return np.concatenate(parts) if parts else np.zeros((0, *self.spec.image_size), np.float32)
+
+    def cam_of(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        raise NotImplementedError
+
+
+class KdModel(TorchPredictor):
     """A trained kdtoolkit model with the preprocessing it was trained with and the
     temperature fitted on its validation split (``calibrated``; a checkpoint without one: 1).
 
@@ -65,10 +85,6 @@ class KdModel(Predictor):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        """The model's input batch (N×C×H×W, normalised) for ``images``, as a tensor."""
-        return torch.from_numpy(self.prepare(images))
-
     def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
         """Raw class scores, N×K (no temperature)."""
         with torch.no_grad():
@@ -83,11 +99,6 @@ class KdModel(Predictor):
     def batch_proba(self, x: np.ndarray) -> np.ndarray:
         return self.probabilities(torch.from_numpy(x)).numpy()
 
-    def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
-        """Grad-CAM of the predicted class for every image, N×H×W in [0, 1] at the model's
-        input resolution (letterboxed as the model sees the image)."""
-        return self.cam_of(self.prepare(images), batch_size)
-
     def cam_of(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """:meth:`cam` of a prepared batch."""
         cams = [
@@ -97,7 +108,7 @@ class KdModel(Predictor):
         return torch.cat(cams).numpy()
 
 
-class FoldEnsemble(Predictor):
+class FoldEnsemble(TorchPredictor):
     """The fold students of a run folder as one model: the mean of their (calibrated)
     probabilities; their inputs are made once (the members of one run share their
     preprocessing; members that do not are an error naming them)."""
@@ -136,15 +147,9 @@ class FoldEnsemble(Predictor):
             [k for k, _ in found],
         )
 
-    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
-        return torch.from_numpy(self.prepare(images))
-
     def batch_proba(self, x: np.ndarray) -> np.ndarray:
         """The mean of the members' probabilities, N×K."""
         return np.mean([m.batch_proba(x) for m in self.members], axis=0)
-
-    def cam(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
-        return self.cam_of(self.prepare(images), batch_size)
 
     def cam_of(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """The mean of the members' Grad-CAMs (each of its own predicted class)."""

@@ -16,7 +16,7 @@ import numpy as np
 from kdtoolkit.data.volume import NIFTI_SUFFIXES, is_volume_path
 from kdtoolkit.errors import KdError
 from kdtoolkit.serving.exported import ExportedModel
-from kdtoolkit.serving.predictor import Predictor, describe
+from kdtoolkit.serving.predictor import Predictor, batches, describe
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -136,30 +136,40 @@ def predict(
     sources: list[Any] = list(image_paths(paths)) if paths else []
     if manifest is not None:
         sources += manifest_samples(model, manifest)
-    readable: list[Any] = []
-    inputs: list[np.ndarray] = []
+    results: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    for source in sources:
-        try:
-            with warnings.catch_warnings():  # NaN pixels: named below, not warned about
-                warnings.simplefilter("ignore", RuntimeWarning)
-                x = model.prepare([source])[0]
-            if not np.isfinite(x).all():
-                raise KdError(
-                    "holds NaN or infinite values (a damaged file, or one saved with undefined "
-                    "values); fix or remove it"
-                )
-        except (KdError, OSError, ValueError) as e:
-            name, reason = describe(source), str(e).splitlines()[0]
-            skipped.append((name, reason.removeprefix(f"{name}: ")))
-        else:
-            readable.append(source)
-            inputs.append(x)
-    batch = np.stack(inputs) if inputs else np.zeros((0, 1, 1, 1), np.float32)
-    results = [p.to_dict() for p in model.predictions(readable, model.proba_of(batch, batch_size))]
-    if cam_dir is not None and readable:
-        write_cams(Path(cam_dir), model, readable, batch, batch_size)
+    used: set[str] = set()
+    for chunk in batches(sources, batch_size):  # each input decoded once; memory per chunk
+        readable, inputs = [], []
+        for source in chunk:
+            try:
+                inputs.append(prepared(model, source))
+            except (KdError, OSError, ValueError) as e:
+                name, reason = describe(source), str(e).splitlines()[0]
+                skipped.append((name, reason.removeprefix(f"{name}: ")))
+            else:
+                readable.append(source)
+        if not readable:
+            continue
+        batch = np.stack(inputs)
+        results += [p.to_dict() for p in model.predictions(readable, model.proba_of(batch))]
+        if cam_dir is not None:
+            write_cams(Path(cam_dir), model, readable, batch, used)
     return PredictReport(results, skipped)
+
+
+def prepared(model: Predictor, source: Any) -> np.ndarray:
+    """The model's input (C×H×W) of one source; NaN or infinite values are the input's fault
+    (a ``KdError`` naming them), not a warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        x = model.prepare([source])[0]
+    if not np.isfinite(x).all():
+        raise KdError(
+            "holds NaN or infinite values (a damaged file, or one saved with undefined values); "
+            "fix or remove it"
+        )
+    return x
 
 
 def cam_name(path: Path, used: set[str]) -> str:
@@ -198,17 +208,16 @@ def make_cam_dir(cam_dir: Path) -> None:
 
 
 def write_cams(
-    cam_dir: Path, model: Any, files: list[Any], inputs: np.ndarray, batch_size: int
+    cam_dir: Path, model: Any, files: list[Any], inputs: np.ndarray, used: set[str]
 ) -> None:
     """One overlay PNG per image: the model's input (``inputs``, prepared) in grey with its
-    Grad-CAM on top."""
+    Grad-CAM on top (``used``: the file names taken so far)."""
     from matplotlib import colormaps
     from PIL import Image
 
     from kdtoolkit.fileio import atomic_path
 
-    used: set[str] = set()
-    cams = model.cam_of(inputs, batch_size)
+    cams = model.cam_of(inputs, len(inputs))
     for f, image, cam in zip(files, inputs, cams, strict=True):
         grey = image.mean(0)
         grey = (grey - grey.min()) / max(1e-6, float(np.ptp(grey)))

@@ -66,8 +66,9 @@ class Predictor:
         return prepare(images, self.spec, self.read)
 
     def predict_proba(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
-        """Class probabilities of ``images``, N×K."""
-        return self.proba_of(self.prepare(images), batch_size)
+        """Class probabilities of ``images``, N×K (prepared and run ``batch_size`` at a time)."""
+        parts = [self.proba_of(self.prepare(chunk)) for chunk in batches(images, batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
     def proba_of(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """:meth:`batch_proba` of a prepared batch of any size, in batches."""

@@ -100,8 +100,15 @@ def prepare_one(image: ImageLike, spec: InputSpec, read: ReadSpec) -> np.ndarray
 
 
 def prepare(images: Sequence[ImageLike], spec: InputSpec, read: ReadSpec) -> np.ndarray:
-    """The model input batch (N×C×H×W float32) of ``images``."""
+    """The model input batch (N×C×H×W float32) of ``images`` (N may be 0)."""
+    if not len(images):
+        return np.zeros((0, spec.channels, *spec.image_size), np.float32)
     return np.stack([prepare_one(image, spec, read) for image in images])
+
+
+def export_read_spec(metadata: dict[str, Any]) -> ReadSpec:
+    """How an export reads scans: its metadata's ``scan`` (the defaults when absent)."""
+    return read_spec_of({"read": metadata.get("scan") or {}})
 
 
 def prepare_inputs(images: Sequence[ImageLike], metadata: dict[str, Any]) -> np.ndarray:
@@ -109,5 +116,4 @@ def prepare_inputs(images: Sequence[ImageLike], metadata: dict[str, Any]) -> np.
     arrays), made as its metadata's ``preprocess`` says, scans read as its ``scan`` says
     (``preprocess.json`` or the metadata inside the file): what ``KdModel.preprocess`` does
     for the checkpoint."""
-    spec = input_spec(metadata["preprocess"])
-    return prepare(images, spec, read_spec_of({"read": metadata.get("scan") or {}}))
+    return prepare(images, input_spec(metadata["preprocess"]), export_read_spec(metadata))

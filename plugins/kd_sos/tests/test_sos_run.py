@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from kdtoolkit.testing import kd_in_process
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPES = sorted((ROOT / "recipes").glob("sos*.toml"))
 
 
 def kd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "kdtoolkit.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=900,
-    )
+    return kd_in_process(*args, cwd=cwd)
 
 
 def test_every_recipe_the_docs_name_is_shipped_and_every_shipped_one_is_documented():

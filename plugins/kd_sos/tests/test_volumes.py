@@ -4,8 +4,6 @@ anywhere in a run folder."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pydicom
@@ -19,6 +17,7 @@ from kdtoolkit.data.manifest import read_manifest
 from kdtoolkit.data.scan import ReadSpec
 from kdtoolkit.data.view import ViewConfig, student_view
 from kdtoolkit.data.volume import clear_cache
+from kdtoolkit.testing import kd_in_process
 
 N, SIZE = 8, 64
 CFG = ViewConfig(image_size=(48, 48), crop_size=(16, 32), channels=1)
@@ -95,15 +94,10 @@ def test_no_patient_data_in_the_run_folder(phantoms, tmp_path):
         '[[loss]]\nname = "ce"\n[[loss]]\nname = "kl"\n'
         "[evaluate]\nbaseline = false\ncam_examples = 2\n"
     )
-    cli = [sys.executable, "-m", "kdtoolkit.cli"]
-    done = subprocess.run([*cli, "run", str(recipe), "--quiet"], capture_output=True, text=True)
+    done = kd_in_process("run", str(recipe), "--quiet")
     assert done.returncode == 0, done.stderr
     sheet = run / "check.png"
-    checked = subprocess.run(
-        [*cli, "data", "check", str(manifest), "--folds", "2", "--sheet", str(sheet)],
-        capture_output=True,
-        text=True,
-    )
+    checked = kd_in_process("data", "check", str(manifest), "--folds", "2", "--sheet", str(sheet))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     files = [p for p in run.rglob("*") if p.is_file()]
     assert sheet in files and len(files) > 10
