@@ -185,3 +185,21 @@ def test_a_model_predicts_no_images_and_float_rgb_arrays(served):
         rgb = np.random.default_rng(0).random((30, 40, 3)).astype(np.float32)
         (p,) = model.predict([rgb])
         assert p.image == "array (30, 40, 3)" and abs(sum(p.probabilities.values()) - 1) < 1e-5
+
+
+def test_what_an_export_cannot_do_is_one_line(served, tmp_path):
+    """Grad-CAM overlays and uncalibrated probabilities need the checkpoint: one line each,
+    exit 2, and the --cam folder is not made."""
+    from kdtoolkit.testing import kd_in_process
+
+    _, inputs, _, ensemble = served
+    cams = tmp_path / "cams"
+    cases = [
+        (["--cam", str(cams)], "Grad-CAM overlays need the checkpoint"),
+        (["--no-calibrated"], "applies its temperature inside the graph"),
+    ]
+    for extra, says in cases:
+        done = kd_in_process("predict", str(ensemble.path), inputs[0], *extra)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(lines) == 1 and says in lines[0], done.stderr
+    assert not cams.exists()

@@ -118,6 +118,11 @@ def predict(
     when given (the folder is made first: one that cannot be is an error before any work).
     Unreadable files, and inputs holding NaN or infinite values, are skipped and listed in
     ``skipped``."""
+    if cam_dir is not None and Path(checkpoint).suffix == ".onnx":
+        raise KdError(
+            f"{checkpoint}: Grad-CAM overlays need the checkpoint (an export has no gradients); "
+            "drop --cam, or predict with the model.safetensors it was exported from"
+        )
     if cam_dir is not None:
         make_cam_dir(Path(cam_dir))
     if not paths and manifest is None:
@@ -127,11 +132,6 @@ def predict(
         raise KdError(
             f"{checkpoint}: a {model.metadata.get('role')} model that takes crops; "
             f"kd predict serves students (full images), e.g. fold_0/student/model.safetensors"
-        )
-    if cam_dir is not None and not hasattr(model, "cam_of"):
-        raise KdError(
-            f"{checkpoint}: Grad-CAM overlays need the checkpoint (an export has no gradients); "
-            "drop --cam, or predict with the model.safetensors it was exported from"
         )
     sources: list[Any] = list(image_paths(paths)) if paths else []
     if manifest is not None:
