@@ -180,10 +180,6 @@ def main() -> None:
 
 
 def wants_plugin_commands(args: list[str]) -> bool:
-    """Whether ``kd ARGS`` loads the plugins first (their commands, a warning per broken
-    one): not for ``--version``, nor for ``kd predict`` on an ONNX export (it runs without
-    the training stack the plugins build on)."""
-    if args == ["--version"]:
-        return False
-    words = [a for a in args if not a.startswith("-")]
-    return not (words[:1] == ["predict"] and any(w.endswith(".onnx") for w in words[1:]))
+    """Whether ``kd ARGS`` loads the installed plugins first (their commands, a warning per
+    broken one): always but for ``--version``. Loading them imports no training stack."""
+    return args != ["--version"]

@@ -152,7 +152,7 @@ def predict(
         if not readable:
             continue
         batch = np.stack(inputs)
-        results += [p.to_dict() for p in model.predictions(readable, model.proba_of(batch))]
+        results += [p.to_dict() for p in model.predictions(readable, model.batch_proba(batch))]
         if cam_dir is not None:
             write_cams(Path(cam_dir), model, readable, batch, used)
     return PredictReport(results, skipped)

@@ -67,12 +67,7 @@ class Predictor:
 
     def predict_proba(self, images: Sequence[ImageLike], batch_size: int = 16) -> np.ndarray:
         """Class probabilities of ``images``, N×K (prepared and run ``batch_size`` at a time)."""
-        parts = [self.proba_of(self.prepare(chunk)) for chunk in batches(images, batch_size)]
-        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
-
-    def proba_of(self, x: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """:meth:`batch_proba` of a prepared batch of any size, in batches."""
-        parts = [self.batch_proba(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        parts = [self.batch_proba(self.prepare(chunk)) for chunk in batches(images, batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, images: Sequence[ImageLike], batch_size: int = 16) -> list[Prediction]:
